@@ -1,0 +1,96 @@
+"""Thin click commands, one per MLproject entry point, with the same parameters."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+
+import click
+
+# Heavy imports (torch, mlflow) happen inside the commands, so `--help` answers at once.
+
+
+def _raise_interrupted(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run as KILLED, like Ctrl-C
+
+
+def user_errors(command):
+    """Show UserError as one line (no traceback), exit non-zero, and fail a pending `mlflow run` run."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from mnist_tracking.errors import UserError
+
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            message = str(exc)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; the run is ended as KILLED with what it had logged", err=True)
+            sys.exit(130)
+        except Exception as exc:  # the store or network: still one line, with the cause
+            if type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
+                message = f"tracking store error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}; check MLFLOW_TRACKING_URI"
+            else:
+                raise
+        from mnist_tracking.tracking import fail_pending_project_run
+
+        fail_pending_project_run(message)
+        raise click.ClickException(message)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def main() -> None:
+    """Train, track, project and register the seed ConvNet on MNIST with MLflow.
+
+    Runs go to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in ./mlruns).
+    """
+
+
+@main.command()
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Initial learning rate.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Maximum epochs (early stopping may end sooner).")
+@click.option("--optimizer", type=str, default="sgd", show_default=True, help="sgd, adam or adamw.")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum (the seed used 0).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="L2 weight decay.")
+@click.option("--activation", type=str, default="relu", show_default=True,
+              help="relu, leaky_relu, elu, gelu, selu, tanh or sigmoid.")
+@click.option("--batch-size", type=int, default=128, show_default=True, help="Training batch size.")
+@click.option("--scheduler", type=str, default="plateau", show_default=True,
+              help="none, or plateau (ReduceLROnPlateau on val loss).")
+@click.option("--early-stopping", type=int, default=5, show_default=True,
+              help="Stop after this many epochs without val improvement; 0 = off.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out.")
+@click.option("--seed", type=int, default=42, show_default=True, help="One seed for split, init, shuffling, dropout.")
+@click.option("--dataset", type=str, default="mnist", show_default=True, help="mnist, fashion-mnist or kmnist.")
+@click.option("--data-dir", type=str, default="data", show_default=True,
+              help="Folder with <DATASET>/raw/*-ubyte (downloaded there when missing).")
+@click.option("--device", type=str, default="auto", show_default=True, help="auto, cpu, cuda or mps.")
+@click.option("--max-samples", type=int, default=0, show_default=True,
+              help="Use only the first N training images (0 = all); for smoke runs.")
+@click.option("--precision", type=str, default="auto", show_default=True,
+              help="auto, fp32 or bf16 (auto: bf16 only where the hardware computes it natively).")
+@click.option("--resume-from", type=str, default="", show_default=True,
+              help="A run id: continue its training from checkpoints/last.pt in a new run.")
+@click.option("--register-as", type=str, default="", show_default=True,
+              help="When set, register the best model under this name.")
+@user_errors
+def train(**params) -> None:
+    """Train the ConvNet and log params, per-epoch metrics, checkpoints, features and the model.
+
+    Everything lands in one MLflow run: metrics per epoch, checkpoints/best.pt and last.pt,
+    features/{val,test}.npz, summary.json, plots/, and the MLflow model `model`.
+    """
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.tracking import train_and_log
+
+    config = TrainConfig(**params)
+    train_and_log(config, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Reading MNIST-family datasets with torchvision, splitting them and batching from memory."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mnist_tracking.errors import UserError
+
+# Our names for torchvision's MNIST family; each class reads <root>/<ClassName>/raw/*-ubyte.
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+PIXEL_MAX = 255.0  # IDX images are uint8
+
+
+@dataclass
+class Split:
+    """One split held in memory: pixel intensities in [0, 1] and labels."""
+
+    images: torch.Tensor  # (N, 1, 28, 28) float32
+    labels: torch.Tensor  # (N,) int64
+    indices: torch.Tensor  # (N,) int64: positions in the source file (train or test set)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    mean: float  # pixel mean and std of the training split, for the model's standardisation
+    std: float
+    source: str  # where the files were read from
+
+
+def raw_folder(dataset: str, data_dir: str | Path) -> Path:
+    return Path(data_dir) / DATASETS[dataset] / "raw"
+
+
+def _read(dataset: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 28, 28) uint8 images and (N,) int64 labels of one torchvision file pair."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[dataset])
+    raw = raw_folder(dataset, data_dir)
+    missing_before = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
+    try:
+        ds = cls(root=str(data_dir), train=train, download=True)
+    except (RuntimeError, OSError, ValueError, AssertionError) as exc:
+        for folder in missing_before:  # leave no empty folders behind from a failed download
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        reason = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
+        if not any(raw.glob("*-ubyte")) or "download" in reason.lower():
+            names = ", ".join(
+                f"{prefix}-{kind}-idx{dim}-ubyte"
+                for prefix in ("train", "t10k")
+                for kind, dim in (("images", 3), ("labels", 1))
+            )
+            raise UserError(
+                f"{dataset} is not in {raw} and could not be downloaded ({reason}); "
+                f"put {names} there, or pass --data-dir (-P data_dir=) a folder that has them"
+            ) from exc
+        raise UserError(
+            f"could not read {dataset} from {raw}: {reason}; the files look truncated or "
+            f"corrupt: delete them to download again, or copy intact ones there"
+        ) from exc
+    images, labels = ds.data, ds.targets
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise UserError(
+            f"the {dataset} files in {raw} do not match: {tuple(images.shape)} images and "
+            f"{len(labels)} labels; replace them with an intact set"
+        )
+    return images, labels.long()
+
+
+def _split(images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Split:
+    # (n, 28, 28) uint8 -> (n, 1, 28, 28) float32 in [0, 1]
+    x = images[positions].unsqueeze(1).float().div_(PIXEL_MAX)
+    return Split(images=x.contiguous(), labels=labels[positions], indices=positions.long())
+
+
+def load_splits(
+    dataset: str,
+    data_dir: str | Path,
+    val_fraction: float,
+    seed: int,
+    max_samples: int = 0,
+) -> Splits:
+    """Read train and test files; split train into train/val with a seeded permutation."""
+    train_images, train_labels = _read(dataset, data_dir, train=True)
+    test_images, test_labels = _read(dataset, data_dir, train=False)
+    n = len(train_labels) if max_samples <= 0 else min(max_samples, len(train_labels))
+
+    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(n * val_fraction))
+    if n_val < 1 or n - n_val < 1:
+        raise UserError(
+            f"val_fraction={val_fraction} of {n} images leaves an empty split; "
+            f"use more images (max_samples) or a val_fraction nearer 0.5"
+        )
+    # Sorted positions keep the in-memory order of the file, which makes indices easy to read.
+    val_pos, _ = permutation[:n_val].sort()
+    train_pos, _ = permutation[n_val:].sort()
+
+    train = _split(train_images, train_labels, train_pos)
+    return Splits(
+        train=train,
+        val=_split(train_images, train_labels, val_pos),
+        test=_split(test_images, test_labels, torch.arange(len(test_labels))),
+        mean=train.images.mean().item(),
+        std=train.images.std().item(),
+        source=str(raw_folder(dataset, data_dir).resolve()),
+    )
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches by indexing the in-memory tensors.
+
+    With a generator the order is shuffled (training); without, it is the split's order.
+    """
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size]
+            yield split.images[idx], split.labels[idx]

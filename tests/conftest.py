@@ -1,0 +1,97 @@
+"""Fast test configuration: tiny fake IDX files and a temporary MLflow store."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Tiny but learnable: each digit is a bright square at its own place, plus noise.
+N_TRAIN, N_TEST = 400, 120
+FAST = dict(epochs=2, batch_size=32, max_samples=0, device="cpu", precision="fp32")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an IDX file as torchvision reads it: magic (0, 0, dtype=0x08 ubyte, ndim), sizes, data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def fake_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 28, 28) uint8 images and (n,) labels; class k lights a 6x6 square at its own place."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, k in enumerate(labels):
+        row, col = 3 + 8 * (k // 4), 3 + 6 * (k % 4)
+        images[i, row : row + 6, col : col + 6] = rng.integers(180, 256, size=(6, 6))
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_fake_dataset(root: Path, folder: str = "MNIST", n_train: int = N_TRAIN, n_test: int = N_TEST) -> Path:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data_dir with fake MNIST and Fashion-MNIST files in torchvision's raw layout."""
+    root = tmp_path_factory.mktemp("data")
+    write_fake_dataset(root, "MNIST")
+    write_fake_dataset(root, "FashionMNIST")
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory) -> str:
+    """A real MLflow store (sqlite + ./mlruns) in a temporary folder, for the whole session."""
+    store = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{store}/mlflow.db"
+    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(store)  # the default artifact root, ./mlruns, lands here too
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    os.chdir(old_cwd)
+    if old_uri is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+@pytest.fixture
+def fresh_experiment(request):
+    """A new experiment per test, so searches see only that test's runs."""
+    import mlflow
+
+    name = f"{request.node.name}-{os.urandom(4).hex()}"
+    experiment_id = mlflow.create_experiment(name)
+    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    yield experiment_id
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    mlflow.set_experiment("Default")
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir, tmp_path_factory) -> str:
+    """One real training run on fake data, shared by the tests that only read it."""
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.tracking import train_and_log
+
+    config = TrainConfig(data_dir=str(data_dir), **FAST)
+    return train_and_log(config, echo=lambda line: None, progress=False)

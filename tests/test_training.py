@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from conftest import FAST
+from mnist_tracking.config import TrainConfig
+from mnist_tracking.data import load_splits
+from mnist_tracking.errors import UserError
+from mnist_tracking.training import Diverged, Trainer, evaluate, resolve_device, resolve_precision
+
+
+def fit(data_dir, **overrides):
+    config = TrainConfig(data_dir=str(data_dir), **{**FAST, **overrides})
+    splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed)
+    trainer = Trainer(config, splits, torch.device("cpu"), "fp32")
+    results = []
+    state = trainer.fit(on_epoch=lambda result, _: results.append(result))
+    return trainer, state, results
+
+
+def test_training_learns_the_fake_digits(data_dir):
+    trainer, state, results = fit(data_dir, epochs=4, lr=0.05)
+    assert [r.epoch for r in results] == [1, 2, 3, 4]
+    assert results[-1].train_loss < results[0].train_loss
+    assert state.best_val_acc >= 0.9  # chance is 0.1
+    best = evaluate(trainer.best_model(), trainer.splits.val, torch.device("cpu"))
+    assert best.acc == pytest.approx(state.best_val_acc)
+
+
+def test_same_seed_same_numbers(data_dir):
+    _, a, _ = fit(data_dir, seed=7)
+    _, b, _ = fit(data_dir, seed=7)
+    _, c, _ = fit(data_dir, seed=8)
+    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    assert strip(a.history) == strip(b.history)
+    assert strip(a.history) != strip(c.history)
+
+
+def test_early_stopping_stops_after_patience(data_dir):
+    # lr this small learns nothing measurable, so val accuracy stops improving at once.
+    _, state, results = fit(data_dir, epochs=10, lr=1e-9, early_stopping=2, scheduler="none")
+    assert state.stopped_early
+    assert state.epoch == state.best_epoch + 2 < 10
+    assert len(results) == state.epoch
+
+
+def test_plateau_scheduler_reduces_lr(data_dir):
+    config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 6, "lr": 0.01, "early_stopping": 0})
+    splits = load_splits("mnist", data_dir, 0.2, seed=0)
+    # Training on shuffled labels: the network memorises noise and the val loss rises.
+    splits.train.labels = splits.train.labels[torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))]
+    results = []
+    Trainer(config, splits, torch.device("cpu"), "fp32").fit(lambda result, _: results.append(result))
+    reduced = [r for r in results if r.lr_reduced_to is not None]
+    assert reduced, f"the plateau scheduler never reduced the lr: val losses {[r.val_loss for r in results]}"
+    assert reduced[0].lr_reduced_to == pytest.approx(0.01 * 0.1)
+    assert results[-1].lr < results[0].lr
+
+
+def test_divergence_stops_at_once(data_dir):
+    with pytest.raises(Diverged, match="nan|inf"):
+        fit(data_dir, epochs=3, lr=1e6, momentum=0.0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_every_optimizer_trains(data_dir, optimizer):
+    _, state, _ = fit(data_dir, epochs=1, optimizer=optimizer, lr=0.01 if optimizer == "sgd" else 1e-3)
+    assert math.isfinite(state.best_val_loss)
+
+
+def test_resume_continues_exactly(data_dir):
+    full, full_state, _ = fit(data_dir, epochs=3, seed=3)
+    first, _, _ = fit(data_dir, epochs=2, seed=3)
+    checkpoint = first.checkpoint()
+    config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 3, "seed": 3})
+    resumed = Trainer(config, first.splits, torch.device("cpu"), "fp32")
+    resumed.load_checkpoint(checkpoint)
+    state = resumed.fit()
+    for a, b in zip(state.history, full_state.history):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
+
+
+def test_config_choices_are_case_insensitive_and_checked():
+    assert TrainConfig(optimizer="SGD", activation="ReLU").optimizer == "sgd"
+    with pytest.raises(UserError, match="choose one of sgd, adam, adamw"):
+        TrainConfig(optimizer="rmsprop")
+    for bad in (dict(lr=0), dict(lr=float("nan")), dict(epochs=0), dict(batch_size=0), dict(val_fraction=1.0)):
+        with pytest.raises(UserError):
+            TrainConfig(**bad)
+
+
+def test_device_and_precision_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="not available"):
+            resolve_device("cuda")
