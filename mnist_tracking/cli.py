@@ -92,5 +92,15 @@ def train(**params) -> None:
     train_and_log(config, echo=click.echo)
 
 
+
+# ---- project: embed and draw a logged run's features
+
+
+# ---- register: put the best model in the Model Registry
+
+
+# ---- sweep: the seed's three experiments side by side
+
+
 if __name__ == "__main__":
     main()

@@ -300,8 +300,17 @@ def _progress_bars(epochs: int):
     return factory
 
 
+# --------------------------------------------------------------------------- projection
+# (the `project` entry point: reading a training run's features, logging projections)
+
+
 # --------------------------------------------------------------------------- registry
+# (the `register` entry point and `register_as`: Model Registry versions and aliases)
 
 
 def register_run(run_id: str, name: str, echo: Callable[[str], None] = print, **kwargs) -> None:
-    raise NotImplementedError
+    raise NotImplementedError("registration arrives with the register entry point")
+
+
+# --------------------------------------------------------------------------- sweep
+# (the `sweep` entry point: the seed's three trainings as child runs of one parent)
