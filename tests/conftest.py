@@ -61,6 +61,8 @@ def tracking_store(tmp_path_factory) -> str:
     uri = f"sqlite:///{store}/mlflow.db"
     old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    # Subprocesses (the CLI, `mlflow run`) import this checkout's package too.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     os.chdir(store)  # the default artifact root, ./mlruns, lands here too
     import mlflow
 
