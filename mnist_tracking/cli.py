@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 
@@ -49,6 +50,8 @@ def main() -> None:
 
     Runs go to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in ./mlruns).
     """
+    # We print our own UI links, with ?workflowType=machine_learning; MLflow's lack it.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @main.command()

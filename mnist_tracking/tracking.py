@@ -44,6 +44,13 @@ def ui_url(experiment_id: str, run_id: str | None = None) -> str:
     return f"{base}/{path}{UI_QUERY}"
 
 
+def ui_hint() -> str:
+    """How to start the UI that `ui_url` points at, when it is not a tracking server's."""
+    if urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https"):
+        return ""
+    return "  (start the UI with: mlflow ui --host 127.0.0.1 --port 5000)"
+
+
 def mark_experiment(experiment_id: str) -> None:
     """Tag the experiment as model development, so the UI opens it in the training view."""
     client = MlflowClient()
@@ -284,7 +291,7 @@ def train_and_log(
         table = summary_table(summary)
         mlflow.set_tag(NOTE_TAG, f"**{run_name(config)}** on {config.dataset}\n\n{table}")
         echo("\n" + table)
-        echo(f"View the run: {ui_url(run.info.experiment_id, run_id)}  (start the UI with: mlflow ui --host 127.0.0.1)")
+        echo(f"View the run: {ui_url(run.info.experiment_id, run_id)}" + ui_hint())
 
     if config.register_as:
         register_run(run_id, name=config.register_as, echo=echo)
