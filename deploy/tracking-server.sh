@@ -49,7 +49,7 @@ start() {
     >"$dir/mlflow.log" 2>&1 < /dev/null &
   echo $! > "$dir/mlflow.pid"
   echo "$mlflow_port" > "$dir/mlflow.port"
-  for _ in $(seq 1 120); do
+  for _ in $(seq 1 300); do  # a first start migrates the schema: can take minutes on a busy machine
     if curl -fsS "http://127.0.0.1:$mlflow_port/health" >/dev/null 2>&1; then
       echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port"
       return 0
