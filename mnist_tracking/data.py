@@ -122,16 +122,23 @@ def batches(
     split: Split,
     batch_size: int,
     generator: torch.Generator | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches by indexing the in-memory tensors.
 
     With a generator the order is shuffled (training); without, it is the split's order.
+    `shard=(rank, world_size)` gives each process of a distributed training its own part of
+    the shuffled order; every rank draws the same permutation from the same seed.
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
-    for start in range(0, n, batch_size):
-        if order is None:
+    rank, world_size = shard
+    if generator is None and world_size == 1:
+        for start in range(0, n, batch_size):
             yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
-        else:
-            idx = order[start : start + batch_size]
-            yield split.images[idx], split.labels[idx]
+        return
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    # Equal shards, so every rank runs the same number of steps (DDP's collectives need it).
+    order = order[: n - n % world_size][rank::world_size]
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield split.images[idx], split.labels[idx]

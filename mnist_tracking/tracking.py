@@ -196,13 +196,22 @@ def train_and_log(
     """Train as configured inside an MLflow run, logging everything of SPEC; returns the run id."""
     from mnist_tracking import plots
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Diverged, Trainer, evaluate, feature_arrays, resolve_device, resolve_precision
+    from mnist_tracking.training import (
+        Diverged, Trainer, evaluate, feature_arrays, resolve_device, resolve_precision, setup_distributed,
+        teardown_distributed,
+    )
 
-    device = resolve_device(config.device)
+    device, rank, world_size = setup_distributed(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed, config.max_samples)
     trainer = Trainer(config, splits, device, precision)
     n_params = sum(p.numel() for p in trainer.model.parameters())
+    if rank != 0:  # under torchrun only rank 0 talks to MLflow: one run, not N
+        try:
+            trainer.fit()
+        finally:
+            teardown_distributed()
+        return ""
 
     with mlflow.start_run(run_name=run_name(config)) as run:
         run_id = run.info.run_id
@@ -215,7 +224,11 @@ def train_and_log(
             "activation": config.activation,
             NOTE_TAG: f"Training {MODEL_NAME} on {config.dataset}: {run_name(config)} (running).",
         })
-        log_new_params({**config.to_dict(), **derived_params(config, splits, device, precision, n_params)})
+        log_new_params({
+            **config.to_dict(),
+            **derived_params(config, splits, device, precision, n_params),
+            "world_size": world_size,
+        })
         log_dataset(config, splits)
         echo(
             f"Training {MODEL_NAME} on {config.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
@@ -248,6 +261,7 @@ def train_and_log(
         progress_factory = _progress_bars(config.epochs) if progress else None
         try:
             state = trainer.fit(on_epoch, progress_factory)
+            teardown_distributed()  # the rest (test set, features, model) is rank 0's alone
         except Diverged as exc:
             reason = f"diverged: {exc}; lower lr (now {config.lr:g})"
             fail_run(run_id, reason)

@@ -67,6 +67,41 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+def setup_distributed(device: torch.device) -> tuple[torch.device, int, int]:
+    """Join the process group when torchrun started us; returns (device, rank, world_size).
+
+    Without torchrun (no WORLD_SIZE in the environment) this is (device, 0, 1) and does nothing.
+    """
+    import os
+
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return device, 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def teardown_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params, lr, wd = model.parameters(), config.lr, config.weight_decay
     if config.optimizer == "sgd":
@@ -144,13 +179,18 @@ def train_one_epoch(
     device: torch.device,
     precision: str = "fp32",
     progress=None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[float, float]:
-    """One pass over the shuffled training split; returns (mean loss, accuracy)."""
+    """One pass over the shuffled training split; returns (mean loss, accuracy).
+
+    With `shard=(rank, world_size)` each process trains on its part and the returned numbers
+    are summed over all processes.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
-    for step, (images, labels) in enumerate(batches(split, batch_size, generator), start=1):
+    for step, (images, labels) in enumerate(batches(split, batch_size, generator, shard), start=1):
         if len(labels) < 2:
             continue  # BatchNorm cannot train on a batch of one; at most one image is skipped
         images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
@@ -170,8 +210,15 @@ def train_one_epoch(
             progress.update(len(labels))
             if step % PROGRESS_EVERY == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
-    seen = max(seen, 1)
-    return loss_sum.item() / seen, correct.item() / seen
+    totals = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
+    if shard[1] > 1:
+        totals = totals.to(device)
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)  # sum over ranks
+    loss_total, correct_total, seen_total = totals.tolist()
+    seen_total = max(seen_total, 1.0)
+    return loss_total / seen_total, correct_total / seen_total
 
 
 @dataclass
@@ -212,6 +259,16 @@ class Trainer:
         torch.manual_seed(config.seed)  # weight init and dropout
         self.model = ConvNet(config.activation, mean=splits.mean, std=splits.std)
         self.model.to(device, memory_format=torch.channels_last)
+        self.rank, self.world_size = _world()
+        self.train_model: nn.Module = self.model
+        self.batch_size = config.batch_size
+        if self.world_size > 1:
+            # The global batch stays `batch_size`: each of the N processes takes 1/N of it.
+            self.batch_size = max(1, math.ceil(config.batch_size / self.world_size))
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            torch.manual_seed(config.seed + self.rank)  # different dropout masks per rank
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.shuffle = torch.Generator().manual_seed(config.seed)  # batch order
@@ -225,16 +282,16 @@ class Trainer:
             epoch = state.epoch + 1
             started = time.perf_counter()
             lr = self.optimizer.param_groups[0]["lr"]
-            progress = progress_factory(epoch, len(self.splits.train)) if progress_factory else None
+            progress = progress_factory(epoch, len(self.splits.train)) if progress_factory and self.rank == 0 else None
             try:
                 train_loss, train_acc = train_one_epoch(
-                    self.model, self.splits.train, self.optimizer, config.batch_size,
-                    self.shuffle, self.device, self.precision, progress,
+                    self.train_model, self.splits.train, self.optimizer, self.batch_size,
+                    self.shuffle, self.device, self.precision, progress, (self.rank, self.world_size),
                 )
             finally:
                 if progress is not None:
                     progress.close()
-            val = evaluate(self.model, self.splits.val, self.device, self.precision)
+            val = self._validate()
             if not math.isfinite(val.loss):
                 raise Diverged(f"the validation loss became {val.loss} in epoch {epoch}")
 
@@ -266,6 +323,20 @@ class Trainer:
             if on_epoch is not None:
                 on_epoch(result, self)
         return state
+
+    def _validate(self) -> EvalResult:
+        """Val loss and accuracy; with several processes rank 0 evaluates and tells the others,
+        so that every rank takes the same early-stopping and scheduler decisions."""
+        if self.world_size == 1:
+            return evaluate(self.model, self.splits.val, self.device, self.precision)
+        import torch.distributed as dist
+
+        numbers = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.rank == 0:
+            val = evaluate(self.model, self.splits.val, self.device, self.precision)
+            numbers[0], numbers[1] = val.loss, val.acc
+        dist.broadcast(numbers, src=0)
+        return EvalResult(loss=numbers[0].item(), acc=numbers[1].item())
 
     def best_model(self) -> ConvNet:
         """A copy of the network with the weights of the best validation accuracy, in eval mode."""
