@@ -99,6 +99,32 @@ def train(**params) -> None:
 # ---- project: embed and draw a logged run's features
 
 
+@main.command()
+@click.option("--run-id", type=str, required=True, help="The training run whose features to project.")
+@click.option("--split", type=str, default="test", show_default=True, help="test or val.")
+@click.option("--methods", type=str, default="pca,tsne", show_default=True, help="Comma list of pca, tsne, umap.")
+@click.option("--max-points", type=int, default=10000, show_default=True,
+              help="Stratified, seeded subsample above this many points.")
+@click.option("--perplexity", type=float, default=30.0, show_default=True,
+              help="t-SNE perplexity (lowered to (n-1)/3 for tiny inputs).")
+@click.option("--dims", type=int, default=2, show_default=True, help="2 or 3 (the PNGs draw the first two).")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the subsample and the methods.")
+@user_errors
+def project(**params) -> None:
+    """Embed a training run's features with PCA, t-SNE and UMAP; log figures, coordinates and scores.
+
+    Logs projections/<method>.png, overview.png and <method>.csv into a run named
+    <training run>-projection, nested under the training run, with <method>_trustworthiness,
+    _knn_acc, _silhouette and _seconds; the figures also go to the training run's projections/.
+    """
+    from mnist_tracking.embedding import ProjectConfig
+    from mnist_tracking.tracking import project_and_log
+
+    config = ProjectConfig(**params)
+    project_and_log(config, echo=click.echo)
+
+
+
 # ---- register: put the best model in the Model Registry
 
 

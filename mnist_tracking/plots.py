@@ -41,3 +41,93 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "
     accuracy = float(np.mean(labels == predictions))
     ax.set_title(f"{title} test accuracy {accuracy:.2%}".strip(), fontsize=10)
     return fig
+
+
+# --------------------------------------------------------------------------- projections
+
+DIGIT_COLORS = "tab10"  # 10 distinct categorical colours, one per digit
+MISCLASSIFIED_COLOR = "black"
+# Misclassified points are drawn larger and outlined; when most points are wrong (an untrained
+# network) large outlines would bury the colours, so they are only slightly larger then.
+MISCLASSIFIED_GROWTH = 3.0
+MISCLASSIFIED_GROWTH_MANY = 1.5
+MANY_MISCLASSIFIED = 0.2  # share of points
+
+
+def _marker_size(n_points: int) -> float:
+    """Scatter marker area (pt^2): large for a few hundred points, small for 10,000."""
+    return float(np.clip(20_000 / max(n_points, 1), 1.5, 25))
+
+
+def _draw_embedding(ax, coords: np.ndarray, labels: np.ndarray, predictions: np.ndarray, axis_labels=("", "")) -> None:
+    """Points coloured by true digit; misclassified ones outlined in black on top."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps[DIGIT_COLORS]
+    size = _marker_size(len(coords))
+    # Shuffle the drawing order (fixed seed) so no digit sits on top of all others.
+    order = np.random.default_rng(0).permutation(len(coords))
+    ax.scatter(coords[order, 0], coords[order, 1], c=cmap(labels[order] % 10), s=size, alpha=0.5, linewidths=0)
+    wrong = labels != predictions
+    if wrong.any():
+        many = wrong.mean() > MANY_MISCLASSIFIED
+        growth, edge = (MISCLASSIFIED_GROWTH_MANY, 0.3) if many else (MISCLASSIFIED_GROWTH, 0.6)
+        ax.scatter(coords[wrong, 0], coords[wrong, 1], c=cmap(labels[wrong] % 10), s=size * growth,
+                   alpha=0.9, edgecolors=MISCLASSIFIED_COLOR, linewidths=edge)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel(axis_labels[0], fontsize=8)
+    ax.set_ylabel(axis_labels[1], fontsize=8)
+    ax.spines[:].set_visible(False)  # the coordinates of t-SNE/UMAP mean nothing: no frame, no ticks
+
+
+def _legend_handles(labels: np.ndarray, predictions: np.ndarray) -> list:
+    import matplotlib
+    from matplotlib.lines import Line2D
+
+    cmap = matplotlib.colormaps[DIGIT_COLORS]
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=6, mfc=cmap(d), mec="none", label=str(d))
+        for d in range(10) if (labels == d).any()
+    ]
+    wrong = int((labels != predictions).sum())
+    handles.append(Line2D([], [], ls="", marker="o", ms=6, mfc="lightgrey", mec=MISCLASSIFIED_COLOR,
+                          label=f"misclassified\n({wrong:,} of {len(labels):,})"))
+    return handles
+
+
+def embedding_scatter(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    title: str,
+    axis_labels: tuple[str, str] = ("", ""),
+) -> Figure:
+    """One method's embedding (n, >=2; only the first two coordinates are drawn), by true digit."""
+    fig = Figure(figsize=(7.5, 6.5), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    _draw_embedding(ax, coords, labels, predictions, axis_labels)
+    ax.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8, title_fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return fig
+
+
+def embedding_overview(
+    panels: Sequence[tuple[str, np.ndarray, tuple[str, str]]],
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    title: str,
+) -> Figure:
+    """All methods side by side: panels are (panel title, coords (n, >=2), axis labels)."""
+    n = len(panels)
+    fig = Figure(figsize=(4.6 * n + 1.4, 5.0), dpi=DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n))
+    for ax, (name, coords, axis_labels) in zip(axes, panels):
+        _draw_embedding(ax, coords, labels, predictions, axis_labels)
+        ax.set_title(name, fontsize=9)
+    fig.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="outside right center",
+               frameon=False, fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -325,6 +325,142 @@ def _progress_bars(epochs: int):
 # (the `project` entry point: reading a training run's features, logging projections)
 
 
+PROJECTION_SUFFIX = "-projection"
+SOURCE_RUN_TAG = "source_run_id"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def training_run(run_id: str, split: str):
+    """The training run whose features/<split>.npz we project; UserError when it cannot be."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; "
+            "pass the id of a training run (it is printed at the end of `train`, and shown in `mlflow ui`)"
+        ) from None
+    name = run.info.run_name
+    if run.data.tags.get(KIND_TAG) == "projection":
+        source = run.data.tags.get(SOURCE_RUN_TAG, "?")
+        raise UserError(f"run {run_id} ({name}) is a projection run, not a training run; project its source run {source}")
+    if run.info.status == "RUNNING":
+        raise UserError(f"run {run_id} ({name}) is still RUNNING; wait for its training to finish, then project it")
+    artifact = f"features/{split}.npz"
+    if artifact not in {a.path for a in client.list_artifacts(run_id, "features")}:
+        raise UserError(
+            f"run {run_id} ({name}) has no {artifact} artifact (status {run.info.status}); "
+            "pass a finished training run of mnist-tracking, which logs its features"
+        )
+    return run
+
+
+def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
+    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split."""
+    with _tempdir() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"features/{split}.npz", dst_path=str(tmp))
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name: arrays[name] for name in ("features", "labels", "predictions", "indices")}
+
+
+def describe_training_run(run) -> str:
+    """optimizer, lr, epochs and val acc of a training run, for figure titles."""
+    params, metrics = run.data.params, run.data.metrics
+    parts = [run.info.run_name]
+    if "optimizer" in params and "lr" in params:
+        parts.append(f"{params['optimizer']} lr={float(params['lr']):g}")
+    if "epochs" in params:
+        epochs = int(params["epochs"])
+        best = f", best epoch {int(metrics['best_epoch'])}" if "best_epoch" in metrics else ""
+        parts.append(f"{epochs} epoch{'s' if epochs != 1 else ''}{best}")
+    if "best_val_acc" in metrics:
+        parts.append(f"val acc {metrics['best_val_acc']:.2%}")
+    return ", ".join(parts)
+
+
+def coordinates_csv(coords: np.ndarray, arrays: dict[str, np.ndarray]) -> str:
+    """CSV text with columns x, y[, z], label, prediction, index (row i = point i of the sample)."""
+    import io
+
+    axes = ["x", "y", "z"][: coords.shape[1]]
+    buffer = io.StringIO()
+    buffer.write(",".join([*axes, "label", "prediction", "index"]) + "\n")
+    for row, label, prediction, index in zip(coords, arrays["labels"], arrays["predictions"], arrays["indices"]):
+        buffer.write(",".join([*(f"{v:.6g}" for v in row), str(label), str(prediction), str(index)]) + "\n")
+    return buffer.getvalue()
+
+
+METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+
+
+def project_and_log(config, echo: Callable[[str], None] = print) -> str:
+    """Embed a training run's features with each method, log figures, CSVs and metrics; returns the run id.
+
+    Logs into the active `mlflow run` run (MLFLOW_RUN_ID) or a new one, in the training run's
+    experiment unless one is chosen (MLFLOW_EXPERIMENT_ID / _NAME).
+    """
+    from mnist_tracking import embedding, plots
+
+    source = training_run(config.run_id, config.split)
+    arrays = load_features(config.run_id, config.split)
+    keep = embedding.stratified_subsample(arrays["labels"], config.max_points, config.seed)
+    sample = {name: values[keep] for name, values in arrays.items()}
+    features, labels, predictions = sample["features"], sample["labels"], sample["predictions"]
+    if len(keep) < embedding.MIN_POINTS:
+        raise UserError(f"run {config.run_id} has only {len(keep)} {config.split} points; at least {embedding.MIN_POINTS} are needed")
+
+    name = f"{source.info.run_name}{PROJECTION_SUFFIX}"
+    chosen = os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    experiment_id = None if chosen else source.info.experiment_id
+    with mlflow.start_run(run_name=name, experiment_id=experiment_id) as run:
+        run_id = run.info.run_id
+        mark_experiment(run.info.experiment_id)
+        same_experiment = run.info.experiment_id == source.info.experiment_id
+        tags = {"mlflow.runName": name, KIND_TAG: "projection", SOURCE_RUN_TAG: config.run_id, "split": config.split}
+        if same_experiment:
+            tags[PARENT_RUN_TAG] = config.run_id  # shows it nested under the training run in the UI
+        mlflow.set_tags(tags)
+        log_new_params({
+            **config.to_params(),
+            "n_points": len(keep),
+            "n_points_available": len(arrays["labels"]),
+            "n_features": features.shape[1],
+            "source_run_name": source.info.run_name,
+        })
+        echo(f"Projecting {len(keep):,} of {len(arrays['labels']):,} {config.split} points of run {config.run_id} "
+             f"({source.info.run_name}) with {', '.join(config.method_list)}; run {run_id}")
+
+        described = describe_training_run(source)
+        shape = f"{config.split}, {len(keep):,} points" + (", 3-D: first two axes shown" if config.dims == 3 else "")
+        panels, figures = [], {}
+        for method in config.method_list:
+            result = embedding.embed(method, features, config.dims, config.perplexity, config.seed)
+            metrics, quality_params = embedding.quality(features, result.coords, labels, config.seed)
+            log_new_params({f"{method}_{k}": v for k, v in {**result.params, **quality_params}.items()})
+            mlflow.log_metrics({f"{method}_{k}": v for k, v in {**metrics, "seconds": result.seconds}.items()})
+            mlflow.log_text(coordinates_csv(result.coords, sample), f"projections/{method}.csv")
+            title = METHOD_TITLES[method]
+            figures[method] = plots.embedding_scatter(
+                result.coords, labels, predictions, f"{title} of {described}\n({shape})", result.axis_labels
+            )
+            panels.append((f"{title}: kNN acc {metrics['knn_acc']:.3f}", result.coords, result.axis_labels))
+            echo(f"{title:>6}: trustworthiness {metrics['trustworthiness']:.3f}, kNN acc {metrics['knn_acc']:.3f}, "
+                 f"silhouette {metrics['silhouette']:.3f}, {result.seconds:.1f}s")
+        figures["overview"] = plots.embedding_overview(panels, labels, predictions, f"{described} ({shape})")
+
+        client = MlflowClient()
+        for key, figure in figures.items():
+            mlflow.log_figure(figure, f"projections/{key}.png")
+            # Also on the training run, so browsing it shows its projections (the latest ones).
+            client.log_figure(config.run_id, figure, f"projections/{key}.png")
+        echo(f"View the projection: {ui_url(run.info.experiment_id, run_id)}")
+    return run_id
+
+
 # --------------------------------------------------------------------------- registry
 # (the `register` entry point and `register_as`: Model Registry versions and aliases)
 

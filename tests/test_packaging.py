@@ -27,7 +27,7 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert sorted(pip_section) == sorted(pyproject)
 
 
-@pytest.mark.parametrize("entry_point, command", [("main", "train")])
+@pytest.mark.parametrize("entry_point, command", [("main", "train"), ("project", "project")])
 def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
     spec = mlproject()["entry_points"][entry_point]
     options = {p.name: p for p in cli.commands[command].params}
@@ -36,7 +36,10 @@ def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
         option = options[name]
         assert option.opts == [f"--{name.replace('_', '-')}"]
         assert option.type.name == CLICK_TYPE_NAMES[parameter["type"]], name
-        assert CLICK_TYPES[parameter["type"]](parameter["default"]) == option.default, name
+        if "default" in parameter:
+            assert CLICK_TYPES[parameter["type"]](parameter["default"]) == option.default, name
+        else:  # required in MLproject (no default) <-> a required option
+            assert option.required, name
         # The command passes every parameter to its option.
         assert re.search(rf"--{name.replace('_', '-')} \{{{name}\}}", spec["command"]), name
 

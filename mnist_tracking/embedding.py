@@ -1,0 +1,258 @@
+"""Embeddings of feature arrays: pure functions from features to coordinates, and how good they are."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mnist_tracking.errors import UserError
+
+METHODS = ("pca", "tsne", "umap")
+SPLITS = ("test", "val")
+DIMS = (2, 3)
+MIN_POINTS = 10  # fewer points make no meaningful neighbourhoods, folds or clusters
+
+# Before t-SNE and UMAP: standardise each feature, then keep the first 50 principal components
+# (the usual recommendation, e.g. Kobak & Berens 2019: removes noise dimensions, speeds up kNN).
+PREREDUCE_DIMS = 50
+
+# Trustworthiness builds N x N distance and rank arrays (about 2.4 GB at 10,000 points), so it
+# is computed on a seeded stratified subsample of this many points (2,000^2 * 8 B * 3 = 96 MB).
+TRUSTWORTHINESS_POINTS = 2000
+TRUSTWORTHINESS_NEIGHBORS = 5  # scikit-learn's default
+KNN_NEIGHBORS = 10
+KNN_FOLDS = 5
+
+TSNE_IMPLEMENTATIONS = ("opentsne", "sklearn")
+# One thread: measured on our shared 2-core machine (benchmarks/tsne_choice.py), openTSNE with
+# n_jobs=2 was slower than with 1 (10,000 points: 202 s vs 167 s; 120 points with Barnes-Hut:
+# 31 s vs 1.1 s), since its worker threads wait on each other when the cores are busy.
+TSNE_JOBS = 1
+# openTSNE's own rule ("auto"): the FFT-interpolated gradient from 10,000 points on, Barnes-Hut
+# below (at 120 points FFT took 26 s, Barnes-Hut 1.1 s: FFT has a fixed grid cost).
+FFT_MIN_POINTS = 10_000
+UMAP_NEIGHBORS = 15  # umap-learn's defaults, recorded as params
+UMAP_MIN_DIST = 0.1
+
+
+@dataclass
+class ProjectConfig:
+    """The parameters of the `project` entry point, checked before the store is touched."""
+
+    run_id: str
+    split: str = "test"
+    methods: str = "pca,tsne"
+    max_points: int = 10000
+    perplexity: float = 30.0
+    dims: int = 2
+    seed: int = 42
+    method_list: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_id = str(self.run_id).strip()
+        if not self.run_id:
+            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
+        self.split = str(self.split).strip().lower()
+        if self.split not in SPLITS:
+            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        names = [m.strip().lower().replace("-", "") for m in str(self.methods).split(",") if m.strip()]
+        for name in names:
+            if name not in METHODS:
+                raise UserError(f"unknown method {name!r} in methods={self.methods!r}: choose from {', '.join(METHODS)}")
+        if not names:
+            raise UserError(f"methods is empty: give a comma list of {', '.join(METHODS)}")
+        self.method_list = tuple(dict.fromkeys(names))  # de-duplicated, in the given order
+        self.methods = ",".join(self.method_list)
+        if self.max_points < MIN_POINTS:
+            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
+        if self.dims not in DIMS:
+            raise UserError(f"dims must be 2 or 3, got {self.dims}")
+        if not self.perplexity > 0:
+            raise UserError(f"perplexity must be > 0, got {self.perplexity}")
+
+    def to_params(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "split": self.split,
+            "methods": self.methods,
+            "max_points": self.max_points,
+            "perplexity": self.perplexity,
+            "dims": self.dims,
+            "seed": self.seed,
+        }
+
+
+@dataclass
+class Embedding:
+    """Coordinates (n, dims) of one method, the settings that made them, and its wall time."""
+
+    method: str
+    coords: np.ndarray
+    params: dict
+    seconds: float
+    axis_labels: tuple[str, str] = ("", "")
+
+
+def stratified_subsample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Sorted indices of at most max_points rows, every class keeping its share (seeded)."""
+    n = len(labels)
+    if n <= max_points:
+        return np.arange(n)
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(n), train_size=max_points, stratify=labels, random_state=seed)
+    return np.sort(keep)
+
+
+def standardize_and_reduce(features: np.ndarray, seed: int, n_components: int = PREREDUCE_DIMS) -> tuple[np.ndarray, dict]:
+    """Standardise each feature, then PCA to n_components (fewer for tiny inputs); returns (n, k) and params."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    scaled = StandardScaler().fit_transform(features.astype(np.float64))
+    k = min(n_components, *scaled.shape)
+    reduced = PCA(n_components=k, random_state=seed).fit_transform(scaled)
+    return reduced, {"standardize": True, "prereduce_pca_dims": k}
+
+
+def pca(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
+    """Principal components of the standardised features."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    started = time.perf_counter()
+    scaled = StandardScaler().fit_transform(features.astype(np.float64))
+    model = PCA(n_components=dims, random_state=seed)
+    coords = model.fit_transform(scaled)
+    seconds = time.perf_counter() - started
+    ratios = model.explained_variance_ratio_
+    params = {"standardize": True, "explained_variance": round(float(ratios.sum()), 4)}
+    return Embedding("pca", coords, params, seconds, (f"PC 1 ({ratios[0]:.0%} var)", f"PC 2 ({ratios[1]:.0%} var)"))
+
+
+def effective_perplexity(perplexity: float, n_points: int) -> float:
+    """t-SNE uses ~3*perplexity neighbours per point, so perplexity must stay below (n-1)/3."""
+    return float(min(perplexity, (n_points - 1) / 3))
+
+
+def tsne(
+    features: np.ndarray,
+    dims: int = 2,
+    perplexity: float = 30.0,
+    seed: int = 42,
+    implementation: str = "opentsne",
+) -> Embedding:
+    """t-SNE of the standardised, PCA-reduced features.
+
+    openTSNE (measured in benchmarks/tsne_choice.py: 2.5x faster than scikit-learn's Barnes-Hut
+    at 10,000 points, same kNN accuracy) with its FFT-interpolated gradient from FFT_MIN_POINTS
+    on, Barnes-Hut below; FFT is 2-D only, so dims=3 always uses Barnes-Hut.
+    implementation="sklearn" runs scikit-learn's Barnes-Hut instead (for the comparison).
+    """
+    started = time.perf_counter()
+    reduced, params = standardize_and_reduce(features, seed)
+    used = effective_perplexity(perplexity, len(features))
+    params.update(perplexity_requested=perplexity, perplexity=round(used, 4), initialization="pca")
+    if implementation == "opentsne":
+        import openTSNE
+
+        gradient = "fft" if dims == 2 and len(features) >= FFT_MIN_POINTS else "bh"
+        model = openTSNE.TSNE(
+            n_components=dims,
+            perplexity=used,
+            initialization="pca",
+            learning_rate="auto",
+            negative_gradient_method=gradient,
+            n_jobs=TSNE_JOBS,
+            random_state=seed,
+        )
+        coords = np.asarray(model.fit(reduced))
+        params.update(implementation=f"openTSNE {openTSNE.__version__}", gradient=gradient,
+                      learning_rate="auto", n_iter=model.early_exaggeration_iter + model.n_iter)
+    elif implementation == "sklearn":
+        import sklearn
+        from sklearn.manifold import TSNE
+
+        model = TSNE(n_components=dims, perplexity=used, init="pca", learning_rate="auto",
+                     random_state=seed, n_jobs=TSNE_JOBS)
+        coords = model.fit_transform(reduced)
+        params.update(implementation=f"scikit-learn {sklearn.__version__}", gradient="bh",
+                      learning_rate="auto", n_iter=model.max_iter)
+    else:
+        raise ValueError(f"unknown t-SNE implementation {implementation!r}: {TSNE_IMPLEMENTATIONS}")
+    return Embedding("tsne", coords, params, time.perf_counter() - started, ("t-SNE 1", "t-SNE 2"))
+
+
+def umap(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
+    """UMAP of the standardised, PCA-reduced features (umap-learn, imported only here: it is heavy)."""
+    started = time.perf_counter()
+    import umap as umap_learn  # numba compiles on first import: counted in the wall time
+
+    reduced, params = standardize_and_reduce(features, seed)
+    neighbors = min(UMAP_NEIGHBORS, len(features) - 1)
+    with warnings.catch_warnings():
+        # A fixed random_state makes umap-learn single-threaded and say so; reproducibility wins.
+        warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
+        model = umap_learn.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=UMAP_MIN_DIST, random_state=seed)
+        coords = model.fit_transform(reduced)
+    params.update(implementation=f"umap-learn {umap_learn.__version__}", n_neighbors=neighbors, min_dist=UMAP_MIN_DIST)
+    return Embedding("umap", np.asarray(coords), params, time.perf_counter() - started, ("UMAP 1", "UMAP 2"))
+
+
+def embed(method: str, features: np.ndarray, dims: int, perplexity: float, seed: int) -> Embedding:
+    """Run one of METHODS on features (n, d)."""
+    if method == "pca":
+        return pca(features, dims, seed)
+    if method == "tsne":
+        return tsne(features, dims, perplexity, seed)
+    if method == "umap":
+        return umap(features, dims, seed)
+    raise ValueError(f"unknown method {method!r}: {METHODS}")
+
+
+def knn_accuracy(coords: np.ndarray, labels: np.ndarray, seed: int, k: int = KNN_NEIGHBORS) -> tuple[float, int, int]:
+    """(accuracy, k, folds): stratified cross-validated accuracy of a kNN classifier in the embedding.
+
+    k and the number of folds shrink only for tiny inputs (a class with fewer points than folds).
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    counts = np.bincount(labels)
+    folds = max(2, min(KNN_FOLDS, int(counts[counts > 0].min())))
+    k = min(k, len(labels) - len(labels) // folds - 1)  # each training fold must hold k points
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class")  # only for tiny inputs
+        scores = cross_val_score(KNeighborsClassifier(n_neighbors=k), coords, labels, cv=cv)
+    return float(scores.mean()), k, folds
+
+
+def quality(features: np.ndarray, coords: np.ndarray, labels: np.ndarray, seed: int) -> tuple[dict, dict]:
+    """(metrics, params): trustworthiness, kNN accuracy, silhouette by true label.
+
+    Trustworthiness compares neighbourhoods in the embedding with those of the original
+    features (n, d), on a stratified subsample of at most TRUSTWORTHINESS_POINTS.
+    """
+    from sklearn.manifold import trustworthiness
+    from sklearn.metrics import silhouette_score
+
+    sample = stratified_subsample(labels, TRUSTWORTHINESS_POINTS, seed)
+    neighbors = min(TRUSTWORTHINESS_NEIGHBORS, (len(sample) - 1) // 2)  # scikit-learn needs k < n/2
+    knn_acc, k, folds = knn_accuracy(coords, labels, seed)
+    metrics = {
+        "trustworthiness": float(trustworthiness(features[sample], coords[sample], n_neighbors=neighbors)),
+        "knn_acc": knn_acc,
+        # Undefined with a single class present: NaN says "not measured" rather than a fake 0.
+        "silhouette": float(silhouette_score(coords, labels)) if 1 < len(np.unique(labels)) < len(labels) else float("nan"),
+    }
+    params = {
+        "trustworthiness_points": len(sample),
+        "trustworthiness_neighbors": neighbors,
+        "knn_k": k,
+        "knn_folds": folds,
+    }
+    return metrics, params
