@@ -326,7 +326,7 @@ class Registration:
     """What `register_run` did: the version of `name` that holds the run's model, and the alias."""
 
     name: str
-    version: str
+    version: int
     run_id: str
     metric: str
     value: float
@@ -346,7 +346,7 @@ def _beats(value: float, other: float, metric: str) -> bool:
     return value < other if lower_is_better(metric) else value > other
 
 
-def _ui_model_url(name: str, version: str) -> str:
+def _ui_model_url(name: str, version: int) -> str:
     from urllib.parse import quote
 
     return f"{_ui_base()}/#/models/{quote(name, safe='')}/versions/{version}{UI_QUERY}"
@@ -507,7 +507,7 @@ def _holder_value(version, metric: str) -> float | None:
     return value
 
 
-def _apply_alias(name: str, version: str, alias: str, metric: str, value: float) -> tuple[bool, str]:
+def _apply_alias(name: str, version: int, alias: str, metric: str, value: float) -> tuple[bool, str]:
     """Move `alias` to `version` only if it beats the holder on `metric`; returns (holds, why)."""
     from mlflow.exceptions import MlflowException
 
@@ -518,7 +518,7 @@ def _apply_alias(name: str, version: str, alias: str, metric: str, value: float)
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         holder = None
-    if holder is not None and str(holder.version) == version:
+    if holder is not None and int(holder.version) == version:
         return True, f"version {version} already holds {alias!r}"
     if holder is None:
         reason = f"no version held {alias!r} yet"
@@ -568,14 +568,14 @@ def register_run(
         if v.name == name and (v.run_id == run_id or v.source == source)
     ]
     if existing:
-        version = str(min(int(v.version) for v in existing))
+        version = min(int(v.version) for v in existing)
         created = False
     else:
         tags = {"source_run_id": run_id, "source_run_name": run.info.run_name or "", "metric": metric,
                 "metric_value": repr(float(value))}
         # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run.
         registered = mlflow.register_model(source, name, tags=tags)
-        version = str(registered.version)
+        version = int(registered.version)
         metrics = run.data.metrics
         others = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("best_val_acc", "test_acc", "best_val_loss")
                            if k in metrics and k != metric)
@@ -615,7 +615,7 @@ def _describe_pending_run(reg: Registration) -> None:
     for key, value in {
         KIND_TAG: REGISTRATION_KIND,
         "registered_model_name": reg.name,
-        "registered_model_version": reg.version,
+        "registered_model_version": str(reg.version),
         "source_run_id": reg.run_id,
         NOTE_TAG: (
             f"Registered run {reg.run_id} as **{reg.name}** version {reg.version} ({reg.metric} {reg.value:.4f}). "
