@@ -134,9 +134,11 @@ def model_signature():
 
 def log_model(model: torch.nn.Module, input_example: np.ndarray) -> str:
     """Log the network as MLflow model `model` in the pickle-free pt2 format; returns its URI."""
+    from mnist_tracking.model import ServedConvNet
+
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     info = mlflow.pytorch.log_model(
-        model,
+        ServedConvNet(model).eval(),  # refuses input outside [0, 1] with a 4xx when served
         name="model",
         serialization_format="pt2",
         signature=model_signature(),

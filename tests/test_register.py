@@ -258,6 +258,8 @@ def test_served_champion_answers_like_the_model_and_rejects_bad_input(runs, tmp_
             {"inputs": x[:, 0].tolist()},  # (N, 28, 28): no channel dimension
             {"inputs": [[[["dark"] * 28] * 28]]},  # strings, not floats
             {"inputs": {"image": x[:1].tolist()}},  # a named input the signature does not have
+            {"inputs": (x[:2] * PIXEL_MAX).tolist()},  # bytes, not [0, 1]: refused by ServedConvNet
+            {"inputs": [[[[None] * 28] * 28]]},  # JSON null arrives as NaN
         ):
             status, answer = post(f"{base}/invocations", json.dumps(bad).encode())
             assert 400 <= status < 500, (status, answer)
