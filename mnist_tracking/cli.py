@@ -128,6 +128,28 @@ def project(**params) -> None:
 # ---- register: put the best model in the Model Registry
 
 
+@main.command()
+@click.option("--run-id", type=str, default="", show_default=True,
+              help="A training run to register; empty = the best run of the experiment.")
+@click.option("--experiment", type=str, default="", show_default=True,
+              help="Experiment name; empty = the default one (MLFLOW_EXPERIMENT_ID/NAME, else Default).")
+@click.option("--metric", type=str, default="best_val_acc", show_default=True,
+              help="Picks the best run and decides the alias: higher is better (*_loss: lower is better).")
+@click.option("--name", type=str, default="mnist-convnet", show_default=True, help="Registered model name.")
+@click.option("--alias", type=str, default="champion", show_default=True,
+              help="Moved to the new version only if it beats the version holding it.")
+@user_errors
+def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -> None:
+    """Register a training run's model (default: the experiment's best) in the Model Registry.
+
+    Registering the same run again reuses its version. Serve the alias with
+    `mlflow models serve -m "models:/mnist-convnet@champion" --env-manager local`.
+    """
+    from mnist_tracking.tracking import register as register_model
+
+    register_model(run_id=run_id, experiment=experiment, metric=metric, name=name, alias=alias, echo=click.echo)
+
+
 # ---- sweep: the seed's three experiments side by side
 
 

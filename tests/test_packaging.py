@@ -27,7 +27,9 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert sorted(pip_section) == sorted(pyproject)
 
 
-@pytest.mark.parametrize("entry_point, command", [("main", "train"), ("project", "project")])
+@pytest.mark.parametrize(
+    "entry_point, command", [("main", "train"), ("project", "project"), ("register", "register")]
+)
 def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
     spec = mlproject()["entry_points"][entry_point]
     options = {p.name: p for p in cli.commands[command].params}
