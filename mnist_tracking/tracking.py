@@ -131,18 +131,15 @@ class Interrupts:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            # Already stopping: a second signal (`mlflow run` sends SIGTERM after Ctrl-C's
+            # SIGINT) must not cut short the ending of the run.
+            return
         self.received = signum
         if self._depth:
             self._pending = True
         else:
             raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    def ignore(self) -> None:
-        """While the run is being ended: a second signal (`mlflow run` sends SIGTERM after
-        Ctrl-C's SIGINT) must not cut that short."""
-        if self._previous:
-            for s in self.SIGNALS:
-                signal.signal(s, signal.SIG_IGN)
 
     @property
     def name(self) -> str:
@@ -321,7 +318,9 @@ def load_checkpoint_of(run_id: str, artifact: str = "checkpoints/last.pt") -> di
             # weights_only: tensors and plain containers only; a pickled object is refused, not run.
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            # torch's own message starts with how to load it anyway; the refused global says why.
+            first = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
             raise UserError(
                 f"refusing to load {artifact} of run {run_id}: it is not a plain tensor checkpoint "
                 f"({first}); only checkpoints written by mnist-tracking can be resumed"
@@ -545,7 +544,6 @@ def _killed_on_interrupt(interrupts: Interrupts, epochs_done: Callable[[], int])
     try:
         yield
     except KeyboardInterrupt:
-        interrupts.ignore()
         run_id = mlflow.active_run().info.run_id
         done = epochs_done()
         reason = f"interrupted by {interrupts.name} after epoch {done}"
