@@ -12,8 +12,39 @@ import click
 # Heavy imports (torch, mlflow) happen inside the commands, so `--help` answers at once.
 
 
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+
+
 def _raise_interrupted(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends a run as KILLED, like Ctrl-C
+
+
+class OneLineErrors(click.Group):
+    """Click's own errors (`--lr abc`, an unknown option) as one `Error:` line without the usage
+    block, like UserError, and failing the run `mlflow run` created for the command."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `mnist-tracking` alone: the help, as usual
+                exc.show()
+                sys.exit(exc.exit_code)
+            message = exc.format_message()
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                message = f"{message.rstrip('.')}; see {exc.ctx.command_path} --help"
+                if os.environ.get("MLFLOW_RUN_ID"):
+                    from mnist_tracking.tracking import fail_pending_project_run
+
+                    fail_pending_project_run(message)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
 
 
 def user_errors(command):
@@ -28,9 +59,14 @@ def user_errors(command):
             return command(*args, **kwargs)
         except UserError as exc:
             message = str(exc)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; the run is ended as KILLED with what it had logged", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            # The core ends its own run KILLED and says so in `exc`; else no epoch had started.
+            message = str(exc) if str(exc) not in ("", "SIGINT", "SIGTERM") else "interrupted before training started"
+            from mnist_tracking.tracking import fail_pending_project_run
+
+            fail_pending_project_run(message, status="KILLED")
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # the store or network: still one line, with the cause
             if type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
                 message = f"tracking store error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}; check MLFLOW_TRACKING_URI"
@@ -44,7 +80,7 @@ def user_errors(command):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
     """Train, track, project and register the seed ConvNet on MNIST with MLflow.
 
