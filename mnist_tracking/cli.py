@@ -56,6 +56,9 @@ def user_errors(command):
 
         signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
+            from mnist_tracking.tracking import check_tracking_server
+
+            check_tracking_server()  # every entry point: an unreachable server fails at once
             return command(*args, **kwargs)
         except UserError as exc:
             message = str(exc)

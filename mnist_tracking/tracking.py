@@ -636,8 +636,15 @@ def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
     """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split."""
     with _tempdir() as tmp:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"features/{split}.npz", dst_path=str(tmp))
-        with np.load(path, allow_pickle=False) as arrays:
-            return {name: arrays[name] for name in ("features", "labels", "predictions", "indices")}
+        try:
+            # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
+            with np.load(path, allow_pickle=False) as arrays:
+                return {name: arrays[name] for name in ("features", "labels", "predictions", "indices")}
+        except (ValueError, KeyError, OSError) as exc:
+            raise UserError(
+                f"refusing to load features/{split}.npz of run {run_id}: it is not a plain array file "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); train the run again"
+            ) from exc
 
 
 def describe_training_run(run) -> str:

@@ -444,6 +444,27 @@ def test_resume_refuses_a_malicious_checkpoint_and_runs_nothing(tmp_path, fresh_
     assert len(runs_of(fresh_experiment)) == 1  # no new run
 
 
+def test_project_refuses_malicious_features_and_runs_nothing(tmp_path, fresh_experiment):
+    import numpy as np
+
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "test.npz"
+    # An object array is stored as a pickle: loading it with pickle allowed would run open().
+    np.savez(planted, features=np.array([CreatesAFile(marker)], dtype=object),
+             labels=np.zeros(1, dtype=np.int64))
+    with mlflow.start_run() as run:
+        mlflow.set_tag(KIND_TAG, "training")
+        mlflow.log_artifact(str(planted), "features")
+    assert not marker.exists()
+
+    result = invoke("project", "--run-id", run.info.run_id, "--methods", "pca")
+    assert result.exit_code != 0
+    line = one_error_line(result.stderr)
+    assert f"refusing to load features/test.npz of run {run.info.run_id}" in line
+    assert not marker.exists(), "loading the features ran the attacker's code"
+    assert len(runs_of(fresh_experiment)) == 1  # no projection run left behind
+
+
 def test_the_cli_help_still_answers(tmp_path):
     result = invoke("--help")
     assert result.exit_code == 0 and "train" in result.output
