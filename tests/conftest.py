@@ -85,8 +85,8 @@ def fresh_experiment(request):
     os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     yield experiment_id
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     mlflow.set_experiment("Default")
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it: leave no trace
 
 
 @pytest.fixture(scope="session")

@@ -53,7 +53,8 @@ def server():
 
 
 def train(uri: str, data_dir, cwd, *args) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "server-test"}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}  # the name decides
+    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="server-test")
     return subprocess.Popen(
         [sys.executable, "-m", "mnist_tracking", "train", "--data-dir", str(data_dir), "--batch-size", "32", *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
