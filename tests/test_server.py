@@ -86,13 +86,15 @@ def test_training_through_the_server_stores_everything(server, data_dir, tmp_pat
 
     import mlflow
 
-    mlflow.set_tracking_uri(server)
+    previous = mlflow.get_tracking_uri()  # the session's temporary store
+    mlflow.set_tracking_uri(server)  # (MLflow 3 also exports it as MLFLOW_TRACKING_URI)
     try:
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         scores = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
         assert np.asarray(scores).shape == (3, 10)
     finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_tracking_uri(previous)
+        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def test_parallel_trainings_keep_every_metric(server, data_dir, tmp_path):
