@@ -189,8 +189,5 @@ def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -
     register_model(run_id=run_id, experiment=experiment, metric=metric, name=name, alias=alias, echo=click.echo)
 
 
-# ---- sweep: the seed's three experiments side by side
-
-
 if __name__ == "__main__":
     main()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -68,6 +67,22 @@ def mark_experiment(experiment_id: str) -> None:
     experiment = client.get_experiment(experiment_id)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+
+
+def get_run(run_id: str):
+    """The run with this id, or a one-line UserError naming the store (other store errors propagate)."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = run_id.strip()
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(
+            f"unknown run_id {run_id!r}: no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; "
+            "pass the id of a training run (printed at the end of `train`, shown in `mlflow ui`)"
+        ) from None
 
 
 def fail_run(run_id: str, reason: str, status: str = "FAILED") -> None:
@@ -305,17 +320,8 @@ RESUME_MAY_CHANGE = ("epochs", "data_dir", "device", "precision", "register_as",
 
 def load_checkpoint_of(run_id: str, artifact: str = "checkpoints/last.pt") -> dict:
     """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU."""
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise UserError(
-            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()} "
-            f"({str(exc).splitlines()[0]}); pass the id of a training run (the runs table of "
-            f"mlflow ui, or mlflow runs list --experiment-id <id>)"
-        ) from exc
+    run = get_run(run_id)
     kind = run.data.tags.get(KIND_TAG)
     if kind != "training":
         what = f"a {kind} run, not a" if kind else "not a"
@@ -426,7 +432,6 @@ def train_and_log(
         teardown_distributed,
     )
 
-    check_tracking_server()
     resume_from = config.resume_from
     if resume_from:  # everything about the resumed run is checked before any work starts
         resume = load_checkpoint_of(resume_from)
@@ -547,10 +552,12 @@ def train_and_log(
 def log_resumed_state(trainer, config: TrainConfig, resume_from: str) -> None:
     """Start a resumed run where the old one stopped: its origin, its earlier epochs' metrics
     (so this run's curves are whole), its best checkpoint and its last state."""
+    from mnist_tracking.training import EPOCH_METRICS
+
     state = trainer.state
     mlflow.set_tags({RESUMED_FROM_TAG: resume_from, RESUMED_AT_TAG: str(state.epoch)})
     for past in state.history:
-        mlflow.log_metrics({k: past[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")}, step=past["epoch"])
+        mlflow.log_metrics({k: past[k] for k in EPOCH_METRICS}, step=past["epoch"])
     if state.best_epoch:
         log_torch(best_checkpoint(trainer, config), "checkpoints", "best.pt")
     log_torch(trainer.checkpoint(), "checkpoints", "last.pt")
@@ -605,18 +612,8 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 
 def training_run(run_id: str, split: str):
     """The training run whose features/<split>.npz we project; UserError when it cannot be."""
-    from mlflow.exceptions import MlflowException
-
     client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise UserError(
-            f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; "
-            "pass the id of a training run (it is printed at the end of `train`, and shown in `mlflow ui`)"
-        ) from None
+    run = get_run(run_id)
     name = run.info.run_name
     if run.data.tags.get(KIND_TAG) == "projection":
         source = run.data.tags.get(SOURCE_RUN_TAG, "?")
@@ -853,18 +850,6 @@ def best_training_run(experiment_id: str, metric: str = "best_val_acc"):
     return min(scored, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time))
 
 
-def _get_run(run_id: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return MlflowClient().get_run(run_id.strip())
-    except MlflowException as exc:
-        raise UserError(
-            f"unknown run_id {run_id!r} in {mlflow.get_tracking_uri()}; copy the id of a training run from "
-            f"the runs table (mlflow ui), or leave --run-id empty to take the best run"
-        ) from exc
-
-
 def logged_model_of(run):
     """The LoggedModel `model` the training run logged (MLflow 3 keeps it beside the run's artifacts)."""
     models = mlflow.search_logged_models(
@@ -982,7 +967,7 @@ def register_run(
     """Register the training run's model as a version of `name` (once per run) and give it
     `alias` if it beats the version holding it on `metric`."""
     _check_names(name, alias, metric)
-    run = _get_run(run_id)
+    run = get_run(run_id)
     run_id = run.info.run_id
     value = run.data.metrics.get(metric)
     if value is None:
@@ -1076,7 +1061,3 @@ def register(
         )
         run_id = best.info.run_id
     return register_run(run_id, name, echo=echo, metric=metric, alias=alias)
-
-
-# --------------------------------------------------------------------------- sweep
-# (the `sweep` entry point: the seed's three trainings as child runs of one parent)

@@ -20,6 +20,7 @@ from mnist_tracking.model import ConvNet
 EVAL_BATCH_SIZE = 1024  # no gradients kept, so evaluation can take larger batches
 PLATEAU_FACTOR = 0.1  # ReduceLROnPlateau: lr *= 0.1 ...
 PLATEAU_PATIENCE = 2  # ... after 2 epochs without a lower val loss (seed: 0.01 -> 1e-4 by epoch 27)
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # SPEC's per-epoch metrics
 PROGRESS_EVERY = 20  # batches between progress-bar updates (each update syncs the device)
 
 
@@ -235,7 +236,7 @@ class EpochResult:
 
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics of SPEC, by name."""
-        return {k: getattr(self, k) for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr")}
+        return {k: getattr(self, k) for k in EPOCH_METRICS}
 
 
 @dataclass

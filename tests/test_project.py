@@ -1,9 +1,6 @@
 """The `project` entry point on the features of a real tiny training run, in a temporary store."""
 
 import csv
-import io
-import math
-import os
 import subprocess
 import sys
 
