@@ -271,6 +271,6 @@ def test_mlflow_run_project_with_unknown_run_fails_its_run(tmp_path, fresh_exper
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "Error: no run 'nosuchrun'" in result.stderr and "Traceback" not in result.stderr
+    assert "Error: unknown run_id 'nosuchrun': no run 'nosuchrun' in the tracking store" in result.stderr and "Traceback" not in result.stderr
     [run] = MlflowClient().search_runs([fresh_experiment])
     assert run.info.status == "FAILED" and "nosuchrun" in run.data.tags["status_reason"]
