@@ -231,7 +231,14 @@ def main() -> None:
         record("peak memory of main", f"`train --epochs 1` on {int(args.train_images / 0.8)} MNIST images",
                [2500.0], [rss], "MB", False, "<= 2500 MB (ours_median)", note="baseline column is the 2.5 GB budget")
 
-    (HERE / "results.json").write_text(json.dumps(results, indent=2))
+    # A partial run (--only) replaces its own pairs and keeps the others of the last full run.
+    previous = HERE / "results.json"
+    if previous.exists() and only != {"train", "tracking", "help", "memory", "project", "umap"}:
+        names = {p["name"] for p in results["pairs"]}
+        kept = [p for p in json.loads(previous.read_text())["pairs"] if p["name"] not in names]
+        results["pairs"] = kept + results["pairs"]
+        results["command"] += "  (merged into the previous results)"
+    previous.write_text(json.dumps(results, indent=2))
     write_markdown(results)
     print(f"wrote {HERE / 'RESULTS.md'}")
 
