@@ -189,5 +189,33 @@ def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -
     register_model(run_id=run_id, experiment=experiment, metric=metric, name=name, alias=alias, echo=click.echo)
 
 
+
+# ---- sweep: the seed's three trainings, projected and compared
+
+
+@main.command()
+@click.option("--data-dir", type=str, default="data", show_default=True,
+              help="Folder with MNIST/raw/*-ubyte (downloaded there when missing).")
+@click.option("--max-samples", type=int, default=0, show_default=True,
+              help="Use only the first N training images in every training (0 = all); for smoke runs.")
+@click.option("--methods", type=str, default="pca,tsne", show_default=True,
+              help="Comma list of pca, tsne, umap: how each training's test features are projected.")
+@click.option("--epochs-scale", type=float, default=1.0, show_default=True,
+              help="Multiplies every epoch count (epochs, early-stopping patience; rounded, at least 1).")
+@user_errors
+def sweep(**params) -> None:
+    """Train the seed's three configurations as child runs of one parent run, project each, compare.
+
+    The trainings (plain SGD, momentum 0): lr 1e-6 for 1 epoch; lr 1e-3 for 20 epochs; lr 0.01
+    with the plateau scheduler and early stopping 5, up to 50 epochs. Each child logs what `train`
+    logs and gets a nested projection run; the parent run (named seed-study) gets comparison.png
+    (one row per training, one column per method) and comparison.md (the seed's table for all three).
+    """
+    from mnist_tracking.study import SweepConfig
+    from mnist_tracking.tracking import sweep_and_log
+
+    sweep_and_log(SweepConfig(**params), echo=click.echo)
+
+
 if __name__ == "__main__":
     main()

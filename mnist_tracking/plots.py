@@ -131,3 +131,36 @@ def embedding_overview(
                frameon=False, fontsize=8, title_fontsize=8)
     fig.suptitle(title, fontsize=10)
     return fig
+
+
+def comparison_grid(
+    rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]],
+    title: str,
+) -> Figure:
+    """One row per training, one column per method, shared colours and one legend.
+
+    rows: (row title, [(panel title, coords (n, >=2), labels (n,), predictions (n,)), ...]).
+    """
+    n_rows = len(rows)
+    n_cols = max(len(panels) for _, panels in rows)
+    fig = Figure(figsize=(4.2 * n_cols + 1.6, 4.0 * n_rows + 0.6), dpi=DPI, layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
+    for row_axes, (row_title, panels) in zip(axes, rows):
+        for ax in row_axes[len(panels):]:
+            ax.set_axis_off()
+        if not panels:  # a training that failed or was not projected: its row says so
+            row_axes[0].text(0.0, 0.5, row_title, fontsize=9, va="center", transform=row_axes[0].transAxes)
+        for col, (ax, (name, coords, labels, predictions)) in enumerate(zip(row_axes, panels)):
+            _draw_embedding(ax, coords, labels, predictions)
+            ax.set_title(name, fontsize=9)
+            if col == 0:
+                ax.set_ylabel(row_title, fontsize=9)
+    # The legend's counts of misclassified points differ by row; the colours do not.
+    all_labels = np.concatenate([p[2] for _, panels in rows for p in panels[:1]])
+    handles = _legend_handles(all_labels, all_labels)[:-1]
+    handles += _legend_handles(np.zeros(1), np.ones(1))[-1:]
+    handles[-1].set_label("misclassified")
+    fig.legend(handles=handles, title="true digit", loc="outside right center",
+               frameon=False, fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig

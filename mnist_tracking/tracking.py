@@ -25,7 +25,7 @@ from mnist_tracking.errors import UserError
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # the run description the UI shows
-KIND_TAG = "mnist_tracking.kind"  # "training" or "projection": tells our runs apart
+KIND_TAG = "mnist_tracking.kind"  # "training", "projection" or "sweep": tells our runs apart
 STATUS_REASON_TAG = "status_reason"
 RESUMED_FROM_TAG = "resumed_from"  # on a resumed run: the id of the run it continues
 RESUMED_AT_TAG = "resumed_from_epoch"  # ... and the last epoch that run had completed
@@ -568,7 +568,8 @@ def _training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], i
     """`mlflow.start_run`, but Ctrl-C/SIGTERM ends the run KILLED, never leaving it RUNNING."""
     with ExitStack() as stack:
         with interrupts.critical():  # a signal while the run is being created waits until it is guarded
-            run = stack.enter_context(mlflow.start_run(run_name=name))
+            # nested: a training of a sweep runs inside the sweep's parent run
+            run = stack.enter_context(mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None))
             stack.enter_context(_killed_on_interrupt(interrupts, epochs_done))
         yield run
 
@@ -693,7 +694,8 @@ def project_and_log(config, echo: Callable[[str], None] = print) -> str:
     name = f"{source.info.run_name}{PROJECTION_SUFFIX}"
     chosen = os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME")
     experiment_id = None if chosen else source.info.experiment_id
-    with mlflow.start_run(run_name=name, experiment_id=experiment_id) as run:
+    nested = mlflow.active_run() is not None  # inside a sweep's parent run
+    with mlflow.start_run(run_name=name, experiment_id=experiment_id, nested=nested) as run:
         run_id = run.info.run_id
         mark_experiment(run.info.experiment_id)
         same_experiment = run.info.experiment_id == source.info.experiment_id
@@ -1061,3 +1063,155 @@ def register(
         )
         run_id = best.info.run_id
     return register_run(run_id, name, echo=echo, metric=metric, alias=alias)
+
+
+# --------------------------------------------------------------------------- sweep
+# (the `sweep` entry point: the seed's three trainings as child runs of one parent, projected
+# and compared side by side)
+
+
+SWEEP_RUN_NAME = "seed-study"
+SWEEP_LABEL_TAG = "sweep_label"
+
+
+def sweep_and_log(
+    config,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+    study=None,
+) -> str:
+    """Train each training of the study as a child run, project it, and log the comparison on
+    the parent; returns the parent run id. A failed child is recorded FAILED on that child and
+    the others still run; a UserError at the end names the ones that failed."""
+    from mnist_tracking import study as studies
+    from mnist_tracking.data import load_splits
+    from mnist_tracking.embedding import ProjectConfig
+
+    planned = studies.trainings(config, study or studies.SEED_TRAININGS)  # every config checked here
+    first = planned[0].config
+    load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
+
+    with mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
+        parent_id = parent.info.run_id
+        mark_experiment(parent.info.experiment_id)
+        mlflow.set_tags({"mlflow.runName": SWEEP_RUN_NAME, KIND_TAG: "sweep",
+                         NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
+        log_new_params(config.to_params())
+        echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
+        rows = []
+        try:
+            for number, training in enumerate(planned, 1):
+                echo(f"\n=== {number}/{len(planned)}: {training.label}")
+                rows.append(_sweep_child(parent_id, training, config, echo, progress, ProjectConfig))
+        except KeyboardInterrupt as exc:
+            end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
+            raise
+        _log_comparison(rows, config.method_list)
+        failed = [r for r in rows if r["status"] != "FINISHED"]
+        echo("\n" + studies.comparison_table(rows, list(config.method_list)))
+        echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
+        if failed:
+            reason = f"{len(failed)} of {len(rows)} trainings failed: " + "; ".join(
+                f"{r['label']} (run {r.get('run_id') or '-'}): {r['reason']}" for r in failed
+            )
+            end_active_run(reason, "FAILED")
+            raise UserError(f"sweep {parent_id} finished the others, but {reason}")
+    return parent_id
+
+
+def _sweep_child(parent_id: str, training, config, echo, progress: bool, project_config) -> dict:
+    """Train and project one training of a sweep; a failure is recorded on its child run."""
+    row = {"label": training.label, "seed_reported": training.seed_reported, "status": "FINISHED"}
+    before = {r.info.run_id for r in _children(parent_id)}
+    try:
+        run_id = train_and_log(training.config, echo=echo, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        echo(f"Error: {training.label} failed: {reason}")
+        row.update(status="FAILED", reason=reason, run_id=_fail_child(parent_id, before, training, reason))
+        return row
+    MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
+    run = get_run(run_id)
+    row.update(run_id=run_id, run_name=run.info.run_name, metrics=run.data.metrics, params=run.data.params,
+               epochs_run=int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]))
+    try:
+        projection_id = project_and_log(project_config(run_id=run_id, methods=config.methods), echo=echo)
+    except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
+        echo(f"Error: projecting {training.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return row
+    metrics = get_run(projection_id).data.metrics
+    row["projection_run_id"] = projection_id
+    row["projection"] = {
+        m: {k: metrics[f"{m}_{k}"] for k in ("knn_acc", "trustworthiness", "silhouette")}
+        for m in config.method_list
+    }
+    return row
+
+
+def _children(parent_id: str) -> list:
+    """The training runs directly under a sweep's parent run, newest first."""
+    experiment_id = get_run(parent_id).info.experiment_id
+    return MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = 'training'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def _fail_child(parent_id: str, before: set, training, reason: str) -> str:
+    """Record a failed training on its child run (created FAILED if it failed before starting one)."""
+    client = MlflowClient()
+    started = [r for r in _children(parent_id) if r.info.run_id not in before]
+    if started:
+        run = started[0]
+        if run.info.status == "RUNNING" or STATUS_REASON_TAG not in run.data.tags:
+            fail_run(run.info.run_id, reason)
+        client.set_tag(run.info.run_id, SWEEP_LABEL_TAG, training.label)
+        return run.info.run_id
+    run = client.create_run(
+        get_run(parent_id).info.experiment_id,
+        run_name=run_name(training.config),
+        tags={PARENT_RUN_TAG: parent_id, KIND_TAG: "training", SWEEP_LABEL_TAG: training.label},
+    )
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)) for k, v in training.config.to_dict().items()
+    ])
+    fail_run(run.info.run_id, reason)
+    return run.info.run_id
+
+
+def load_coordinates(run_id: str, method: str) -> dict[str, np.ndarray]:
+    """coords (n, 2|3), labels, predictions (n,) from a projection run's projections/<method>.csv."""
+    import io
+
+    text = mlflow.artifacts.load_text(f"runs:/{run_id}/projections/{method}.csv")
+    table = np.genfromtxt(io.StringIO(text), delimiter=",", names=True)
+    axes = [a for a in ("x", "y", "z") if a in table.dtype.names]
+    return {
+        "coords": np.column_stack([table[a] for a in axes]),
+        "labels": table["label"].astype(np.int64),
+        "predictions": table["prediction"].astype(np.int64),
+    }
+
+
+def _log_comparison(rows: list[dict], methods: tuple[str, ...]) -> None:
+    """comparison.png (one row per training, one column per method) and comparison.md on the active run."""
+    from mnist_tracking import plots
+    from mnist_tracking import study as studies
+
+    grid = []
+    for row in rows:
+        val_acc = row.get("metrics", {}).get("best_val_acc")
+        head = row["label"] + (f"\nval acc {val_acc:.2%}" if val_acc is not None else f"\n{row['status']}")
+        panels = []
+        for method in methods if "projection_run_id" in row else ():
+            points = load_coordinates(row["projection_run_id"], method)
+            knn = row["projection"][method]["knn_acc"]
+            panels.append((f"{METHOD_TITLES[method]}: kNN acc {knn:.3f}", points["coords"], points["labels"],
+                           points["predictions"]))
+        grid.append((head, panels))
+    figure = plots.comparison_grid(grid, "The seed's trainings: learned features of the test set")
+    mlflow.log_figure(figure, "comparison.png")
+    table = studies.comparison_table(rows, list(methods))
+    mlflow.log_text(table, "comparison.md")
+    mlflow.set_tag(NOTE_TAG, f"**{SWEEP_RUN_NAME}**: the seed's trainings side by side\n\n{table}")

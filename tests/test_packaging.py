@@ -28,7 +28,7 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
 
 
 @pytest.mark.parametrize(
-    "entry_point, command", [("main", "train"), ("project", "project"), ("register", "register")]
+    "entry_point, command", [("main", "train"), ("project", "project"), ("register", "register"), ("sweep", "sweep")]
 )
 def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
     spec = mlproject()["entry_points"][entry_point]

@@ -1,0 +1,160 @@
+"""The `sweep` entry point: the seed's three trainings as nested runs, projected and compared."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO
+from mnist_tracking.errors import UserError
+from mnist_tracking.study import SEED_TRAININGS, SweepConfig, comparison_table, scaled, trainings
+from mnist_tracking.tracking import PARENT_RUN_TAG, sweep_and_log
+
+TINY_SCALE = 0.05  # (1) 1 epoch, (2) 20 -> 1 epoch, (3) 50 -> 2 epochs (patience 5 -> 1)
+
+
+def runs_by_kind(experiment_id):
+    runs = MlflowClient().search_runs([experiment_id])
+    kinds = {}
+    for run in runs:
+        kinds.setdefault(run.data.tags.get("mnist_tracking.kind"), []).append(run)
+    return kinds
+
+
+def artifact_names(run_id, path=""):
+    return {a.path for a in MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_seed_trainings_are_the_seeds_settings():
+    (one, two, three) = [t.config for t in SEED_TRAININGS]
+    assert all(c.optimizer == "sgd" and c.momentum == 0 and c.activation == "relu" and c.batch_size == 128
+               for c in (one, two, three))
+    assert (one.lr, one.epochs, one.scheduler) == (1e-6, 1, "none")
+    assert (two.lr, two.epochs, two.scheduler, two.early_stopping) == (1e-3, 20, "none", 0)
+    assert (three.lr, three.epochs, three.scheduler, three.early_stopping) == (0.01, 50, "plateau", 5)
+
+
+def test_epochs_scale_scales_every_epoch_count_but_never_below_one():
+    planned = trainings(SweepConfig(data_dir="somewhere", max_samples=300, epochs_scale=0.1))
+    assert [t.config.epochs for t in planned] == [1, 2, 5]
+    assert [t.config.early_stopping for t in planned] == [0, 0, 1]  # off stays off
+    assert all(t.config.data_dir == "somewhere" and t.config.max_samples == 300 for t in planned)
+    assert scaled(50, 1.0) == 50 and scaled(3, 0.01) == 1
+
+
+@pytest.mark.parametrize("params, expected", [
+    (dict(epochs_scale=0), "epochs_scale must be a number > 0"),
+    (dict(epochs_scale=float("nan")), "epochs_scale must be a number > 0"),
+    (dict(methods="pca,isomap"), "unknown method 'isomap'"),
+    (dict(max_samples=-1), "max_samples must be >= 0"),
+])
+def test_bad_sweep_parameters_are_refused(params, expected):
+    with pytest.raises(UserError, match=expected):
+        SweepConfig(**params)
+
+
+def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_experiment):
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
+    parent_id = sweep_and_log(config, echo=lambda line: None, progress=False)
+
+    kinds = runs_by_kind(fresh_experiment)
+    [parent] = kinds["sweep"]
+    assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
+    children = sorted(kinds["training"], key=lambda r: r.info.start_time)
+    assert [r.data.tags[PARENT_RUN_TAG] for r in children] == [parent_id] * 3
+    assert [r.data.tags["sweep_label"] for r in children] == [t.label for t in SEED_TRAININGS]
+    assert [r.info.status for r in children] == ["FINISHED"] * 3
+    assert [float(r.data.params["lr"]) for r in children] == [1e-6, 1e-3, 0.01]
+    assert {r.data.params["momentum"] for r in children} == {"0.0"}
+    assert [int(r.data.params["epochs"]) for r in children] == [1, 1, 2]
+
+    # Each training has its own projection run, nested under it.
+    projections = kinds["projection"]
+    assert sorted(p.data.tags[PARENT_RUN_TAG] for p in projections) == sorted(r.info.run_id for r in children)
+    assert all("pca_knn_acc" in p.data.metrics for p in projections)
+
+    assert {"comparison.png", "comparison.md"} <= artifact_names(parent_id)
+    client = MlflowClient()
+    table = client.download_artifacts(parent_id, "comparison.md")
+    text = open(table).read()
+    rows = [line for line in text.splitlines() if line.startswith("| (")]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [t.label for t in SEED_TRAININGS]
+    for row, child in zip(rows, children):  # the table holds what the children logged
+        assert f"{child.data.metrics['best_val_acc']:.2%}" in row
+        assert f"{child.data.metrics['test_acc']:.2%}" in row
+    assert parent.data.tags["mlflow.note.content"].count("| (") == 3  # the description shows the table
+
+
+def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_dir, fresh_experiment):
+    # A real failure: lr=1e6 diverges within a few batches.
+    diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
+    study = (SEED_TRAININGS[0], diverging, SEED_TRAININGS[2])
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
+    lines = []
+    with pytest.raises(UserError, match=r"1 of 3 trainings failed: \(2\) lr 1e-3, 20 epochs \(run \w+\): .*diverged"):
+        sweep_and_log(config, echo=lines.append, progress=False, study=study)
+
+    kinds = runs_by_kind(fresh_experiment)
+    [parent] = kinds["sweep"]
+    assert parent.info.status == "FAILED" and "1 of 3 trainings failed" in parent.data.tags["status_reason"]
+    children = sorted(kinds["training"], key=lambda r: r.info.start_time)
+    assert [r.info.status for r in children] == ["FINISHED", "FAILED", "FINISHED"]
+    assert "diverged" in children[1].data.tags["status_reason"]
+    assert children[1].data.tags[PARENT_RUN_TAG] == parent.info.run_id
+    # The two that finished were projected and compared; the failed one is a row saying so.
+    assert len(kinds["projection"]) == 2
+    assert {"comparison.png", "comparison.md"} <= artifact_names(parent.info.run_id)
+    text = open(MlflowClient().download_artifacts(parent.info.run_id, "comparison.md")).read()
+    assert "| (2) lr 1e-3, 20 epochs |" in text and "FAILED: " in text
+    assert any("(2) lr 1e-3, 20 epochs failed" in line for line in lines)
+
+
+def test_comparison_table_formats_metrics_and_failures():
+    rows = [
+        {"label": "(a)", "status": "FINISHED", "seed_reported": "12.40%",
+         "metrics": {"best_val_acc": 0.1147, "best_val_loss": 2.30791, "best_epoch": 1.0, "test_acc": 0.126},
+         "params": {"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, "epochs_run": 1,
+         "projection": {"pca": {"knn_acc": 0.36, "trustworthiness": 0.7, "silhouette": -0.1}}},
+        {"label": "(b)", "status": "FAILED", "reason": "diverged | badly", "seed_reported": "-"},
+    ]
+    lines = comparison_table(rows, ["pca"]).splitlines()
+    header = lines[0].split(" | ")
+    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
+    cells = dict(zip(header, lines[2].split(" | ")))
+    assert cells["best val acc"] == "11.47%" and cells["val loss"] == "2.3079" and cells["lr"] == "1e-06"
+    assert cells["best epoch"] == "1" and cells["test acc"] == "12.60%"
+    assert cells["pca kNN acc / trust. / silh."] == "0.360 / 0.700 / -0.100"
+    assert "FAILED: diverged / badly" in lines[3]
+
+
+def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_experiment):
+    result = subprocess.run([sys.executable, "-m", "mnist_tracking", "sweep", "--epochs-scale", "-1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "Error: epochs_scale must be a number > 0 (1 = the seed's epochs), got -1.0"
+    ]
+    assert MlflowClient().search_runs([fresh_experiment]) == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
+    result = subprocess.run(
+        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "sweep",
+         "-P", f"data_dir={data_dir}", "-P", "methods=pca", "-P", f"epochs_scale={TINY_SCALE}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = runs_by_kind(fresh_experiment)
+    [parent] = kinds["sweep"]  # the run `mlflow run` created is the parent: no extra run
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "seed-study"
+    assert len(kinds["training"]) == 3 and len(kinds["projection"]) == 3
+    assert {r.data.tags[PARENT_RUN_TAG] for r in kinds["training"]} == {parent.info.run_id}
+    png = MlflowClient().download_artifacts(parent.info.run_id, "comparison.png")
+    from PIL import Image
+
+    assert np.asarray(Image.open(png)).shape[0] > 500  # three rows of panels
+    assert "View the sweep: http://127.0.0.1:5000/#/experiments/" in result.stdout
