@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 BATCH_SIZE = 128  # the tutorial's and our default
+SECTIONS = ("train", "accuracy", "tracking", "project", "umap", "memory", "help")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the tutorial's Normalize constants
 
 
@@ -83,8 +83,6 @@ def tutorial_epoch(data_dir: str, positions, n_images: int) -> float:
 
 def project_epoch(data_dir: str, n_images: int, precision: str = "auto") -> float:
     """Our loop (data.load_splits + training.train_one_epoch), with the default settings."""
-    import torch
-
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
     from mnist_tracking.training import Trainer, resolve_device, resolve_precision, train_one_epoch
@@ -145,11 +143,76 @@ def help_seconds() -> float:
 
 
 def peak_rss_mb(command: list[str], cwd: str, env: dict) -> float:
-    """Peak resident memory of a child process (the OS's figure, like /usr/bin/time -v)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(command, check=True, capture_output=True, cwd=cwd, env=env)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(after, before) / 1024  # ru_maxrss is in KiB on Linux
+    """Peak resident memory of one child process (the OS's figure, like /usr/bin/time -v)."""
+    child = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not the maximum of all children
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+# ----------------------------------------------------------------- 2. accuracy at the default precision
+
+
+def test_accuracy(data_dir: str, precision: str, epochs: int) -> float:
+    """Test accuracy of the default configuration after `epochs` epochs at this precision."""
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.data import load_splits
+    from mnist_tracking.training import Trainer, evaluate, resolve_device, resolve_precision
+
+    config = TrainConfig(data_dir=data_dir, device="cpu", epochs=epochs, precision=precision, early_stopping=0)
+    splits = load_splits("mnist", data_dir, config.val_fraction, config.seed)
+    device = resolve_device("cpu")
+    trainer = Trainer(config, splits, device, resolve_precision(precision, device))
+    trainer.fit()
+    return evaluate(trainer.best_model(), splits.test, device, trainer.precision).acc
+
+
+# ----------------------------------------------------------------- 4. projection
+
+
+def sklearn_tsne(features, labels) -> tuple[float, float]:
+    """What users write: scikit-learn's TSNE(init="pca", learning_rate="auto") on the raw features."""
+    from sklearn.manifold import TSNE
+
+    from mnist_tracking.embedding import knn_accuracy
+
+    started = time.perf_counter()
+    coords = TSNE(init="pca", learning_rate="auto", random_state=42).fit_transform(features)
+    seconds = time.perf_counter() - started
+    return seconds, knn_accuracy(coords, labels, 42)[0]
+
+
+def our_projection(features, labels) -> tuple[float, float]:
+    """What `project` computes for methods=pca,tsne (standardise, PCA to 50, openTSNE)."""
+    from mnist_tracking.embedding import knn_accuracy, pca, tsne
+
+    started = time.perf_counter()
+    pca(features)
+    coords = tsne(features).coords
+    seconds = time.perf_counter() - started
+    return seconds, knn_accuracy(coords, labels, 42)[0]
+
+
+UMAP_SNIPPET = """
+import sys, time
+import numpy as np
+started = time.perf_counter()
+from mnist_tracking.embedding import umap
+with np.load(sys.argv[1], allow_pickle=False) as arrays:
+    features = arrays["features"]
+umap(features)
+print(time.perf_counter() - started)
+"""
+
+
+def umap_process_seconds(features_npz: str, cache_dir: str) -> float:
+    """Wall time of a fresh process that imports umap and embeds the features (numba cache in cache_dir)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": cache_dir, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", UMAP_SNIPPET, features_npz], check=True, capture_output=True,
+                         text=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------- harness
@@ -169,12 +232,13 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--train-images", type=int, default=48_000, help="images per measured epoch")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--only", default="train,tracking,help,memory", help="comma list of pairs to run")
+    parser.add_argument("--project-reps", type=int, default=2, help="repetitions of the projection pair (minutes each)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help="comma list of sections to run")
     args = parser.parse_args()
     only = set(args.only.split(","))
 
     import mlflow
-    import torch
+    import numpy as np
 
     from mnist_tracking.data import load_splits
 
@@ -185,14 +249,30 @@ def main() -> None:
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pairs": []}
     print(json.dumps(results["machine"]), flush=True)
 
-    def record(name, what, baseline, ours, unit, higher_is_better, target, note=""):
+    def record(name, what, baseline, ours, unit, higher_is_better, target, note="", compare="ratio"):
+        """compare: "ratio" (ours / baseline) or "difference" (ours - baseline)."""
         b, o = statistics.median(baseline), statistics.median(ours)
-        ratio = (o / b) if higher_is_better else (o / b)
+        ratio = (o / b) if compare == "ratio" else (o - b)
         results["pairs"].append({
-            "name": name, "what": what, "unit": unit, "baseline": baseline, "ours": ours,
+            "name": name, "what": what, "unit": unit, "baseline": baseline, "ours": ours, "compare": compare,
             "baseline_median": b, "ours_median": o, "ratio": ratio, "target": target, "note": note,
         })
-        print(f"{name}: baseline {b:.3f} {unit}, ours {o:.3f} {unit}, ratio {ratio:.2f} (target {target})", flush=True)
+        print(f"{name}: baseline {b:.4g} {unit}, ours {o:.4g} {unit}, {compare} {ratio:.3g} (target {target})", flush=True)
+
+    run_ids: dict = {}
+
+    def trained_run() -> str:
+        """One `train --epochs 1` on the full data in the benchmark's store (its peak RSS is measured)."""
+        if "id" not in run_ids:
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(REPO)}
+            run_ids["rss"] = peak_rss_mb(
+                [sys.executable, "-m", "mnist_tracking", "train", "--epochs", "1", "--data-dir", args.data_dir],
+                store, env,
+            )
+            [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`mnist_tracking.kind` = 'training'",
+                                       output_format="list")
+            run_ids["id"] = run.info.run_id
+        return run_ids["id"]
 
     if "train" in only:
         positions = load_splits("mnist", args.data_dir, 0.2, 42).train.indices.tolist()
@@ -221,19 +301,63 @@ def main() -> None:
         record("CLI start-up", "`python -m mnist_tracking --help`", [1.0], times, "s", False, "< 1 s (ours_median)",
                note="baseline column is the 1 s budget")
 
+    if "accuracy" in only:
+        from mnist_tracking.training import resolve_device, resolve_precision
+
+        resolved = resolve_precision("auto", resolve_device("cpu"))
+        if resolved == "fp32":
+            record("accuracy at the default precision", "test acc after 3 epochs, precision auto vs fp32",
+                   [float("nan")], [float("nan")], "", True, "|difference| <= 0.001", compare="difference",
+                   note="precision auto resolves to fp32 on this CPU (no native bf16), so the default runs the "
+                        "fp32 computation itself: nothing to compare, no accuracy given up")
+        else:
+            print(f"accuracy after 3 epochs: fp32 vs auto ({resolved})", flush=True)
+            record("accuracy at the default precision", f"test acc after 3 epochs, fp32 vs auto ({resolved})",
+                   [test_accuracy(args.data_dir, "fp32", 3)], [test_accuracy(args.data_dir, "auto", 3)],
+                   "", True, "|difference| <= 0.001", compare="difference")
+
     if "memory" in only:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
-        rss = peak_rss_mb(
-            [sys.executable, "-m", "mnist_tracking", "train", "--epochs", "1", "--data-dir", args.data_dir,
-             "--max-samples", str(int(args.train_images / 0.8))],
-            store, {**env, "PYTHONPATH": str(REPO)},
-        )
-        record("peak memory of main", f"`train --epochs 1` on {int(args.train_images / 0.8)} MNIST images",
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "PYTHONPATH": str(REPO)}
+        trained_run()
+        record("peak memory of main", "`train --epochs 1` on the full MNIST (48,000 / 12,000 / 10,000)",
+               [2500.0], [run_ids["rss"]], "MB", False, "<= 2500 MB (ours_median)",
+               note="baseline column is the 2.5 GB budget")
+        rss = peak_rss_mb([sys.executable, "-m", "mnist_tracking", "project", "--run-id", trained_run()], store, env)
+        record("peak memory of project", "`project` (pca,tsne) on the 10,000 test features",
                [2500.0], [rss], "MB", False, "<= 2500 MB (ours_median)", note="baseline column is the 2.5 GB budget")
+
+    if "project" in only or "umap" in only:
+        from mnist_tracking.tracking import load_features
+
+        arrays = load_features(trained_run(), "test")
+        features, labels = arrays["features"], arrays["labels"]
+
+    if "project" in only:
+        print(f"projection of {len(features)} test features ({features.shape[1]}-d)", flush=True)
+        baseline_runs, our_runs = alternate(lambda: sklearn_tsne(features, labels),
+                                            lambda: our_projection(features, labels), args.project_reps)
+        record("projection time", f"PCA + t-SNE of {len(features):,} test features: sklearn TSNE(init=pca, "
+               "learning_rate=auto) vs ours (standardise, PCA 50, openTSNE FFT)",
+               [r[0] for r in baseline_runs], [r[0] for r in our_runs], "s", False, "<= 0.5")
+        record("projection kNN accuracy", "kNN acc (k=10, 5-fold) of the same two t-SNE embeddings",
+               [r[1] for r in baseline_runs], [r[1] for r in our_runs], "", True, "difference >= -0.01",
+               compare="difference")
+
+    if "umap" in only:
+        cache = tempfile.mkdtemp(prefix="numba-cache-")
+        npz = os.path.join(store, "features.npz")
+        np.savez(npz, features=features)
+        print("UMAP in fresh processes: cold (empty numba cache), then warm", flush=True)
+        cold = umap_process_seconds(npz, cache)
+        warm = [umap_process_seconds(npz, cache) for _ in range(args.reps)]
+        print(f"  cold {cold:.1f} s, warm {warm}", flush=True)
+        record("UMAP cold vs warm", f"a fresh process: import umap + UMAP of {len(features):,} features, "
+               "first (empty numba cache) vs later runs", [cold], warm, "s", False, "warm fast",
+               note="the numba cache lives in NUMBA_CACHE_DIR (default ~/.cache/mnist-tracking/numba)")
 
     # A partial run (--only) replaces its own pairs and keeps the others of the last full run.
     previous = HERE / "results.json"
-    if previous.exists() and only != {"train", "tracking", "help", "memory", "project", "umap"}:
+    if previous.exists() and only != set(SECTIONS):
         names = {p["name"] for p in results["pairs"]}
         kept = [p for p in json.loads(previous.read_text())["pairs"] if p["name"] not in names]
         results["pairs"] = kept + results["pairs"]
@@ -253,14 +377,21 @@ def write_markdown(results: dict) -> None:
         f"Machine: {m['cpu']}, {m['cores']} cores (torch CPU capability {m['torch_cpu_capability']}, "
         f"{m['torch_threads']} threads), Python {m['python']}, torch {m['torch']}, mlflow {m['mlflow']}.",
         "",
-        "| pair | baseline (median) | ours (median) | ratio | target | runs |",
+        "| pair | baseline (median) | ours (median) | ratio (or difference) | target | runs (ours) |",
         "|---|---|---|---|---|---|",
     ]
+
+    def number(value: float, unit: str) -> str:
+        return "n/a" if value != value else f"{value:.4g} {unit}".strip()  # NaN: not measured
+
     for p in results["pairs"]:
-        runs = ", ".join(f"{v:.2f}" for v in p["ours"])
+        runs = ", ".join(f"{v:.4g}" for v in p["ours"] if v == v)
+        compare = "n/a" if p["ratio"] != p["ratio"] else (
+            f"{p['ratio']:.2f}x" if p.get("compare", "ratio") == "ratio" else f"{p['ratio']:+.4f}"
+        )
         lines.append(
-            f"| {p['name']}: {p['what']} | {p['baseline_median']:.2f} {p['unit']} | {p['ours_median']:.2f} {p['unit']} "
-            f"| {p['ratio']:.2f} | {p['target']} | {runs} |"
+            f"| {p['name']}: {p['what']} | {number(p['baseline_median'], p['unit'])} "
+            f"| {number(p['ours_median'], p['unit'])} | {compare} | {p['target']} | {runs} |"
         )
     notes = [p for p in results["pairs"] if p["note"]]
     if notes:

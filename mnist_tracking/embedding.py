@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -186,10 +188,19 @@ def tsne(
     return Embedding("tsne", coords, params, time.perf_counter() - started, ("t-SNE 1", "t-SNE 2"))
 
 
+def numba_cache_dir() -> Path:
+    """Where numba caches compiled UMAP code: $XDG_CACHE_HOME (or ~/.cache)/mnist-tracking/numba."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mnist-tracking" / "numba"
+
+
 def umap(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
     """UMAP of the standardised, PCA-reduced features (umap-learn, imported only here: it is heavy)."""
     started = time.perf_counter()
-    import umap as umap_learn  # numba compiles on first import: counted in the wall time
+    # numba compiles umap-learn's and pynndescent's functions on first use; the ones that allow it
+    # are cached on disk. A user cache folder keeps that cache where site-packages is read-only.
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
+    import umap as umap_learn  # the compile time of a cold cache is counted in the wall time
 
     reduced, params = standardize_and_reduce(features, seed)
     neighbors = min(UMAP_NEIGHBORS, len(features) - 1)

@@ -1,6 +1,7 @@
 """The `project` entry point on the features of a real tiny training run, in a temporary store."""
 
 import csv
+import os
 import subprocess
 import sys
 
@@ -163,6 +164,20 @@ def test_umap_embeds_and_scores():
     assert result.coords.shape == (100, 2) and result.params["n_neighbors"] == 15
     metrics, _ = quality(features, result.coords, labels, seed=0)
     assert metrics["knn_acc"] > 0.8  # ten well separated blobs stay separated
+
+
+@pytest.mark.slow  # a fresh process compiles umap-learn into an empty cache
+def test_umap_caches_its_compiled_code_in_the_user_cache_folder(tmp_path):
+    script = (
+        "import numpy as np\n"
+        "from mnist_tracking.embedding import umap\n"
+        "umap(np.random.default_rng(0).normal(size=(60, 8)))\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, capture_output=True, timeout=600)
+    cached = list((tmp_path / "mnist-tracking" / "numba").rglob("*.nbi"))
+    assert cached, "no numba cache index written"  # what makes the second process fast
 
 
 # ---- errors: one line, non-zero exit, no run left behind
