@@ -1085,7 +1085,6 @@ def sweep_and_log(
     the others still run; a UserError at the end names the ones that failed."""
     from mnist_tracking import study as studies
     from mnist_tracking.data import load_splits
-    from mnist_tracking.embedding import ProjectConfig
 
     planned = studies.trainings(config, study or studies.SEED_TRAININGS)  # every config checked here
     first = planned[0].config
@@ -1102,7 +1101,7 @@ def sweep_and_log(
         try:
             for number, training in enumerate(planned, 1):
                 echo(f"\n=== {number}/{len(planned)}: {training.label}")
-                rows.append(_sweep_child(parent_id, training, config, echo, progress, ProjectConfig))
+                rows.append(_sweep_child(parent_id, training, config, echo, progress))
         except KeyboardInterrupt as exc:
             end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
             raise
@@ -1119,8 +1118,10 @@ def sweep_and_log(
     return parent_id
 
 
-def _sweep_child(parent_id: str, training, config, echo, progress: bool, project_config) -> dict:
+def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], progress: bool) -> dict:
     """Train and project one training of a sweep; a failure is recorded on its child run."""
+    from mnist_tracking.embedding import ProjectConfig
+
     row = {"label": training.label, "seed_reported": training.seed_reported, "status": "FINISHED"}
     before = {r.info.run_id for r in _children(parent_id)}
     try:
@@ -1135,7 +1136,7 @@ def _sweep_child(parent_id: str, training, config, echo, progress: bool, project
     row.update(run_id=run_id, run_name=run.info.run_name, metrics=run.data.metrics, params=run.data.params,
                epochs_run=int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]))
     try:
-        projection_id = project_and_log(project_config(run_id=run_id, methods=config.methods), echo=echo)
+        projection_id = project_and_log(ProjectConfig(run_id=run_id, methods=config.methods), echo=echo)
     except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
         echo(f"Error: projecting {training.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return row
