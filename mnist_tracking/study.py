@@ -82,15 +82,22 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
 def comparison_table(rows: list[dict], methods: list[str]) -> str:
     """The seed's summary table for every training, plus test acc and projection scores (Markdown).
 
     A row: label, run_name, status, reason, metrics (dict), params (dict), seed_reported,
-    projection (dict method -> {knn_acc, trustworthiness, silhouette}).
+    seconds (the training run's wall time), projection (dict method -> {knn_acc, trustworthiness, silhouette}).
     """
     method_columns = [f"{m} kNN acc / trust. / silh." for m in methods]
     header = ["training", "model", "best val acc", "val loss", "lr", "optimizer", "activation", "best epoch",
-              "epochs run", "test acc", *method_columns, "seed's report"]
+              "epochs run", "test acc", "wall time", *method_columns, "seed's report"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         metrics, params = row.get("metrics", {}), row.get("params", {})
@@ -110,7 +117,8 @@ def comparison_table(rows: list[dict], methods: list[str]) -> str:
             row["label"], "ConvNet", _percent(metrics.get("best_val_acc")), _number(metrics.get("best_val_loss")),
             f"{float(params['lr']):g}" if "lr" in params else "", params.get("optimizer", ""),
             params.get("activation", ""), "" if best_epoch is None else str(int(best_epoch)),
-            str(row.get("epochs_run", "")), _percent(metrics.get("test_acc")), *scores, row["seed_reported"],
+            str(row.get("epochs_run", "")), _percent(metrics.get("test_acc")), _duration(row.get("seconds")),
+            *scores, row["seed_reported"],
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

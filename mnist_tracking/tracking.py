@@ -1134,6 +1134,7 @@ def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], 
     MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
     run = get_run(run_id)
     row.update(run_id=run_id, run_name=run.info.run_name, metrics=run.data.metrics, params=run.data.params,
+               seconds=(run.info.end_time - run.info.start_time) / 1000,  # ms -> s, as the UI's Duration
                epochs_run=int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]))
     try:
         projection_id = project_and_log(ProjectConfig(run_id=run_id, methods=config.methods), echo=echo)

@@ -85,6 +85,7 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
     for row, child in zip(rows, children):  # the table holds what the children logged
         assert f"{child.data.metrics['best_val_acc']:.2%}" in row
         assert f"{child.data.metrics['test_acc']:.2%}" in row
+        assert row.split(" | ")[10].endswith(" s")  # the training's wall time
     assert parent.data.tags["mlflow.note.content"].count("| (") == 3  # the description shows the table
 
 
@@ -116,7 +117,7 @@ def test_comparison_table_formats_metrics_and_failures():
     rows = [
         {"label": "(a)", "status": "FINISHED", "seed_reported": "12.40%",
          "metrics": {"best_val_acc": 0.1147, "best_val_loss": 2.30791, "best_epoch": 1.0, "test_acc": 0.126},
-         "params": {"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, "epochs_run": 1,
+         "params": {"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, "epochs_run": 1, "seconds": 281.4,
          "projection": {"pca": {"knn_acc": 0.36, "trustworthiness": 0.7, "silhouette": -0.1}}},
         {"label": "(b)", "status": "FAILED", "reason": "diverged | badly", "seed_reported": "-"},
     ]
@@ -125,7 +126,7 @@ def test_comparison_table_formats_metrics_and_failures():
     assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
     cells = dict(zip(header, lines[2].split(" | ")))
     assert cells["best val acc"] == "11.47%" and cells["val loss"] == "2.3079" and cells["lr"] == "1e-06"
-    assert cells["best epoch"] == "1" and cells["test acc"] == "12.60%"
+    assert cells["best epoch"] == "1" and cells["test acc"] == "12.60%" and cells["wall time"] == "4 min 41 s"
     assert cells["pca kNN acc / trust. / silh."] == "0.360 / 0.700 / -0.100"
     assert "FAILED: diverged / badly" in lines[3]
 
