@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -32,6 +33,10 @@ RESUMED_AT_TAG = "resumed_from_epoch"  # ... and the last epoch that run had com
 SERVER_CONNECT_TIMEOUT_S = 5  # an unreachable tracking server is reported after this, not after MLflow's retries
 MODEL_NAME = "ConvNet"
 UI_QUERY = "?workflowType=machine_learning"  # opens MLflow 3's "Model training" view
+# System metrics (CPU, memory, disk, network as `system/...` metrics) of a training run: sampled
+# every this many seconds, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise (MLflow's
+# own 10 s leaves short runs with no sample); MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off.
+SYSTEM_METRICS_INTERVAL_S = 5
 
 
 # --------------------------------------------------------------------------- runs
@@ -568,10 +573,26 @@ def _training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], i
     """`mlflow.start_run`, but Ctrl-C/SIGTERM ends the run KILLED, never leaving it RUNNING."""
     with ExitStack() as stack:
         with interrupts.critical():  # a signal while the run is being created waits until it is guarded
-            # nested: a training of a sweep runs inside the sweep's parent run
-            run = stack.enter_context(mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None))
+            # MLflow's monitor reads the interval when the run starts: set it for that moment only.
+            interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or str(SYSTEM_METRICS_INTERVAL_S)
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started/stopping" chatter
+            with _env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=interval):
+                # nested: a training of a sweep runs inside the sweep's parent run
+                run = stack.enter_context(mlflow.start_run(
+                    run_name=name, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics_enabled()
+                ))
             stack.enter_context(_killed_on_interrupt(interrupts, epochs_done))
         yield run
+
+
+def system_metrics_enabled() -> bool:
+    """On unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says false (or psutil, which samples them, is missing)."""
+    import importlib.util
+
+    setting = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower()
+    if setting in ("false", "0", "no", "off"):
+        return False
+    return importlib.util.find_spec("psutil") is not None
 
 
 @contextmanager

@@ -1,0 +1,350 @@
+"""The MLflow UI as a user browses it: a real `mlflow server` on a store filled by a real tiny
+training, projection and registration, driven in headless Chromium (Selenium with Debian's
+`chromium` and `chromium-driver`; `.ci/run` installs them).
+
+Every page is checked for what a user must find on it, and a screenshot of it is saved (the
+folder is printed; set MNIST_TRACKING_UI_SCREENSHOTS to keep them in a folder of your choice).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+Q = "?workflowType=machine_learning"  # SPEC: every UI link opens the "Model training" view
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
+MODEL_NAME = "mnist-convnet"
+PAGE_TIMEOUT_S = 120  # the UI is a React app that loads its data after the page: the machine may be slow
+SERVER_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need_browser() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[test]')")
+    if missing:
+        message = f"no browser to drive: {', '.join(missing)} missing (apt-get install chromium chromium-driver; .ci/run installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI installs them: a missing browser there is a broken setup, not a skip
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def ui(data_dir, tmp_path_factory):
+    """A tracking server on its own sqlite store holding one training run (with system metrics), its
+    projection (nested under it) and the registered model: what a user browses after the quick start."""
+    need_browser()
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.embedding import ProjectConfig
+    from mnist_tracking.tracking import project_and_log, register_run, train_and_log
+
+    folder = tmp_path_factory.mktemp("ui-store")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # creates the schema before the server opens the file
+    port = free_port()
+    started = time.monotonic()
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(  # starts now, while the store is filled: both take a while
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", uri, "--default-artifact-root", (folder / "artifacts").as_uri(), "--workers", "1"],
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
+    )
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            previous = mlflow.get_tracking_uri()
+            env.setenv("MLFLOW_TRACKING_URI", uri)
+            env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny training still gets samples
+            env.delenv("MLFLOW_RUN_ID", raising=False)
+            mlflow.set_tracking_uri(uri)
+            try:
+                client = MlflowClient(uri)
+                experiment_id = client.create_experiment("browse-runs", artifact_location=(folder / "artifacts").as_uri())
+                env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+                quiet = lambda line: None  # noqa: E731
+                config = TrainConfig(data_dir=str(data_dir), **{**FAST, "max_samples": 200})  # 160 / 40 / 120
+                run_id = train_and_log(config, echo=quiet, progress=False)
+                projection_id = project_and_log(ProjectConfig(run_id=run_id, methods="pca"), echo=quiet)
+                register_run(run_id, MODEL_NAME, echo=quiet)
+                run = client.get_run(run_id)
+                projection = client.get_run(projection_id)
+            finally:
+                mlflow.set_tracking_uri(previous)  # (MLflow exports it; the context restores the variable)
+
+        filled = time.monotonic() - started
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_TIMEOUT_S
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, f"mlflow server exited: {(folder / 'server.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in {SERVER_TIMEOUT_S}s"
+            time.sleep(1)
+        print(f"\nUI store filled in {filled:.0f}s, server answering after {time.monotonic() - started:.0f}s")
+        yield {
+            "base": base, "experiment_id": experiment_id, "run": run, "projection": projection,
+            "run_name": run.info.run_name, "projection_name": projection.info.run_name,
+        }
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=30)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    chosen = os.environ.get("MNIST_TRACKING_UI_SCREENSHOTS")
+    folder = Path(chosen) if chosen else tmp_path_factory.mktemp("ui-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nUI screenshots: {folder}")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser(ui, shots):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                     "--window-size=1500,1000", "--lang=en-US"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: no download
+    driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+    try:
+        yield Browser(driver, ui["base"], shots)
+    finally:
+        driver.quit()
+
+
+class Browser:
+    """The few things the tests do with a page: open it, wait for text, find, screenshot."""
+
+    def __init__(self, driver, base: str, shots: Path) -> None:
+        self.driver, self.base, self.shots = driver, base, shots
+        self.assistant_closed = False
+        self.failures = 0
+
+    def open(self, path: str, *texts: str) -> str:
+        """Go to a page of the UI and wait until it shows every one of `texts`; returns its text."""
+        assert path.endswith(Q) or Q + "&" in path, path
+        self.driver.get("about:blank")  # a new hash alone would not load the page anew
+        self.driver.get(self.base + path)
+        page = self.wait_for(*texts)
+        if not self.assistant_closed:  # MLflow opens its assistant panel on a first visit: close it once
+            from selenium.webdriver.common.by import By
+
+            for button in self.driver.find_elements(By.CSS_SELECTOR, "[data-component-id='mlflow.assistant.chat_panel.close']"):
+                if button.is_displayed():
+                    button.click()
+            self.assistant_closed = True
+        return page
+
+    def text(self) -> str:
+        return self.driver.execute_script("return document.body ? document.body.innerText : ''")
+
+    def wait_for(self, *texts: str, timeout: float = PAGE_TIMEOUT_S) -> str:
+        """Wait until the page shows every one of `texts`; returns the page's text."""
+        deadline = time.monotonic() + timeout
+        while True:
+            page = self.text()
+            missing = [t for t in texts if t not in page]
+            if not missing:
+                return page
+            if time.monotonic() > deadline:
+                self.fail(f"{self.driver.current_url} does not show {missing} after {timeout:.0f}s; it shows:\n{page[-3000:]}")
+            time.sleep(0.5)
+
+    def wait_until(self, condition, what: str, timeout: float = PAGE_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f"{self.driver.current_url}: {what} after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def show_charts(self, search: str, *texts: str) -> None:
+        """Type `search` into the metric charts' search box (only the charts on screen are drawn),
+        then wait for `texts` and for a drawn line."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        box = self.driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(search or Keys.BACKSPACE)
+        self.wait_for(*texts)
+        self.wait_until(lambda: self.driver.find_elements(By.CSS_SELECTOR, ".scatterlayer .trace path"), f"no line drawn for {search!r}")
+
+    def fail(self, message: str):
+        self.failures += 1
+        path = self.shots / f"FAILED-{self.failures}.png"
+        self.driver.save_screenshot(str(path))
+        raise AssertionError(f"{message}\n(screenshot: {path})")
+
+    def shot(self, name: str) -> Path:
+        time.sleep(1)  # let charts finish drawing
+        path = self.shots / f"{name}.png"
+        self.driver.save_screenshot(str(path))
+        assert path.stat().st_size > 0
+        return path
+
+
+def digest_of(run, name: str) -> str:
+    [dataset] = [i.dataset for i in run.inputs.dataset_inputs if i.dataset.name == name]
+    return dataset.digest
+
+
+def test_the_store_holds_what_the_pages_show(ui):
+    """The same run through the API: system metrics were sampled, the data is recorded, tags set."""
+    run = ui["run"]
+    assert set(SYSTEM_METRICS) <= set(run.data.metrics), sorted(run.data.metrics)
+    assert set(EPOCH_METRICS) <= set(run.data.metrics)
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"mnist-training", "mnist-validation", "mnist-testing"}
+    assert {k: run.data.tags.get(k) for k in ("dataset", "optimizer", "activation")} == {
+        "dataset": "mnist", "optimizer": "sgd", "activation": "relu"}
+    assert ui["projection"].data.tags["mlflow.parentRunId"] == run.info.run_id
+
+
+def test_experiment_page_lists_the_run_with_its_data_model_and_nested_projection(ui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    name = ui["run_name"]
+    digest = digest_of(ui["run"], "mnist-training")
+    browser.open(f"/#/experiments/{ui['experiment_id']}{Q}", name, f"mnist-training ({digest})", MODEL_NAME, "v1")
+    driver = browser.driver
+
+    # Add a metric and a tag column, as a user does with "Columns".
+    driver.find_element(By.XPATH, "//button[normalize-space(.)='Columns']").click()
+    search = browser.wait_until(
+        lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "input[placeholder='Search columns']") if e.is_displayed()],
+        "no column search box")[0]
+    for column in ("val_acc", "optimizer"):  # the last "optimizer" is the tag (the param is listed first)
+        search.send_keys(Keys.CONTROL, "a")
+        search.send_keys(column)
+        entries = browser.wait_until(
+            lambda: [e for e in driver.find_elements(By.XPATH, f"//*[contains(@class,'tree-title')][normalize-space(.)='{column}']")
+                     if e.is_displayed()], f"no column {column!r} to choose")
+        entries[-1].click()
+    search.send_keys(Keys.ESCAPE)
+    for column in ("metrics.`val_acc`", "tags.`optimizer`"):
+        browser.wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, f'[role=columnheader][col-id="{column}"]'),
+                           f"no column {column} in the runs table")
+
+    # Projection runs are nested under their training run: expand it.
+    expand = driver.find_element(By.XPATH, f"//*[text()='{name}']/ancestor::*[contains(@class,'ag-cell-value')]//button")
+    expand.click()
+    browser.wait_until(
+        lambda: any(e.text.strip() for e in driver.find_elements(By.XPATH, f"//a[contains(@href, '{ui['projection'].info.run_id}')]")),
+        "the projection run is not shown under its training run")
+    browser.wait_for("sgd")  # the optimizer tag's cell
+    browser.shot("1-experiment")
+
+
+def test_run_page_shows_description_params_metrics_data_tags_and_links(ui, browser):
+    run, name = ui["run"], ui["run_name"]
+    digest = digest_of(run, "mnist-training")
+    browser.open(
+        f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}{Q}",
+        name,
+        # the description: the seed's summary table
+        "best_val_acc", "epochs_run", "ConvNet",
+        # every param, with its value
+        *run.data.params.keys(),
+        "sgd", "relu", "plateau", "0.01",
+        # metrics, per epoch and system
+        *EPOCH_METRICS, *SYSTEM_METRICS,
+        # the data, the tags, the nested projection run, the registered model
+        f"mnist-training ({digest})", "mnist_tracking.kind", "optimizer", ui["projection_name"], MODEL_NAME, "v1",
+    )
+    browser.shot("2-run")
+
+
+def test_metric_charts_plot_every_epoch_metric(ui, browser):
+    run, name = ui["run"], ui["run_name"]
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/model-metrics{Q}", "Model metrics", "best_val_acc")
+    for metric in EPOCH_METRICS:
+        # A per-epoch metric is a line chart over "Step", its legend "<run> (<metric>)".
+        browser.show_charts(metric, f"{name} ({metric})", "Step")
+    browser.show_charts("val_", f"{name} (val_acc)", f"{name} (val_loss)")
+    browser.shot("3-metric-charts")
+
+
+def test_system_metrics_are_charted(ui, browser):
+    run, name = ui["run"], ui["run_name"]
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/system-metrics{Q}", "System metrics", "Time")
+    for metric in SYSTEM_METRICS:
+        browser.show_charts(metric.split("/", 1)[1], f"{name} ({metric})")
+    browser.show_charts("_percentage", f"{name} (system/cpu_utilization_percentage)",  # CPU and memory side by side
+                        f"{name} (system/system_memory_usage_percentage)")
+    browser.shot("4-system-metrics")
+
+
+@pytest.mark.parametrize("artifact", ["projections/overview.png", "plots/training_curves.png"])
+def test_figures_render_inline_in_the_artifact_view(ui, browser, artifact):
+    from selenium.webdriver.common.by import By
+
+    run = ui["run"]
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/artifacts/{artifact}{Q}", artifact)
+    sizes = browser.wait_until(
+        lambda: [size for image in browser.driver.find_elements(By.TAG_NAME, "img")
+                 if (size := browser.driver.execute_script(
+                     "const i = arguments[0], r = i.getBoundingClientRect();"
+                     "return i.complete && i.naturalWidth > 0 && r.width > 0 && r.height > 0"
+                     " ? [i.naturalWidth, i.naturalHeight, r.width, r.height] : null", image))],
+        f"{artifact} is not shown as a loaded image")
+    assert sizes[0][0] > 100 and sizes[0][1] > 100, sizes  # the figure itself, not an icon
+    browser.shot("5-artifact-" + artifact.replace("/", "-").removesuffix(".png"))
+
+
+def test_registered_model_pages_show_the_version_alias_and_source_run(ui, browser):
+    from selenium.webdriver.common.by import By
+
+    run, name = ui["run"], ui["run_name"]
+    browser.open(f"/#/models/{MODEL_NAME}{Q}", MODEL_NAME, "Version 1", "champion", name)
+    browser.shot("6-registered-model")
+    browser.open(f"/#/models/{MODEL_NAME}/versions/1{Q}", "Version 1", "Source Run", name, "champion")
+    links = browser.wait_until(
+        lambda: browser.driver.find_elements(By.CSS_SELECTOR, f"a[href*='{run.info.run_id}']"),
+        "the version does not link to its run")
+    assert any(name in link.text for link in links), [link.text for link in links]
+    browser.shot("7-model-version")
