@@ -146,15 +146,22 @@ def train(**params) -> None:
               help="Stratified, seeded subsample above this many points.")
 @click.option("--perplexity", type=float, default=30.0, show_default=True,
               help="t-SNE perplexity (lowered to (n-1)/3 for tiny inputs).")
-@click.option("--dims", type=int, default=2, show_default=True, help="2 or 3 (the PNGs draw the first two).")
+@click.option("--dims", type=int, default=2, show_default=True,
+              help="2 or 3: 3-D embeddings and a rotatable 3-D HTML view (the PNGs draw the first two axes).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the subsample and the methods.")
+@click.option("--data-dir", type=str, default="", show_default=True,
+              help="Folder with <DATASET>/raw/*-ubyte, for the thumbnails; empty = the training run's data_dir.")
 @user_errors
 def project(**params) -> None:
-    """Embed a training run's features with PCA, t-SNE and UMAP; log figures, coordinates and scores.
+    """Embed a training run's features with PCA, t-SNE and UMAP; log figures, views and scores.
 
-    Logs projections/<method>.png, overview.png and <method>.csv into a run named
-    <training run>-projection, nested under the training run, with <method>_trustworthiness,
-    _knn_acc, _silhouette and _seconds; the figures also go to the training run's projections/.
+    Logs into a run named <training run>-projection, nested under the training run:
+    projections/<method>.png, overview.png, <method>.csv (coordinates), <method>.html (an
+    interactive view, opens in the MLflow UI: hover a point for its image), tensorboard/ (the
+    features, labels and image sprite for TensorBoard's projector), and the metrics
+    <method>_trustworthiness, _knn_acc, _silhouette and _seconds. The PNGs and HTML views also
+    go to the training run's projections/. Without the images (see --data-dir) the views have
+    no thumbnails and the TensorBoard export no sprite; a warning says so.
     """
     from mnist_tracking.embedding import ProjectConfig
     from mnist_tracking.tracking import project_and_log

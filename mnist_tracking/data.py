@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mnist_tracking.errors import UserError
@@ -13,6 +14,10 @@ from mnist_tracking.errors import UserError
 # Our names for torchvision's MNIST family; each class reads <root>/<ClassName>/raw/*-ubyte.
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 PIXEL_MAX = 255.0  # IDX images are uint8
+# The four IDX files torchvision reads for each dataset of the family (train and test set).
+RAW_FILES = tuple(
+    f"{prefix}-{kind}-idx{ndim}-ubyte" for prefix in ("train", "t10k") for kind, ndim in (("images", 3), ("labels", 1))
+)
 
 
 @dataclass
@@ -41,7 +46,7 @@ def raw_folder(dataset: str, data_dir: str | Path) -> Path:
     return Path(data_dir) / DATASETS[dataset] / "raw"
 
 
-def _read(dataset: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _read(dataset: str, data_dir: str | Path, train: bool, download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 28, 28) uint8 images and (N,) int64 labels of one torchvision file pair."""
     import torchvision
 
@@ -49,18 +54,14 @@ def _read(dataset: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor
     raw = raw_folder(dataset, data_dir)
     missing_before = [p for p in (raw, raw.parent, Path(data_dir)) if not p.exists()]
     try:
-        ds = cls(root=str(data_dir), train=train, download=True)
+        ds = cls(root=str(data_dir), train=train, download=download)
     except (RuntimeError, OSError, ValueError, AssertionError) as exc:
         for folder in missing_before:  # leave no empty folders behind from a failed download
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         reason = str(exc).strip().splitlines()[0].rstrip(":") if str(exc).strip() else type(exc).__name__
         if not any(raw.glob("*-ubyte")) or "download" in reason.lower():
-            names = ", ".join(
-                f"{prefix}-{kind}-idx{dim}-ubyte"
-                for prefix in ("train", "t10k")
-                for kind, dim in (("images", 3), ("labels", 1))
-            )
+            names = ", ".join(RAW_FILES)
             raise UserError(
                 f"{dataset} is not in {raw} and could not be downloaded ({reason}); "
                 f"put {names} there, or pass --data-dir (-P data_dir=) a folder that has them"
@@ -76,6 +77,25 @@ def _read(dataset: str, data_dir: str | Path, train: bool) -> tuple[torch.Tensor
             f"{len(labels)} labels; replace them with an intact set"
         )
     return images, labels.long()
+
+
+def thumbnails(dataset: str, data_dir: str | Path, train: bool, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(n, 28, 28) uint8 images at `indices` of the train or test file (never downloaded).
+
+    `labels` (n,) are the run's labels of those points: the file must hold the same ones there,
+    else it is not the data the run was trained on. UserError when the images cannot be had.
+    """
+    raw = raw_folder(dataset, data_dir)
+    missing = [name for name in RAW_FILES if not (raw / name).is_file()]
+    if missing:
+        raise UserError(f"{dataset} is not in {raw} (no {', '.join(missing)})")
+    images, file_labels = _read(dataset, data_dir, train, download=False)
+    images, file_labels = images.numpy(), file_labels.numpy()
+    if len(indices) and (indices.min() < 0 or indices.max() >= len(images)):
+        raise UserError(f"the {dataset} files in {raw} have {len(images):,} images, fewer than this run's indices need")
+    if not np.array_equal(file_labels[indices], labels):
+        raise UserError(f"the {dataset} files in {raw} do not hold this run's images (the labels at its indices differ)")
+    return images[indices]
 
 
 def _split(images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> Split:

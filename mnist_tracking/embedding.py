@@ -51,6 +51,7 @@ class ProjectConfig:
     perplexity: float = 30.0
     dims: int = 2
     seed: int = 42
+    data_dir: str = ""  # where the images are, for the thumbnails; "" = the training run's data_dir
     method_list: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,7 @@ class ProjectConfig:
             raise UserError(f"dims must be 2 or 3, got {self.dims}")
         if not self.perplexity > 0:
             raise UserError(f"perplexity must be > 0, got {self.perplexity}")
+        self.data_dir = str(self.data_dir).strip()
 
     def to_params(self) -> dict:
         return {
@@ -84,6 +86,7 @@ class ProjectConfig:
             "perplexity": self.perplexity,
             "dims": self.dims,
             "seed": self.seed,
+            "data_dir": self.data_dir,
         }
 
 

@@ -225,6 +225,14 @@ def log_torch(obj: dict, artifact_path: str, filename: str) -> None:
         mlflow.log_artifact(str(tmp / filename), artifact_path)
 
 
+def log_files(files: dict[str, bytes], artifact_path: str) -> None:
+    """Log {file name: content} as the artifacts of one folder of the active run."""
+    with _tempdir() as tmp:
+        for name, content in files.items():
+            (tmp / name).write_bytes(content)
+        mlflow.log_artifacts(str(tmp), artifact_path)
+
+
 def log_arrays(arrays: dict[str, np.ndarray], artifact_file: str) -> None:
     """np.savez_compressed a dict of plain arrays (no object dtype: loads without pickle)."""
     directory, filename = os.path.split(artifact_file)
@@ -694,15 +702,34 @@ def coordinates_csv(coords: np.ndarray, arrays: dict[str, np.ndarray]) -> str:
 
 
 METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+TENSORBOARD_FOLDER = "projections/tensorboard"
+
+
+def point_images(source, split: str, data_dir: str, indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """(images (n, 28, 28) uint8 of the points, read from the dataset files through `indices`,
+    "") or (None, why not): from `data_dir`, else the training run's logged data_dir."""
+    from mnist_tracking import data
+
+    params = source.data.params
+    dataset = params.get("dataset", "mnist")
+    folder = data_dir or params.get("data_dir", "")
+    if dataset not in data.DATASETS or not folder:
+        return None, f"the training run logged no known dataset and data_dir (dataset={dataset!r}, data_dir={folder!r})"
+    try:
+        # test features index the test file; val features the training file (the held-out part)
+        return data.thumbnails(dataset, folder, split == "val", indices, labels), ""
+    except UserError as exc:
+        return None, str(exc)
 
 
 def project_and_log(config, echo: Callable[[str], None] = print) -> str:
-    """Embed a training run's features with each method, log figures, CSVs and metrics; returns the run id.
+    """Embed a training run's features with each method, log figures, CSVs, HTML views, metrics and
+    a TensorBoard projector export; returns the run id.
 
     Logs into the active `mlflow run` run (MLFLOW_RUN_ID) or a new one, in the training run's
     experiment unless one is chosen (MLFLOW_EXPERIMENT_ID / _NAME).
     """
-    from mnist_tracking import embedding, plots
+    from mnist_tracking import embedding, plots, projector, views
 
     source = training_run(config.run_id, config.split)
     arrays = load_features(config.run_id, config.split)
@@ -734,9 +761,16 @@ def project_and_log(config, echo: Callable[[str], None] = print) -> str:
         echo(f"Projecting {len(keep):,} of {len(arrays['labels']):,} {config.split} points of run {config.run_id} "
              f"({source.info.run_name}) with {', '.join(config.method_list)}; run {run_id}")
 
+        images, missing = point_images(source, config.split, config.data_dir, sample["indices"], labels)
+        if images is None:
+            echo(f"Warning: no thumbnails in the HTML views and no sprite in the TensorBoard export: {missing}; "
+                 f"pass --data-dir (-P data_dir=) the folder the run was trained on")
+        sprite = views.sprite_png(images) if images is not None else None
+        log_new_params({"thumbnails": images is not None})
+
         described = describe_training_run(source)
         shape = f"{config.split}, {len(keep):,} points" + (", 3-D: first two axes shown" if config.dims == 3 else "")
-        panels, figures = [], {}
+        panels, figures, pages = [], {}, {}
         for method in config.method_list:
             result = embedding.embed(method, features, config.dims, config.perplexity, config.seed)
             metrics, quality_params = embedding.quality(features, result.coords, labels, config.seed)
@@ -747,9 +781,15 @@ def project_and_log(config, echo: Callable[[str], None] = print) -> str:
             figures[method] = plots.embedding_scatter(
                 result.coords, labels, predictions, f"{title} of {described}\n({shape})", result.axis_labels
             )
+            pages[method] = views.scatter_html(
+                result.coords, labels, predictions, sample["indices"],
+                f"{title} ({config.dims}-D) of {described} ({config.split})", result.axis_labels, sprite,
+            )
+            mlflow.log_text(pages[method], f"projections/{method}.html")
             panels.append((f"{title}: kNN acc {metrics['knn_acc']:.3f}", result.coords, result.axis_labels))
             echo(f"{title:>6}: trustworthiness {metrics['trustworthiness']:.3f}, kNN acc {metrics['knn_acc']:.3f}, "
                  f"silhouette {metrics['silhouette']:.3f}, {result.seconds:.1f}s")
+        log_files(projector.export_files(features, labels, predictions, sample["indices"], sprite), TENSORBOARD_FOLDER)
         figures["overview"] = plots.embedding_overview(panels, labels, predictions, f"{described} ({shape})")
 
         client = MlflowClient()
@@ -757,7 +797,11 @@ def project_and_log(config, echo: Callable[[str], None] = print) -> str:
             mlflow.log_figure(figure, f"projections/{key}.png")
             # Also on the training run, so browsing it shows its projections (the latest ones).
             client.log_figure(config.run_id, figure, f"projections/{key}.png")
-        echo(f"View the projection: {ui_url(run.info.experiment_id, run_id)}")
+        for method, page in pages.items():
+            client.log_text(config.run_id, page, f"projections/{method}.html")
+        echo(f"View the projection: {ui_url(run.info.experiment_id, run_id)}  (projections/<method>.html: hover a point for its image)")
+        echo(f"TensorBoard's projector: mlflow artifacts download -r {run_id} -a {TENSORBOARD_FOLDER} -d out "
+             f"&& tensorboard --logdir out/{TENSORBOARD_FOLDER}")
     return run_id
 
 

@@ -1,17 +1,26 @@
 """The `project` entry point on the features of a real tiny training run, in a temporary store."""
 
+import base64
 import csv
+import io
+import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 
 import numpy as np
 import pytest
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from conftest import N_TEST, REPO
+from conftest import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
 from mnist_tracking.embedding import ProjectConfig
+from test_views import array, plot_data
 
 METRICS = ("trustworthiness", "knn_acc", "silhouette", "seconds")
 
@@ -71,6 +80,7 @@ def test_projection_run_is_named_tagged_and_nested(trained_run, projection):
 def test_params_record_the_options_and_each_method(projection):
     params = MlflowClient().get_run(projection[0]).data.params
     assert params["methods"] == "pca,tsne" and params["split"] == "test" and params["dims"] == "2"
+    assert params["data_dir"] == "" and params["thumbnails"] == "True"  # "": the training run's data_dir
     assert params["n_points"] == str(N_TEST) and params["n_features"] == "512"
     assert params["tsne_standardize"] == "True" and params["tsne_prereduce_pca_dims"] == "50"
     assert float(params["tsne_perplexity"]) == 30.0
@@ -137,6 +147,178 @@ def test_three_dims_subsample_and_small_perplexity(trained_run, tmp_path):
     assert image.shape[0] > 600 and image.std() > 0.05
     metrics = client.get_run(run_id).data.metrics
     assert all(0 <= metrics[f"tsne_{m}"] <= 1 for m in ("trustworthiness", "knn_acc"))
+    for method in ("tsne", "pca"):  # the interactive views are rotatable 3-D scenes of the same points
+        data, layout = plot_data(read_text(run_id, f"projections/{method}.html", tmp_path))
+        assert {trace["type"] for trace in data} == {"scatter3d"} and "scene" in layout
+        assert len(data) == 10 and sum(len(array(trace["z"])) for trace in data) == 40
+
+
+def read_text(run_id, path, tmp_path):
+    with open(download(run_id, path, tmp_path), encoding="utf-8") as handle:
+        return handle.read()
+
+
+def sprite_cells(png: bytes, n: int) -> np.ndarray:
+    """The n thumbnails (n, 28, 28) of a sprite: point i in row i // k, column i % k."""
+    image = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    k = image.shape[0] // 28
+    return np.stack([image[(i // k) * 28 : (i // k + 1) * 28, (i % k) * 28 : (i % k + 1) * 28] for i in range(n)])
+
+
+def assert_thumbnails_are_the_images(cells: np.ndarray, images: np.ndarray) -> None:
+    """Sprite cells equal the dataset's images, up to the 16 grey levels of the sprite."""
+    assert cells.shape == images.shape
+    assert np.abs(cells.astype(int) - images).max() <= 9  # 255 / 15 / 2, rounded up
+
+
+def test_html_views_hold_every_point_with_its_label_prediction_and_image(trained_run, projection, tmp_path):
+    features = feature_arrays(trained_run, tmp_path)
+    images, _ = fake_digits(N_TEST, seed=1)  # conftest's test file (seed 1), all 120 points projected
+    for method in ("pca", "tsne"):
+        page = read_text(projection[0], f"projections/{method}.html", tmp_path)
+        assert page.startswith("<!DOCTYPE html>") and page.count("<script src") == 0
+        data, _ = plot_data(page)
+        assert [trace["type"] for trace in data] == ["scattergl"] * 10  # one trace per digit
+        custom = np.concatenate([array(trace["customdata"]) for trace in data])  # (n, 4)
+        assert len(custom) == N_TEST and sorted(custom[:, 3]) == list(range(N_TEST))
+        rows = custom[:, 3]
+        np.testing.assert_array_equal(custom[:, 0], features["indices"][rows])
+        np.testing.assert_array_equal(custom[:, 1], features["labels"][rows])
+        np.testing.assert_array_equal(custom[:, 2], features["predictions"][rows])
+        sprite = base64.b64decode(re.search(r'spriteUrl = "data:image/png;base64,([^"]+)"', page).group(1))
+        # cell i is the image of point i: found in the test file through the features' indices
+        assert_thumbnails_are_the_images(sprite_cells(sprite, N_TEST), images[features["indices"]])
+
+
+def test_latest_views_are_attached_to_the_training_run(trained_run, tmp_path):
+    run_id = project(trained_run, methods="pca", max_points=20, seed=3)
+    page = read_text(run_id, "projections/pca.html", tmp_path / "projection")
+    same = read_text(trained_run, "projections/pca.html", tmp_path / "training") == page
+    assert same  # (not compared in the assert: pytest's diff of two 5 MB pages takes minutes)
+
+
+def test_tensorboard_export_matches_the_features(trained_run, projection, tmp_path):
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+    from tensorboard.plugins.projector.projector_plugin import _read_tensor_tsv_file
+
+    assert artifact_paths(projection[0], "projections/tensorboard") == {
+        f"projections/tensorboard/{name}" for name in ("projector_config.pbtxt", "features.tsv", "metadata.tsv", "sprite.png")
+    }
+    folder = download(projection[0], "projections/tensorboard", tmp_path)
+    features = feature_arrays(trained_run, tmp_path)
+    with open(f"{folder}/projector_config.pbtxt") as handle:
+        [embedding] = text_format.Parse(handle.read(), ProjectorConfig()).embeddings
+    assert list(embedding.tensor_shape) == [N_TEST, 512]
+    tensor = _read_tensor_tsv_file(f"{folder}/{embedding.tensor_path}")
+    np.testing.assert_allclose(tensor, features["features"], rtol=1e-4, atol=1e-5)
+    with open(f"{folder}/{embedding.metadata_path}") as handle:
+        rows = [line.rstrip("\n").split("\t") for line in handle][1:]
+    assert [int(r[0]) for r in rows] == features["labels"].tolist()
+    assert [int(r[3]) for r in rows] == features["indices"].tolist()
+    with open(f"{folder}/{embedding.sprite.image_path}", "rb") as handle:
+        cells = sprite_cells(handle.read(), N_TEST)
+    assert_thumbnails_are_the_images(cells, fake_digits(N_TEST, seed=1)[0][features["indices"]])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # starts a TensorBoard server
+def test_tensorboard_projector_serves_the_export(projection, tmp_path):
+    folder = download(projection[0], "projections/tensorboard", tmp_path)
+    port, log = free_port(), open(tmp_path / "tensorboard.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", folder, "--port", str(port), "--host", "127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/projector/{path}", timeout=30) as response:
+            return response.read()
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                runs = get("runs")
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "tensorboard.log").read_text()
+                time.sleep(0.5)
+        assert json.loads(runs) == ["."]
+        [info] = json.loads(get("info?run=."))["embeddings"]
+        assert info["tensorName"] == "features" and info["tensorShape"] == [N_TEST, 512]
+        assert info["sprite"]["singleImageDim"] == [28, 28]
+        tensor = np.frombuffer(get("tensor?run=.&name=features"), dtype=np.float32)
+        assert tensor.size == N_TEST * 512
+        metadata = get("metadata?run=.&name=features").decode().splitlines()
+        assert metadata[0] == "label\tprediction\tcorrect\tindex" and len(metadata) == N_TEST + 1
+        sprite = Image.open(io.BytesIO(get("sprite_image?run=.&name=features")))
+        assert sprite.size == (11 * 28, 11 * 28)  # ceil(sqrt(120)) = 11 cells a side
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_val_split_thumbnails_come_from_the_training_file(trained_run, tmp_path):
+    run_id = project(trained_run, split="val", methods="pca", max_points=30)
+    features = np.load(download(trained_run, "features/val.npz", tmp_path), allow_pickle=False)
+    data, _ = plot_data(read_text(run_id, "projections/pca.html", tmp_path))
+    custom = np.concatenate([array(trace["customdata"]) for trace in data])
+    indices = custom[np.argsort(custom[:, 3]), 0]  # the points in sprite order
+    assert len(indices) == 30 and set(indices) <= set(features["indices"].tolist())
+    assert indices.max() < N_TRAIN  # positions in the training file, not in the test file
+    with open(download(run_id, "projections/tensorboard/sprite.png", tmp_path), "rb") as handle:
+        cells = sprite_cells(handle.read(), 30)
+    assert_thumbnails_are_the_images(cells, fake_digits(N_TRAIN, seed=0)[0][indices])  # conftest's train file
+
+
+@pytest.mark.parametrize("broken", ["missing", "other files"])
+def test_without_the_images_views_and_export_have_no_thumbnails(trained_run, tmp_path, broken):
+    folder = tmp_path / "elsewhere"
+    if broken == "other files":  # an intact MNIST, but not the one the run was trained on
+        write_fake_dataset(folder, n_train=N_TRAIN, n_test=N_TEST)
+        raw = folder / "MNIST" / "raw"
+        images, labels = fake_digits(N_TEST, seed=5)
+        from conftest import write_idx
+
+        write_idx(raw / "t10k-images-idx3-ubyte", images)
+        write_idx(raw / "t10k-labels-idx1-ubyte", labels)
+    lines = []
+    run_id = project(trained_run, methods="pca", max_points=30, data_dir=str(folder), echo=lines.append)
+    [warning] = [line for line in lines if line.startswith("Warning:")]
+    expected = "is not in" if broken == "missing" else "do not hold this run's images"
+    assert expected in warning and "--data-dir" in warning and "\n" not in warning
+    page = read_text(run_id, "projections/pca.html", tmp_path)
+    assert page.count('spriteUrl = ""') == 1 and len(plot_data(page)[0]) == 10
+    assert "projections/tensorboard/sprite.png" not in artifact_paths(run_id, "projections/tensorboard")
+    assert MlflowClient().get_run(run_id).data.params["thumbnails"] == "False"
+
+
+def test_cli_warns_in_one_line_when_the_images_are_missing(trained_run, tmp_path, fresh_experiment):
+    result = run_cli("project", "--run-id", trained_run, "--methods", "pca", "--max-points", "20",
+                     "--data-dir", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    [warning] = [line for line in result.stdout.splitlines() if line.startswith("Warning:")]
+    assert f"mnist is not in {tmp_path / 'nowhere' / 'MNIST' / 'raw'}" in warning
+    [run] = MlflowClient().search_runs([fresh_experiment])
+    assert run.info.status == "FINISHED" and run.data.params["data_dir"] == str(tmp_path / "nowhere")
+
+
+@pytest.mark.slow  # numba compiles umap-learn on first use: tens of seconds
+def test_umap_in_three_dims(trained_run, tmp_path):
+    run_id = project(trained_run, methods="umap", max_points=40, dims=3)
+    data, layout = plot_data(read_text(run_id, "projections/umap.html", tmp_path))
+    assert {trace["type"] for trace in data} == {"scatter3d"} and "scene" in layout
+    assert sum(len(array(trace["z"])) for trace in data) == 40
+    header, table = read_csv(download(run_id, "projections/umap.csv", tmp_path))
+    assert header[:3] == ["x", "y", "z"] and np.isfinite(table[:, :3]).all()
 
 
 def test_subsample_is_stratified_and_seeded():
@@ -251,7 +433,8 @@ def test_cli_logs_into_a_chosen_experiment_without_nesting(trained_run, tmp_path
     assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == trained_run
     assert "mlflow.parentRunId" not in run.data.tags  # the training run is in another experiment
     assert artifact_paths(run.info.run_id, "projections") == {
-        "projections/pca.png", "projections/pca.csv", "projections/overview.png"
+        "projections/pca.png", "projections/pca.csv", "projections/pca.html", "projections/overview.png",
+        "projections/tensorboard",
     }
 
 
@@ -274,7 +457,8 @@ def test_mlflow_run_project_end_to_end(trained_run, tmp_path):
     assert run.data.params["max_points"] == "80" and run.data.params["n_points"] == "80"
     assert {f"{m}_knn_acc" for m in ("pca", "tsne")} <= set(run.data.metrics)
     assert artifact_paths(run.info.run_id, "projections") == {
-        f"projections/{name}" for name in ("pca.png", "pca.csv", "tsne.png", "tsne.csv", "overview.png")
+        f"projections/{name}"
+        for name in ("pca.png", "pca.csv", "pca.html", "tsne.png", "tsne.csv", "tsne.html", "overview.png", "tensorboard")
     }
 
 

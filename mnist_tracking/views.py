@@ -1,0 +1,259 @@
+"""Interactive embedding views: pure functions from coordinates and thumbnails to self-contained HTML."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+
+import numpy as np
+
+THUMB_SIDE = 28  # MNIST-family images are 28 x 28 pixels
+# The sprite holds 16 grey levels (4 bits a pixel, a palette PNG): at thumbnail size they look
+# like the 256 of the files, and the 10,000 test digits take 0.96 MB instead of 1.7 MB.
+SPRITE_BITS = 4
+SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses larger sprites (and so may browsers' canvases)
+HOVER_SCALE = 4  # the hovered thumbnail is drawn 4x (112 x 112 CSS pixels), pixels kept sharp
+
+# matplotlib's "tab10", the colours of the PNGs (plots.DIGIT_COLORS), one per digit 0-9.
+DIGIT_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)
+CORRECT_COLOR = "#c7c7c7"  # "colour by correctness": right ones recede, wrong ones stand out
+WRONG_COLOR = "#d62728"
+N_CLASSES = 10
+PLOT_ID = "embedding"  # the id of the plot's <div>
+THUMB_ID = "thumbnail"  # the id of the hover card with the thumbnail
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def sprite(thumbnails: np.ndarray) -> np.ndarray:
+    """One square image of all thumbnails (n, 28, 28) uint8: k x k cells, k = ceil(sqrt(n)),
+    point i in row i // k, column i % k (TensorBoard's sprite layout); unused cells are black."""
+    n, height, width = thumbnails.shape
+    k = max(1, math.ceil(math.sqrt(n)))
+    if k * max(height, width) > SPRITE_MAX_SIDE:
+        raise ValueError(f"{n} thumbnails of {height}x{width} make a sprite over {SPRITE_MAX_SIDE} pixels wide")
+    cells = np.zeros((k * k, height, width), dtype=np.uint8)
+    cells[:n] = thumbnails
+    # (k*k, h, w) -> (k, k, h, w) -> (k, h, k, w) -> (k*h, k*w)
+    return cells.reshape(k, k, height, width).transpose(0, 2, 1, 3).reshape(k * height, k * width)
+
+
+def png_bytes(image: np.ndarray, bits: int = SPRITE_BITS) -> bytes:
+    """A grey (h, w) uint8 image as PNG with 2**bits grey levels (a palette image of that depth)."""
+    from PIL import Image
+
+    levels = 2**bits
+    quantized = np.rint(image.astype(np.float32) * ((levels - 1) / 255.0)).astype(np.uint8)  # (h, w) in [0, levels)
+    picture = Image.frombytes("P", (image.shape[1], image.shape[0]), quantized.tobytes())
+    grey = np.rint(np.arange(levels) * (255.0 / (levels - 1))).astype(np.uint8)
+    picture.putpalette(np.repeat(grey, 3).tolist())  # (levels * 3,) RGB triplets
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", bits=bits)
+    return buffer.getvalue()
+
+
+def sprite_png(thumbnails: np.ndarray) -> bytes:
+    """The sprite of thumbnails (n, 28, 28) uint8 as PNG bytes (used by the HTML views and TensorBoard)."""
+    return png_bytes(sprite(thumbnails))
+
+
+# --------------------------------------------------------------------------- the figure
+
+
+def _marker_size(n_points: int, dims: int) -> float:
+    """Marker diameter (px): large for a few hundred points, small for 10,000; smaller in 3-D."""
+    size = float(np.clip(400 / math.sqrt(max(n_points, 1)), 3, 10))
+    return size * (0.6 if dims == 3 else 1.0)
+
+
+def point_colors(labels: np.ndarray, predictions: np.ndarray, mode: str) -> list[str]:
+    """Colours of points (n,) by "label" (true digit), "prediction", or "correct" (wrong ones red)."""
+    if mode == "label":
+        return [DIGIT_COLORS[d % N_CLASSES] for d in labels]
+    if mode == "prediction":
+        return [DIGIT_COLORS[d % N_CLASSES] for d in predictions]
+    if mode == "correct":
+        return [CORRECT_COLOR if right else WRONG_COLOR for right in labels == predictions]
+    raise ValueError(f"unknown colour mode {mode!r}")
+
+
+COLOR_MODES = (  # (mode, button text, legend title)
+    ("label", "colour: true digit", "true digit"),
+    ("prediction", "colour: prediction", "true digit (colour: prediction)"),
+    ("correct", "colour: correct / wrong", "true digit (red: misclassified)"),
+)
+
+
+def figure(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    indices: np.ndarray,
+    title: str,
+    axis_labels: tuple[str, str] = ("", ""),
+):
+    """A plotly Figure of coords (n, 2 or 3): one trace per true digit (hide it from the legend),
+    colour toggle buttons, hover text with index, true label and prediction.
+
+    Each point's customdata is [index, label, prediction, row]: row is its cell in the sprite.
+    """
+    import plotly.graph_objects as go
+
+    n, dims = coords.shape
+    rows = np.arange(n)
+    customdata = np.column_stack([indices, labels, predictions, rows]).astype(np.int32)  # (n, 4)
+    size = _marker_size(n, dims)
+    hover = "index %{customdata[0]}<br>true %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
+    traces, members = [], []
+    for digit in range(N_CLASSES):
+        mine = labels == digit  # (n,) bool
+        if not mine.any():
+            continue
+        members.append(mine)
+        xyz = coords[mine].astype(np.float32)  # (m, dims): float32 keeps the embedded data small
+        common = dict(
+            name=f"{digit} ({int(mine.sum()):,})", legendgroup=str(digit), mode="markers",
+            customdata=customdata[mine], hovertemplate=hover,
+        )
+        if dims == 3:
+            traces.append(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2],
+                                       marker=dict(size=size, color=DIGIT_COLORS[digit], opacity=0.8), **common))
+        else:
+            traces.append(go.Scattergl(x=xyz[:, 0], y=xyz[:, 1],
+                                       marker=dict(size=size, color=DIGIT_COLORS[digit], opacity=0.75), **common))
+    buttons = []
+    for mode, text, legend_title in COLOR_MODES:
+        if mode == "label":  # one colour per trace, as drawn first (the legend shows it)
+            colors = [DIGIT_COLORS[int(labels[mine][0]) % N_CLASSES] for mine in members]
+        else:  # one colour per point, per trace
+            everyone = np.array(point_colors(labels, predictions, mode), dtype=object)
+            colors = [everyone[mine].tolist() for mine in members]
+        buttons.append(dict(label=text, method="update",
+                            args=[{"marker.color": colors}, {"legend.title.text": legend_title}]))
+    wrong = int((labels != predictions).sum())
+    layout = dict(
+        title=dict(text=f"{title}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
+                        f"click a legend entry to hide a digit</sup>", x=0.01, font=dict(size=13)),
+        template="plotly_white",
+        hovermode="closest",
+        legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
+        margin=dict(l=10, r=10, t=80, b=10),
+        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True,
+                          x=1.0, xanchor="right", y=1.0, yanchor="bottom", pad=dict(b=4))],
+    )
+    if dims == 3:
+        # The coordinates of t-SNE/UMAP mean nothing: axes without tick labels, as in the PNGs.
+        layout["scene"] = dict(
+            xaxis=dict(title=dict(text=axis_labels[0]), showticklabels=False),
+            yaxis=dict(title=dict(text=axis_labels[1]), showticklabels=False),
+            zaxis=dict(title=dict(text=""), showticklabels=False),
+            aspectmode="data",
+        )
+    else:
+        layout["xaxis"] = dict(title=dict(text=axis_labels[0]), showticklabels=False, zeroline=False)
+        # Equal scales on both axes: distances in the picture are distances in the embedding.
+        layout["yaxis"] = dict(title=dict(text=axis_labels[1]), showticklabels=False, zeroline=False,
+                               scaleanchor="x", scaleratio=1)
+    return go.Figure(data=traces, layout=layout)
+
+
+# --------------------------------------------------------------------------- the page
+
+# Runs after the plot is drawn: on hover, a card near the pointer shows the point's thumbnail,
+# cut from the one embedded sprite (a data: URL, so nothing is fetched) onto a canvas.
+HOVER_SCRIPT = """
+(function () {
+  var plot = document.getElementById("%(plot_id)s");
+  var spriteUrl = %(sprite_url)s, cols = %(cols)d, side = %(side)d, scale = %(scale)d;
+  var card = document.createElement("div");
+  card.id = "%(thumb_id)s";
+  card.style.cssText = "position:fixed;display:none;pointer-events:none;z-index:1000;background:#fff;" +
+    "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:center";
+  var canvas = document.createElement("canvas");
+  canvas.width = canvas.height = side * scale;
+  canvas.style.display = spriteUrl ? "block" : "none";
+  var caption = document.createElement("div");
+  card.appendChild(canvas);
+  card.appendChild(caption);
+  document.body.appendChild(card);
+  var context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = false;
+  var sprite = new Image();
+  if (spriteUrl) { sprite.src = spriteUrl; }
+  var pointer = {x: 0, y: 0};  // the capture phase sees the moves plotly stops from bubbling
+  document.addEventListener("mousemove", function (e) { pointer.x = e.clientX; pointer.y = e.clientY; }, true);
+  plot.on("plotly_hover", function (event) {
+    var d = event.points[0].customdata;  // [index, label, prediction, row]
+    if (spriteUrl) {
+      var row = d[3];
+      context.fillRect(0, 0, side * scale, side * scale);
+      context.drawImage(sprite, (row %% cols) * side, Math.floor(row / cols) * side, side, side,
+                        0, 0, side * scale, side * scale);
+    }
+    caption.textContent = "#" + d[0] + ": true " + d[1] + ", predicted " + d[2] + (d[1] == d[2] ? "" : " \\u2717");
+    card.style.display = "block";
+    var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
+    if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
+    card.style.left = Math.max(0, left) + "px";
+    card.style.top = Math.max(0, top) + "px";
+  });
+  plot.on("plotly_unhover", function () { card.style.display = "none"; });
+})();
+"""
+
+
+def scatter_html(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    indices: np.ndarray,
+    title: str,
+    axis_labels: tuple[str, str] = ("", ""),
+    sprite: bytes | None = None,
+) -> str:
+    """A self-contained HTML page (plotly.js inline, no network) of coords (n, 2 or 3).
+
+    `sprite`: PNG bytes of `sprite(thumbnails)` in the points' order (row i = point i); without
+    it, hovering shows the index, label and prediction but no image.
+    """
+    n = len(coords)
+    fig = figure(coords, labels, predictions, indices, title, axis_labels)
+    if sprite is None:
+        fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
+    sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
+    script = HOVER_SCRIPT % dict(
+        plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
+        cols=max(1, math.ceil(math.sqrt(n))), side=THUMB_SIDE, scale=HOVER_SCALE,
+    )
+    div = fig.to_html(
+        include_plotlyjs=True,  # the whole plotly.js inline: opens offline and in MLflow's sandboxed viewer
+        full_html=False,
+        div_id=PLOT_ID,
+        post_script=script,
+        default_width="100%",
+        default_height="100%",
+        config={"displaylogo": False, "responsive": True, "scrollZoom": True},
+    )
+    return PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=div)
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>
+<style>html, body {{ height: 100%; margin: 0; }}</style>
+</head>
+<body>
+{div}
+</body>
+</html>
+"""
