@@ -28,7 +28,8 @@ Q = "?workflowType=machine_learning"  # SPEC: every UI link opens the "Model tra
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 MODEL_NAME = "mnist-convnet"
-PAGE_TIMEOUT_S = 120  # the UI is a React app that loads its data after the page: the machine may be slow
+PAGE_TIMEOUT_S = 180  # the UI is a React app that loads its data after the page: the machine may be slow
+PAGE_LOADS = 2  # tries per page: the time above is shared between them
 SERVER_TIMEOUT_S = 240
 
 
@@ -165,9 +166,14 @@ class Browser:
     def open(self, path: str, *texts: str) -> str:
         """Go to a page of the UI and wait until it shows every one of `texts`; returns its text."""
         assert path.endswith(Q) or Q + "&" in path, path
-        self.driver.get("about:blank")  # a new hash alone would not load the page anew
-        self.driver.get(self.base + path)
-        page = self.wait_for(*texts)
+        for attempt in range(PAGE_LOADS):
+            self.driver.get("about:blank")  # a new hash alone would not load the page anew
+            self.driver.get(self.base + path)
+            last = attempt == PAGE_LOADS - 1
+            # On a busy machine the app's first data request can stall: load the page again once.
+            page = self.wait_for(*texts, timeout=PAGE_TIMEOUT_S / PAGE_LOADS, fail=last)
+            if page is not None:
+                break
         if not self.assistant_closed:  # MLflow opens its assistant panel on a first visit: close it once
             from selenium.webdriver.common.by import By
 
@@ -180,8 +186,9 @@ class Browser:
     def text(self) -> str:
         return self.driver.execute_script("return document.body ? document.body.innerText : ''")
 
-    def wait_for(self, *texts: str, timeout: float = PAGE_TIMEOUT_S) -> str:
-        """Wait until the page shows every one of `texts`; returns the page's text."""
+    def wait_for(self, *texts: str, timeout: float = PAGE_TIMEOUT_S, fail: bool = True) -> str | None:
+        """Wait until the page shows every one of `texts`; returns the page's text (None on timeout
+        when not `fail`)."""
         deadline = time.monotonic() + timeout
         while True:
             page = self.text()
@@ -189,6 +196,8 @@ class Browser:
             if not missing:
                 return page
             if time.monotonic() > deadline:
+                if not fail:
+                    return None
                 self.fail(f"{self.driver.current_url} does not show {missing} after {timeout:.0f}s; it shows:\n{page[-3000:]}")
             time.sleep(0.5)
 
