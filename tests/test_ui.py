@@ -276,7 +276,19 @@ def test_experiment_page_lists_the_run_with_its_data_model_and_nested_projection
     browser.wait_until(
         lambda: any(e.text.strip() for e in driver.find_elements(By.XPATH, f"//a[contains(@href, '{ui['projection'].info.run_id}')]")),
         "the projection run is not shown under its training run")
-    browser.wait_for("sgd")  # the optimizer tag's cell
+    def cells(column):
+        return [c.text.strip() for c in driver.find_elements(By.CSS_SELECTOR, f'[role=gridcell][col-id="{column}"]')]
+
+    def number(text):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    browser.wait_until(lambda: "sgd" in cells("tags.`optimizer`"), "the run's optimizer tag is not in its column")
+    val_acc = ui["run"].data.metrics["val_acc"]
+    browser.wait_until(lambda: any(number(t) is not None and abs(number(t) - val_acc) < 1e-3 for t in cells("metrics.`val_acc`")),
+                       f"the run's val_acc ({val_acc}) is not in its column")
     browser.shot("1-experiment")
 
 
