@@ -101,7 +101,8 @@ def ui(data_dir, tmp_path_factory):
         deadline = time.monotonic() + SERVER_TIMEOUT_S
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
+                with direct.open(f"{base}/health", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -144,7 +145,7 @@ def browser(ui, shots):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1500,1000", "--lang=en-US"):
+                     "--window-size=1500,1000", "--lang=en-US", "--no-proxy-server"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: no download
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
