@@ -102,7 +102,8 @@ def ui(data_dir, tmp_path_factory):
         deadline = time.monotonic() + SERVER_TIMEOUT_S
         while True:
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
+                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
+                with direct.open(f"{base}/health", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -145,7 +146,7 @@ def browser(ui, shots):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--window-size=1500,1000", "--lang=en-US"):
+                     "--window-size=1500,1000", "--lang=en-US", "--no-proxy-server"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: no download
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
@@ -285,7 +286,19 @@ def test_experiment_page_lists_the_run_with_its_data_model_and_nested_projection
     browser.wait_until(
         lambda: any(e.text.strip() for e in driver.find_elements(By.XPATH, f"//a[contains(@href, '{ui['projection'].info.run_id}')]")),
         "the projection run is not shown under its training run")
-    browser.wait_for("sgd")  # the optimizer tag's cell
+    def cells(column):
+        return [c.text.strip() for c in driver.find_elements(By.CSS_SELECTOR, f'[role=gridcell][col-id="{column}"]')]
+
+    def number(text):
+        try:
+            return float(text)
+        except ValueError:
+            return None
+
+    browser.wait_until(lambda: "sgd" in cells("tags.`optimizer`"), "the run's optimizer tag is not in its column")
+    val_acc = ui["run"].data.metrics["val_acc"]
+    browser.wait_until(lambda: any(number(t) is not None and abs(number(t) - val_acc) < 1e-3 for t in cells("metrics.`val_acc`")),
+                       f"the run's val_acc ({val_acc}) is not in its column")
     browser.shot("1-experiment")
 
 
