@@ -801,7 +801,7 @@ def project_and_log(config, echo: Callable[[str], None] = print) -> str:
             client.log_text(config.run_id, page, f"projections/{method}.html")
         echo(f"View the projection: {ui_url(run.info.experiment_id, run_id)}  (projections/<method>.html: hover a point for its image)")
         echo(f"TensorBoard's projector: mlflow artifacts download -r {run_id} -a {TENSORBOARD_FOLDER} -d out "
-             f"&& tensorboard --logdir out/{TENSORBOARD_FOLDER}")
+             f"&& tensorboard --logdir out/{Path(TENSORBOARD_FOLDER).name}")  # the download keeps the last folder only
     return run_id
 
 

@@ -25,6 +25,7 @@ DIGIT_COLORS = (
 CORRECT_COLOR = "#c7c7c7"  # "colour by correctness": right ones recede, wrong ones stand out
 WRONG_COLOR = "#d62728"
 N_CLASSES = 10
+TOP_MARGIN = 100  # px above the plot: two title lines, then the row of colour buttons
 PLOT_ID = "embedding"  # the id of the plot's <div>
 THUMB_ID = "thumbnail"  # the id of the hover card with the thumbnail
 
@@ -139,14 +140,18 @@ def figure(
                             args=[{"marker.color": colors}, {"legend.title.text": legend_title}]))
     wrong = int((labels != predictions).sum())
     layout = dict(
+        # Title lines at the top, the colour buttons under them (not beside: MLflow's viewer is narrow).
         title=dict(text=f"{title}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
-                        f"click a legend entry to hide a digit</sup>", x=0.01, font=dict(size=13)),
+                        f"click a legend entry to hide a digit</sup>",
+                   x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container",
+                   font=dict(size=13)),
         template="plotly_white",
         hovermode="closest",
         legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
-        margin=dict(l=10, r=10, t=80, b=10),
+        margin=dict(l=10, r=10, t=TOP_MARGIN, b=10),
         updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True,
-                          x=1.0, xanchor="right", y=1.0, yanchor="bottom", pad=dict(b=4))],
+                          x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=6),
+                          font=dict(size=11))],
     )
     if dims == 3:
         # The coordinates of t-SNE/UMAP mean nothing: axes without tick labels, as in the PNGs.

@@ -129,6 +129,9 @@ def test_printed_summary_has_each_method_and_the_link(projection):
     text = "\n".join(projection[1])
     assert "PCA: trustworthiness" in text and "t-SNE: trustworthiness" in text
     assert f"runs/{projection[0]}?workflowType=machine_learning" in text
+    # `mlflow artifacts download -a projections/tensorboard -d out` writes out/tensorboard/
+    assert (f"mlflow artifacts download -r {projection[0]} -a projections/tensorboard -d out "
+            f"&& tensorboard --logdir out/tensorboard") in text
 
 
 def test_three_dims_subsample_and_small_perplexity(trained_run, tmp_path):
