@@ -40,6 +40,17 @@ UMAP_NEIGHBORS = 15  # umap-learn's defaults, recorded as params
 UMAP_MIN_DIST = 0.1
 
 
+def parse_methods(methods: str) -> tuple[str, ...]:
+    """The comma list `methods` as known method names, de-duplicated in the given order."""
+    names = [m.strip().lower().replace("-", "") for m in str(methods).split(",") if m.strip()]
+    for name in names:
+        if name not in METHODS:
+            raise UserError(f"unknown method {name!r} in methods={methods!r}: choose from {', '.join(METHODS)}")
+    if not names:
+        raise UserError(f"methods is empty: give a comma list of {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass
 class ProjectConfig:
     """The parameters of the `project` entry point, checked before the store is touched."""
@@ -61,13 +72,7 @@ class ProjectConfig:
         self.split = str(self.split).strip().lower()
         if self.split not in SPLITS:
             raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        names = [m.strip().lower().replace("-", "") for m in str(self.methods).split(",") if m.strip()]
-        for name in names:
-            if name not in METHODS:
-                raise UserError(f"unknown method {name!r} in methods={self.methods!r}: choose from {', '.join(METHODS)}")
-        if not names:
-            raise UserError(f"methods is empty: give a comma list of {', '.join(METHODS)}")
-        self.method_list = tuple(dict.fromkeys(names))  # de-duplicated, in the given order
+        self.method_list = parse_methods(self.methods)
         self.methods = ",".join(self.method_list)
         if self.max_points < MIN_POINTS:
             raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")

@@ -43,9 +43,9 @@ class SweepConfig:
     epochs_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        from mnist_tracking.embedding import ProjectConfig
+        from mnist_tracking.embedding import parse_methods
 
-        self.method_list = ProjectConfig(run_id="-", methods=self.methods).method_list  # checks the names
+        self.method_list = parse_methods(self.methods)
         if not (math.isfinite(self.epochs_scale) and self.epochs_scale > 0):
             raise UserError(f"epochs_scale must be a number > 0 (1 = the seed's epochs), got {self.epochs_scale}")
         if self.max_samples < 0:
