@@ -209,6 +209,9 @@ def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -
               help="Comma list of pca, tsne, umap: how each training's test features are projected.")
 @click.option("--epochs-scale", type=float, default=1.0, show_default=True,
               help="Multiplies every epoch count (epochs, early-stopping patience; rounded, at least 1).")
+@click.option("--resume", type=str, default="", show_default=True,
+              help="Run id of an interrupted sweep (same parameters): its finished trainings and projections "
+                   "are reused and moved under this sweep's run; the others are trained again.")
 @user_errors
 def sweep(**params) -> None:
     """Train the seed's three configurations as child runs of one parent run, project each, compare.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 
 from mnist_tracking.config import TrainConfig
@@ -41,6 +42,7 @@ class SweepConfig:
     max_samples: int = 0
     methods: str = "pca,tsne"
     epochs_scale: float = 1.0
+    resume: str = ""  # a sweep parent run id: reuse its finished trainings, run the others
 
     def __post_init__(self) -> None:
         from mnist_tracking.embedding import parse_methods
@@ -53,6 +55,28 @@ class SweepConfig:
 
     def to_params(self) -> dict:
         return asdict(self)
+
+    def same_study(self, params: dict[str, str]) -> list[str]:
+        """The parameters in which a logged sweep's `params` differ from this one, as 'name=logged'."""
+        from mnist_tracking.embedding import parse_methods
+
+        mine = {"data_dir": self.data_dir, "max_samples": self.max_samples,
+                "methods": self.method_list, "epochs_scale": self.epochs_scale}
+        read = {"data_dir": lambda path: self.data_dir if _same_path(path, self.data_dir) else path, "max_samples": int, "methods": parse_methods, "epochs_scale": float}
+        differ = []
+        for name, value in mine.items():
+            logged = params.get(name)
+            try:
+                same = logged is not None and read[name](logged) == value
+            except (ValueError, UserError):
+                same = False
+            if not same:
+                differ.append(f"{name}={logged}")
+        return differ
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 def scaled(epochs: int, scale: float) -> int:

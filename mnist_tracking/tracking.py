@@ -1152,6 +1152,7 @@ def sweep_and_log(
     from mnist_tracking.data import load_splits
 
     planned = studies.trainings(config, study or studies.SEED_TRAININGS)  # every config checked here
+    earlier = _resumable(config, planned) if config.resume else {}
     first = planned[0].config
     load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
 
@@ -1162,11 +1163,16 @@ def sweep_and_log(
                          NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
         log_new_params(config.to_params())
         echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
+        if config.resume:
+            _take_over(config.resume, parent_id, echo)
         rows = []
         try:
             for number, training in enumerate(planned, 1):
                 echo(f"\n=== {number}/{len(planned)}: {training.label}")
-                rows.append(_sweep_child(parent_id, training, config, echo, progress))
+                if training.label in earlier:
+                    rows.append(_reused_child(parent_id, training, config, *earlier[training.label], echo))
+                else:
+                    rows.append(_sweep_child(parent_id, training, config, echo, progress))
         except KeyboardInterrupt as exc:
             end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
             raise
@@ -1183,29 +1189,85 @@ def sweep_and_log(
     return parent_id
 
 
-def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], progress: bool) -> dict:
-    """Train and project one training of a sweep; a failure is recorded on its child run."""
+def _resumable(config, planned) -> dict[str, tuple]:
+    """The finished trainings of the sweep `config.resume`, by label, each with its finished
+    projection run (or None); a one-line UserError when that run is not a sweep like this one."""
+    old = get_run(config.resume)
+    name = old.info.run_name
+    if old.data.tags.get(KIND_TAG) != "sweep":
+        raise UserError(f"run {old.info.run_id} ({name}) is not a sweep; pass the id of a {SWEEP_RUN_NAME} parent run to resume")
+    differ = config.same_study(old.data.params)
+    if differ:
+        raise UserError(f"sweep {old.info.run_id} ran with {', '.join(differ)}; resume it with the same parameters")
+    labels = {t.label for t in planned}
+    found = {}
+    for run in _children(old.info.run_id):  # newest first: the newest finished one of a label wins
+        label = run.data.tags.get(SWEEP_LABEL_TAG)
+        if run.info.status == "FINISHED" and label in labels and label not in found:
+            found[label] = (run, _projection_of(run))
+    return found
+
+
+def _projection_of(training_run):
+    """The newest finished projection run nested under a training run, or None."""
+    projections = MlflowClient().search_runs(
+        [training_run.info.experiment_id],
+        filter_string=(f"tags.`{PARENT_RUN_TAG}` = '{training_run.info.run_id}' and tags.`{KIND_TAG}` = 'projection'"
+                       " and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return projections[0] if projections else None
+
+
+def _take_over(old_id: str, parent_id: str, echo: Callable[[str], None]) -> None:
+    """Link the sweep being resumed to this one, and end what an interruption left RUNNING there."""
+    client = MlflowClient()
+    mlflow.set_tag(RESUMED_FROM_TAG, old_id)
+    client.set_tag(old_id, "resumed_as", parent_id)
+    reason = f"interrupted; the sweep was resumed as {parent_id}"
+    for run in _children(old_id):
+        if run.info.status == "RUNNING":
+            fail_run(run.info.run_id, reason, "KILLED")
+    if get_run(old_id).info.status == "RUNNING":
+        fail_run(old_id, reason, "KILLED")
+    echo(f"Resuming sweep {old_id}: its finished trainings move under this run, the others run again")
+
+
+def _reused_child(parent_id: str, training, config, run, projection, echo: Callable[[str], None]) -> dict:
+    """The row of a training a resumed sweep already finished: moved under the new parent, and
+    projected again only when it has no finished projection with every method asked for."""
+    MlflowClient().set_tag(run.info.run_id, PARENT_RUN_TAG, parent_id)  # the UI nests it under this sweep
+    echo(f"Reusing finished run {run.info.run_id} ({run.info.run_name})")
+    row = _trained_row(training, run.info.run_id)
+    if projection is not None and all(f"{m}_knn_acc" in projection.data.metrics for m in config.method_list):
+        return _projected_row(row, projection.info.run_id, config)
+    return _project_child(row, config, echo)
+
+
+def _trained_row(training, run_id: str) -> dict:
+    """A comparison row for a finished training run."""
+    run = get_run(run_id)
+    return {
+        "label": training.label, "seed_reported": training.seed_reported, "status": "FINISHED",
+        "run_id": run_id, "run_name": run.info.run_name, "metrics": run.data.metrics, "params": run.data.params,
+        "seconds": (run.info.end_time - run.info.start_time) / 1000,  # ms -> s, as the UI's Duration
+        "epochs_run": int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]),
+    }
+
+
+def _project_child(row: dict, config, echo: Callable[[str], None]) -> dict:
+    """Project a sweep's training (a nested run); a failure leaves the row without projections."""
     from mnist_tracking.embedding import ProjectConfig
 
-    row = {"label": training.label, "seed_reported": training.seed_reported, "status": "FINISHED"}
-    before = {r.info.run_id for r in _children(parent_id)}
     try:
-        run_id = train_and_log(training.config, echo=echo, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        echo(f"Error: {training.label} failed: {reason}")
-        row.update(status="FAILED", reason=reason, run_id=_fail_child(parent_id, before, training, reason))
-        return row
-    MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
-    run = get_run(run_id)
-    row.update(run_id=run_id, run_name=run.info.run_name, metrics=run.data.metrics, params=run.data.params,
-               seconds=(run.info.end_time - run.info.start_time) / 1000,  # ms -> s, as the UI's Duration
-               epochs_run=int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]))
-    try:
-        projection_id = project_and_log(ProjectConfig(run_id=run_id, methods=config.methods), echo=echo)
+        projection_id = project_and_log(ProjectConfig(run_id=row["run_id"], methods=config.methods), echo=echo)
     except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
-        echo(f"Error: projecting {training.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        echo(f"Error: projecting {row['label']} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return row
+    return _projected_row(row, projection_id, config)
+
+
+def _projected_row(row: dict, projection_id: str, config) -> dict:
     metrics = get_run(projection_id).data.metrics
     row["projection_run_id"] = projection_id
     row["projection"] = {
@@ -1213,6 +1275,20 @@ def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], 
         for m in config.method_list
     }
     return row
+
+
+def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], progress: bool) -> dict:
+    """Train and project one training of a sweep; a failure is recorded on its child run."""
+    before = {r.info.run_id for r in _children(parent_id)}
+    try:
+        run_id = train_and_log(training.config, echo=echo, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        echo(f"Error: {training.label} failed: {reason}")
+        return {"label": training.label, "seed_reported": training.seed_reported, "status": "FAILED",
+                "reason": reason, "run_id": _fail_child(parent_id, before, training, reason)}
+    MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
+    return _project_child(_trained_row(training, run_id), config, echo)
 
 
 def _children(parent_id: str) -> list:

@@ -113,6 +113,54 @@ def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_d
     assert any("(2) lr 1e-3, 20 epochs failed" in line for line in lines)
 
 
+def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_experiment):
+    # A sweep whose middle training diverged, and whose process was then killed while a fourth
+    # child was running (what `kill -9` leaves in the store: a RUNNING child).
+    diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
+    with pytest.raises(UserError):
+        sweep_and_log(config, echo=lambda line: None, progress=False,
+                      study=(SEED_TRAININGS[0], diverging, SEED_TRAININGS[2]))
+    [old] = runs_by_kind(fresh_experiment)["sweep"]
+    old_id = old.info.run_id
+    client = MlflowClient()
+    stale = client.create_run(fresh_experiment, tags={PARENT_RUN_TAG: old_id, "mnist_tracking.kind": "training"})
+    before = {r.info.run_id: r for r in runs_by_kind(fresh_experiment)["training"]}
+    finished = {r.data.tags["sweep_label"]: r.info.run_id for r in before.values() if r.info.status == "FINISHED"}
+    assert len(finished) == 2
+
+    lines = []
+    parent_id = sweep_and_log(replace(config, resume=old_id), echo=lines.append, progress=False)
+
+    kinds = runs_by_kind(fresh_experiment)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["resumed_from"] == old_id
+    assert client.get_run(old_id).data.tags["resumed_as"] == parent_id
+    children = [r for r in kinds["training"] if r.data.tags[PARENT_RUN_TAG] == parent_id]
+    by_label = {r.data.tags["sweep_label"]: r for r in children}
+    assert sorted(by_label) == sorted(t.label for t in SEED_TRAININGS) and len(children) == 3
+    # (1) and (3) are the same runs as before, moved under the new parent; only (2) was trained again.
+    assert {label: by_label[label].info.run_id for label in finished} == finished
+    assert by_label[SEED_TRAININGS[1].label].info.run_id not in before
+    assert len(kinds["training"]) == len(before) + 1
+    assert len(kinds["projection"]) == 3  # two reused, one new
+    assert client.get_run(stale.info.run_id).info.status == "KILLED"
+    assert sum("Reusing finished run" in line for line in lines) == 2
+    text = open(client.download_artifacts(parent_id, "comparison.md")).read()
+    assert text.count("| (") == 3 and "FAILED" not in text
+
+
+def test_resume_refuses_a_run_that_is_not_a_like_sweep(data_dir, fresh_experiment):
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
+    parent_id = sweep_and_log(config, echo=lambda line: None, progress=False, study=SEED_TRAININGS[:1])
+    child = runs_by_kind(fresh_experiment)["training"][0].info.run_id
+    with pytest.raises(UserError, match=rf"^run {child} \(.*\) is not a sweep; pass the id of a seed-study"):
+        sweep_and_log(replace(config, resume=child), study=SEED_TRAININGS[:1])
+    with pytest.raises(UserError, match=rf"^sweep {parent_id} ran with methods=pca, epochs_scale=0.05; resume it with the same"):
+        sweep_and_log(replace(config, resume=parent_id, methods="tsne", epochs_scale=1.0), study=SEED_TRAININGS[:1])
+    assert len(MlflowClient().search_runs([fresh_experiment])) == 3  # no run was started by the refusals
+
+
 def test_comparison_table_formats_metrics_and_failures():
     rows = [
         {"label": "(a)", "status": "FINISHED", "seed_reported": "12.40%",
