@@ -87,6 +87,9 @@ def ui(data_dir, tmp_path_factory):
                 client = MlflowClient(uri)
                 experiment_id = client.create_experiment("browse-runs", artifact_location=(folder / "artifacts").as_uri())
                 env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+                # An earlier test's set_experiment() leaves MLflow's active experiment set, and that
+                # wins over MLFLOW_EXPERIMENT_ID: the runs would land in "Default", not on the page.
+                mlflow.set_experiment(experiment_id=experiment_id)
                 quiet = lambda line: None  # noqa: E731
                 config = TrainConfig(data_dir=str(data_dir), **{**FAST, "max_samples": 200})  # 160 / 40 / 120
                 run_id = train_and_log(config, echo=quiet, progress=False)
@@ -95,6 +98,7 @@ def ui(data_dir, tmp_path_factory):
                 run = client.get_run(run_id)
                 projection = client.get_run(projection_id)
             finally:
+                mlflow.set_experiment("Default")  # what conftest's fresh_experiment leaves, too
                 mlflow.set_tracking_uri(previous)  # (MLflow exports it; the context restores the variable)
 
         filled = time.monotonic() - started
@@ -246,6 +250,7 @@ def digest_of(run, name: str) -> str:
 def test_the_store_holds_what_the_pages_show(ui):
     """The same run through the API: system metrics were sampled, the data is recorded, tags set."""
     run = ui["run"]
+    assert run.info.experiment_id == ui["projection"].info.experiment_id == ui["experiment_id"]  # the page's
     assert set(SYSTEM_METRICS) <= set(run.data.metrics), sorted(run.data.metrics)
     assert set(EPOCH_METRICS) <= set(run.data.metrics)
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"mnist-training", "mnist-validation", "mnist-testing"}
