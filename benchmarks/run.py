@@ -223,7 +223,8 @@ def alternate(a, b, reps: int) -> tuple[list[float], list[float]]:
     for rep in range(reps):
         results_a.append(a())
         results_b.append(b())
-        print(f"  rep {rep + 1}: {results_a[-1]:.3f} vs {results_b[-1]:.3f}", flush=True)
+        first = [r[0] if isinstance(r, tuple) else r for r in (results_a[-1], results_b[-1])]  # (seconds, ...)
+        print(f"  rep {rep + 1}: {first[0]:.3f} vs {first[1]:.3f}", flush=True)
     return results_a, results_b
 
 
@@ -258,6 +259,7 @@ def main() -> None:
             "baseline_median": b, "ours_median": o, "ratio": ratio, "target": target, "note": note,
         })
         print(f"{name}: baseline {b:.4g} {unit}, ours {o:.4g} {unit}, {compare} {ratio:.3g} (target {target})", flush=True)
+        save(results, only)  # after every pair: a later section that fails loses nothing measured
 
     run_ids: dict = {}
 
@@ -355,16 +357,24 @@ def main() -> None:
                "first (empty numba cache) vs later runs", [cold], warm, "s", False, "warm fast",
                note="the numba cache lives in NUMBA_CACHE_DIR (default ~/.cache/mnist-tracking/numba)")
 
-    # A partial run (--only) replaces its own pairs and keeps the others of the last full run.
-    previous = HERE / "results.json"
-    if previous.exists() and only != set(SECTIONS):
-        names = {p["name"] for p in results["pairs"]}
-        kept = [p for p in json.loads(previous.read_text())["pairs"] if p["name"] not in names]
-        results["pairs"] = kept + results["pairs"]
-        results["command"] += "  (merged into the previous results)"
-    previous.write_text(json.dumps(results, indent=2))
-    write_markdown(results)
     print(f"wrote {HERE / 'RESULTS.md'}")
+
+
+KEPT: dict = {}  # the previous results.json's pairs, read once, before this run writes its own
+
+
+def save(results: dict, only: set) -> None:
+    """Write results.json and RESULTS.md. A partial run (--only) replaces its own pairs and keeps
+    the others of the previous results."""
+    previous = HERE / "results.json"
+    if "pairs" not in KEPT:
+        KEPT["pairs"] = json.loads(previous.read_text())["pairs"] if previous.exists() and only != set(SECTIONS) else []
+        if KEPT["pairs"]:
+            results["command"] += "  (merged into the previous results)"
+    names = {p["name"] for p in results["pairs"]}
+    merged = {**results, "pairs": [p for p in KEPT["pairs"] if p["name"] not in names] + results["pairs"]}
+    previous.write_text(json.dumps(merged, indent=2))
+    write_markdown(merged)
 
 
 def write_markdown(results: dict) -> None:
