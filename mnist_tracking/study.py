@@ -60,18 +60,21 @@ class SweepConfig:
         """The parameters in which a logged sweep's `params` differ from this one, as 'name=logged'."""
         from mnist_tracking.embedding import parse_methods
 
-        mine = {"data_dir": self.data_dir, "max_samples": self.max_samples,
-                "methods": self.method_list, "epochs_scale": self.epochs_scale}
-        read = {"data_dir": lambda path: self.data_dir if _same_path(path, self.data_dir) else path, "max_samples": int, "methods": parse_methods, "epochs_scale": float}
+        same = {  # logged text -> does it name what this sweep has?
+            "data_dir": lambda logged: _same_path(logged, self.data_dir),
+            "max_samples": lambda logged: int(logged) == self.max_samples,
+            "methods": lambda logged: parse_methods(logged) == self.method_list,
+            "epochs_scale": lambda logged: float(logged) == self.epochs_scale,
+        }
         differ = []
-        for name, value in mine.items():
+        for name, matches in same.items():
             logged = params.get(name)
             try:
-                same = logged is not None and read[name](logged) == value
+                if logged is not None and matches(logged):
+                    continue
             except (ValueError, UserError):
-                same = False
-            if not same:
-                differ.append(f"{name}={logged}")
+                pass
+            differ.append(f"{name}={logged}")
         return differ
 
 

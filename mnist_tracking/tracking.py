@@ -1152,7 +1152,7 @@ def sweep_and_log(
     from mnist_tracking.data import load_splits
 
     planned = studies.trainings(config, study or studies.SEED_TRAININGS)  # every config checked here
-    earlier = _resumable(config, planned) if config.resume else {}
+    old, earlier, stale = _resumable(config, planned) if config.resume else (None, {}, [])
     first = planned[0].config
     load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
 
@@ -1163,8 +1163,8 @@ def sweep_and_log(
                          NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
         log_new_params(config.to_params())
         echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
-        if config.resume:
-            _take_over(config.resume, parent_id, echo)
+        if old is not None:
+            _take_over(old, stale, parent_id, echo)
         rows = []
         try:
             for number, training in enumerate(planned, 1):
@@ -1189,9 +1189,10 @@ def sweep_and_log(
     return parent_id
 
 
-def _resumable(config, planned) -> dict[str, tuple]:
-    """The finished trainings of the sweep `config.resume`, by label, each with its finished
-    projection run (or None); a one-line UserError when that run is not a sweep like this one."""
+def _resumable(config, planned) -> tuple:
+    """The sweep `config.resume`, its finished trainings by label (each with its finished
+    projection run, or None) and the ids of the children it left RUNNING; a one-line UserError
+    when that run is not a sweep like this one."""
     old = get_run(config.resume)
     name = old.info.run_name
     if old.data.tags.get(KIND_TAG) != "sweep":
@@ -1200,12 +1201,14 @@ def _resumable(config, planned) -> dict[str, tuple]:
     if differ:
         raise UserError(f"sweep {old.info.run_id} ran with {', '.join(differ)}; resume it with the same parameters")
     labels = {t.label for t in planned}
-    found = {}
+    found, stale = {}, []
     for run in _children(old.info.run_id):  # newest first: the newest finished one of a label wins
         label = run.data.tags.get(SWEEP_LABEL_TAG)
         if run.info.status == "FINISHED" and label in labels and label not in found:
             found[label] = (run, _projection_of(run))
-    return found
+        elif run.info.status == "RUNNING":
+            stale.append(run.info.run_id)
+    return old, found, stale
 
 
 def _projection_of(training_run):
@@ -1219,17 +1222,14 @@ def _projection_of(training_run):
     return projections[0] if projections else None
 
 
-def _take_over(old_id: str, parent_id: str, echo: Callable[[str], None]) -> None:
+def _take_over(old, stale: list[str], parent_id: str, echo: Callable[[str], None]) -> None:
     """Link the sweep being resumed to this one, and end what an interruption left RUNNING there."""
-    client = MlflowClient()
+    old_id = old.info.run_id
     mlflow.set_tag(RESUMED_FROM_TAG, old_id)
-    client.set_tag(old_id, "resumed_as", parent_id)
+    MlflowClient().set_tag(old_id, "resumed_as", parent_id)
     reason = f"interrupted; the sweep was resumed as {parent_id}"
-    for run in _children(old_id):
-        if run.info.status == "RUNNING":
-            fail_run(run.info.run_id, reason, "KILLED")
-    if get_run(old_id).info.status == "RUNNING":
-        fail_run(old_id, reason, "KILLED")
+    for run_id in stale + ([old_id] if old.info.status == "RUNNING" else []):
+        fail_run(run_id, reason, "KILLED")
     echo(f"Resuming sweep {old_id}: its finished trainings move under this run, the others run again")
 
 
@@ -1238,15 +1238,15 @@ def _reused_child(parent_id: str, training, config, run, projection, echo: Calla
     projected again only when it has no finished projection with every method asked for."""
     MlflowClient().set_tag(run.info.run_id, PARENT_RUN_TAG, parent_id)  # the UI nests it under this sweep
     echo(f"Reusing finished run {run.info.run_id} ({run.info.run_name})")
-    row = _trained_row(training, run.info.run_id)
+    row = _trained_row(training, run)
     if projection is not None and all(f"{m}_knn_acc" in projection.data.metrics for m in config.method_list):
         return _projected_row(row, projection.info.run_id, config)
     return _project_child(row, config, echo)
 
 
-def _trained_row(training, run_id: str) -> dict:
+def _trained_row(training, run) -> dict:
     """A comparison row for a finished training run."""
-    run = get_run(run_id)
+    run_id = run.info.run_id
     return {
         "label": training.label, "seed_reported": training.seed_reported, "status": "FINISHED",
         "run_id": run_id, "run_name": run.info.run_name, "metrics": run.data.metrics, "params": run.data.params,
@@ -1288,7 +1288,7 @@ def _sweep_child(parent_id: str, training, config, echo: Callable[[str], None], 
         return {"label": training.label, "seed_reported": training.seed_reported, "status": "FAILED",
                 "reason": reason, "run_id": _fail_child(parent_id, before, training, reason)}
     MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
-    return _project_child(_trained_row(training, run_id), config, echo)
+    return _project_child(_trained_row(training, get_run(run_id)), config, echo)
 
 
 def _children(parent_id: str) -> list:
