@@ -248,6 +248,9 @@ def main() -> None:
     os.chdir(store)
     results: dict = {"machine": machine(), "command": " ".join(["python", "benchmarks/run.py", *sys.argv[1:]]),
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pairs": []}
+    kept = previous_pairs(only)
+    if kept:
+        results["command"] += "  (merged into the previous results)"
     print(json.dumps(results["machine"]), flush=True)
 
     def record(name, what, baseline, ours, unit, higher_is_better, target, note="", compare="ratio"):
@@ -259,7 +262,7 @@ def main() -> None:
             "baseline_median": b, "ours_median": o, "ratio": ratio, "target": target, "note": note,
         })
         print(f"{name}: baseline {b:.4g} {unit}, ours {o:.4g} {unit}, {compare} {ratio:.3g} (target {target})", flush=True)
-        save(results, only)  # after every pair: a later section that fails loses nothing measured
+        save(results, kept)  # after every pair: a later section that fails loses nothing measured
 
     run_ids: dict = {}
 
@@ -360,20 +363,17 @@ def main() -> None:
     print(f"wrote {HERE / 'RESULTS.md'}")
 
 
-KEPT: dict = {}  # the previous results.json's pairs, read once, before this run writes its own
-
-
-def save(results: dict, only: set) -> None:
-    """Write results.json and RESULTS.md. A partial run (--only) replaces its own pairs and keeps
-    the others of the previous results."""
+def previous_pairs(only: set) -> list[dict]:
+    """A partial run (--only) keeps the other pairs of the previous results.json."""
     previous = HERE / "results.json"
-    if "pairs" not in KEPT:
-        KEPT["pairs"] = json.loads(previous.read_text())["pairs"] if previous.exists() and only != set(SECTIONS) else []
-        if KEPT["pairs"]:
-            results["command"] += "  (merged into the previous results)"
+    return json.loads(previous.read_text())["pairs"] if previous.exists() and only != set(SECTIONS) else []
+
+
+def save(results: dict, kept: list[dict]) -> None:
+    """Write results.json and RESULTS.md: this run's pairs replace those of the same name in `kept`."""
     names = {p["name"] for p in results["pairs"]}
-    merged = {**results, "pairs": [p for p in KEPT["pairs"] if p["name"] not in names] + results["pairs"]}
-    previous.write_text(json.dumps(merged, indent=2))
+    merged = {**results, "pairs": [p for p in kept if p["name"] not in names] + results["pairs"]}
+    (HERE / "results.json").write_text(json.dumps(merged, indent=2))
     write_markdown(merged)
 
 
