@@ -85,6 +85,8 @@ def test_params_record_the_options_and_each_method(projection):
     assert params["tsne_standardize"] == "True" and params["tsne_prereduce_pca_dims"] == "50"
     assert float(params["tsne_perplexity"]) == 30.0
     assert params["tsne_implementation"].startswith(("openTSNE", "scikit-learn"))
+    # scikit-learn's "auto" rule max(N / 12, 200), exact neighbours (benchmarks/tsne_choice.py)
+    assert float(params["tsne_learning_rate"]) == 200.0 and params["tsne_neighbors"] == "exact"
     for method in ("pca", "tsne"):
         assert params[f"{method}_trustworthiness_points"] == str(N_TEST)
         assert params[f"{method}_knn_k"] == "10"
@@ -336,6 +338,23 @@ def test_subsample_is_stratified_and_seeded():
     np.testing.assert_array_equal(keep, stratified_subsample(labels, 200, seed=3))
     assert not np.array_equal(keep, stratified_subsample(labels, 200, seed=4))
     np.testing.assert_array_equal(stratified_subsample(labels, 5000, seed=3), np.arange(len(labels)))
+
+
+@pytest.mark.slow  # 10,000 points, the size where the FFT gradient starts: about 30 s
+def test_tsne_at_fft_size_uses_the_fast_settings_and_keeps_clusters_apart():
+    from mnist_tracking.embedding import FFT_MIN_POINTS, knn_accuracy, tsne
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(FFT_MIN_POINTS) % 10
+    centres = 3 * rng.normal(size=(10, 64))
+    features = (rng.normal(size=(FFT_MIN_POINTS, 64)) + centres[labels]).astype(np.float32)
+    result = tsne(features, seed=0)
+    params = result.params
+    assert params["gradient"] == "fft" and params["fft_ints_in_interval"] == 2 and params["neighbors"] == "exact"
+    assert params["learning_rate"] == round(FFT_MIN_POINTS / 12, 2) and params["n_iter"] == 750
+    assert result.coords.shape == (FFT_MIN_POINTS, 2) and np.isfinite(result.coords).all()
+    # ten blobs stay apart: the faster settings still optimise the map
+    assert knn_accuracy(result.coords, labels, seed=0)[0] > 0.95
 
 
 @pytest.mark.slow  # numba compiles umap-learn on first use: tens of seconds
