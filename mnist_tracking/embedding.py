@@ -225,22 +225,58 @@ def numba_cache_dir() -> Path:
     return Path(base) / "mnist-tracking" / "numba"
 
 
+def exact_neighbors(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, distances), each (n, k): every point's k nearest points, itself first at distance 0."""
+    from sklearn.neighbors import NearestNeighbors
+
+    # kneighbors() without a query leaves each point out, so a duplicate can never displace it
+    distances, indices = NearestNeighbors(n_neighbors=k - 1).fit(points).kneighbors()
+    own = np.arange(len(points))[:, None]
+    return np.hstack([own, indices]), np.hstack([np.zeros_like(own, dtype=distances.dtype), distances])
+
+
+def _cache_umap_compilation() -> None:
+    """Let numba cache on disk the umap-learn functions that do not ask for it themselves.
+
+    Those (the layout epoch, the fuzzy-set construction, ...) are compiled again in every new
+    process, about 10 s here; cached, a warm `project` with UMAP skips that (benchmarks/run.py).
+    """
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+    import umap.layouts
+    import umap.umap_
+    import umap.utils
+
+    for module in (umap.layouts, umap.umap_, umap.utils):
+        for function in vars(module).values():
+            if isinstance(function, Dispatcher) and isinstance(function._cache, NullCache):
+                function.enable_caching()
+
+
 def umap(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
     """UMAP of the standardised, PCA-reduced features (umap-learn, imported only here: it is heavy)."""
     started = time.perf_counter()
-    # numba compiles umap-learn's and pynndescent's functions on first use; the ones that allow it
-    # are cached on disk. A user cache folder keeps that cache where site-packages is read-only.
+    # numba compiles umap-learn's functions on first use; cached on disk, later processes load
+    # them. A user cache folder keeps that cache where site-packages is read-only.
     os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     import umap as umap_learn  # the compile time of a cold cache is counted in the wall time
 
+    _cache_umap_compilation()
     reduced, params = standardize_and_reduce(features, seed)
     neighbors = min(UMAP_NEIGHBORS, len(features) - 1)
+    # Exact neighbours, as for t-SNE: umap-learn's own approximate search (pynndescent) is slower
+    # at our sizes and compiles ~50 s of numba code in every new process, none of it cached.
+    knn = exact_neighbors(reduced, neighbors)
     with warnings.catch_warnings():
         # A fixed random_state makes umap-learn single-threaded and say so; reproducibility wins.
         warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
-        model = umap_learn.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=UMAP_MIN_DIST, random_state=seed)
+        # ... and precomputed neighbours rule out `transform` of new points, which we never call
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*", category=UserWarning)
+        model = umap_learn.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=UMAP_MIN_DIST, random_state=seed,
+                                precomputed_knn=knn)
         coords = model.fit_transform(reduced)
-    params.update(implementation=f"umap-learn {umap_learn.__version__}", n_neighbors=neighbors, min_dist=UMAP_MIN_DIST)
+    params.update(implementation=f"umap-learn {umap_learn.__version__}", n_neighbors=neighbors, min_dist=UMAP_MIN_DIST,
+                  neighbors="exact")
     return Embedding("umap", np.asarray(coords), params, time.perf_counter() - started, ("UMAP 1", "UMAP 2"))
 
 
