@@ -185,7 +185,7 @@ def sklearn_tsne(features, labels) -> tuple[float, float]:
 
 
 def our_projection(features, labels) -> tuple[float, float]:
-    """What `project` computes for methods=pca,tsne (standardise, PCA to 50, openTSNE)."""
+    """What `project` computes for methods=pca,tsne: embedding.pca and embedding.tsne."""
     from mnist_tracking.embedding import knn_accuracy, pca, tsne
 
     started = time.perf_counter()
@@ -342,7 +342,7 @@ def main() -> None:
         baseline_runs, our_runs = alternate(lambda: sklearn_tsne(features, labels),
                                             lambda: our_projection(features, labels), args.project_reps)
         record("projection time", f"PCA + t-SNE of {len(features):,} test features: sklearn TSNE(init=pca, "
-               "learning_rate=auto) vs ours (standardise, PCA 50, openTSNE FFT)",
+               "learning_rate=auto) vs ours (standardise, PCA 50, openTSNE FFT at learning rate N/12, exact neighbours)",
                [r[0] for r in baseline_runs], [r[0] for r in our_runs], "s", False, "<= 0.5")
         record("projection kNN accuracy", "kNN acc (k=10, 5-fold) of the same two t-SNE embeddings",
                [r[1] for r in baseline_runs], [r[1] for r in our_runs], "", True, "difference >= -0.01",
@@ -358,7 +358,8 @@ def main() -> None:
         print(f"  cold {cold:.1f} s, warm {warm}", flush=True)
         record("UMAP cold vs warm", f"a fresh process: import umap + UMAP of {len(features):,} features, "
                "first (empty numba cache) vs later runs", [cold], warm, "s", False, "warm fast",
-               note="the numba cache lives in NUMBA_CACHE_DIR (default ~/.cache/mnist-tracking/numba)")
+               note="the numba cache lives in NUMBA_CACHE_DIR (default ~/.cache/mnist-tracking/numba); "
+               "neighbours are exact (scikit-learn), so pynndescent compiles nothing")
 
     print(f"wrote {HERE / 'RESULTS.md'}")
 
