@@ -542,6 +542,7 @@ def train_and_log(
             "best_val_acc": state.best_val_acc,
             "best_val_loss": state.best_val_loss,
             "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,  # fewer than the `epochs` param when early stopping ended it
             "test_acc": test.acc,
             "test_loss": test.loss,
         })
@@ -682,8 +683,10 @@ def describe_training_run(run) -> str:
         parts.append(f"{params['optimizer']} lr={float(params['lr']):g}")
     if "epochs" in params:
         epochs = int(params["epochs"])
+        run_for = int(metrics.get("epochs_run", epochs))  # early stopping can end it sooner
+        done = f"{run_for} of {epochs} epochs" if run_for < epochs else f"{epochs} epoch{'s' if epochs != 1 else ''}"
         best = f", best epoch {int(metrics['best_epoch'])}" if "best_epoch" in metrics else ""
-        parts.append(f"{epochs} epoch{'s' if epochs != 1 else ''}{best}")
+        parts.append(done + best)
     if "best_val_acc" in metrics:
         parts.append(f"val acc {metrics['best_val_acc']:.2%}")
     return ", ".join(parts)

@@ -120,6 +120,7 @@ def test_summary_matches_the_metrics(trained_run, tmp_path):
     assert summary["best_val_acc"] == pytest.approx(metrics["best_val_acc"])
     assert summary["test_acc"] == pytest.approx(metrics["test_acc"])
     assert summary["best_epoch"] == metrics["best_epoch"] and summary["epochs_run"] == FAST["epochs"]
+    assert metrics["epochs_run"] == FAST["epochs"]  # a sortable column in the runs table too
     for key in ("val_loss", "lr"):
         assert key in summary
 
@@ -167,3 +168,18 @@ def test_dataset_is_logged_as_an_input(trained_run):
     names = {d.dataset.name for d in inputs}
     assert names == {"mnist-training", "mnist-validation", "mnist-testing"}
     assert all(d.dataset.digest for d in inputs)
+
+
+def test_figure_titles_say_how_many_epochs_ran(fresh_experiment):
+    import mlflow
+
+    from mnist_tracking.tracking import describe_training_run
+
+    with mlflow.start_run(run_name="stopped-early") as run:
+        mlflow.log_params({"optimizer": "sgd", "lr": 0.01, "epochs": 50})
+        mlflow.log_metrics({"best_epoch": 31, "epochs_run": 36, "best_val_acc": 0.9933})
+    described = describe_training_run(MlflowClient().get_run(run.info.run_id))
+    assert described == "stopped-early, sgd lr=0.01, 36 of 50 epochs, best epoch 31, val acc 99.33%"
+    with mlflow.start_run(run_name="older") as run:  # runs logged before epochs_run existed
+        mlflow.log_params({"optimizer": "sgd", "lr": 0.01, "epochs": 1})
+    assert describe_training_run(MlflowClient().get_run(run.info.run_id)) == "older, sgd lr=0.01, 1 epoch"
