@@ -323,7 +323,26 @@ def log_dataset(config: TrainConfig, splits) -> None:
                 source=splits.source,
                 name=f"{config.dataset}-{context}",
             )
-        mlflow.log_input(dataset, context=context)
+        _log_input_once_stored(dataset, context)
+
+
+DATASET_INSERT_TRIES = 3  # concurrent trainings race to insert the same dataset row
+
+
+def _log_input_once_stored(dataset, context: str) -> None:
+    """mlflow.log_input, retried when another process inserted the same dataset first.
+
+    Two trainings started at once on one store both find the dataset missing and insert it; the
+    loser gets a UNIQUE-constraint error. On the next try the row exists, and is only linked.
+    """
+    for attempt in range(DATASET_INSERT_TRIES):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            # sqlite: "UNIQUE constraint failed"; PostgreSQL: "violates unique constraint"
+            if "unique constraint" not in str(exc).lower() or attempt == DATASET_INSERT_TRIES - 1:
+                raise
 
 
 # What a resumed run may change: how far to train and where. Everything else (lr, optimizer,
