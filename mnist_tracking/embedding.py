@@ -201,8 +201,8 @@ def tsne(
         )
         coords = np.asarray(model.fit(reduced))
         params.update(implementation=f"openTSNE {openTSNE.__version__}", gradient=gradient,
-                      learning_rate=round(learning_rate, 2), n_iter=model.early_exaggeration_iter + model.n_iter)
-        params["neighbors"] = TSNE_NEIGHBORS
+                      learning_rate=round(learning_rate, 2), n_iter=model.early_exaggeration_iter + model.n_iter,
+                      neighbors=TSNE_NEIGHBORS)
         if gradient == "fft":
             params["fft_ints_in_interval"] = FFT_INTS_IN_INTERVAL
     elif implementation == "sklearn":
