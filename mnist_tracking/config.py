@@ -10,7 +10,10 @@ from mnist_tracking.errors import UserError
 from mnist_tracking.model import ACTIVATIONS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "plateau")
+SCHEDULERS = ("none", "plateau", "cosine")
+# What early stopping counts as progress: a new best val accuracy (the first recipe), a new lowest
+# val loss (what the plateau scheduler watches), or either of the two.
+EARLY_STOPPING_MONITORS = ("val_acc", "val_loss", "val_acc_or_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -31,6 +34,7 @@ class TrainConfig:
     batch_size: int = 128
     scheduler: str = "plateau"
     early_stopping: int = 5
+    early_stopping_monitor: str = "val_acc"
     val_fraction: float = 0.2
     seed: int = 42
     dataset: str = "mnist"
@@ -46,6 +50,7 @@ class TrainConfig:
             ("optimizer", OPTIMIZERS),
             ("activation", ACTIVATIONS),
             ("scheduler", SCHEDULERS),
+            ("early_stopping_monitor", EARLY_STOPPING_MONITORS),
             ("dataset", DATASETS),
             ("device", DEVICES),
             ("precision", PRECISIONS),

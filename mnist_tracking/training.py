@@ -117,6 +117,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE
         )
+    if config.scheduler == "cosine":
+        # Stepped once per epoch: lr falls from `lr` to 0 over `epochs` epochs (half a cosine).
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return None
 
 
@@ -247,9 +250,27 @@ class TrainState:
     best_val_acc: float = -1.0
     best_val_loss: float = math.inf
     best_epoch: int = 0
-    epochs_without_improvement: int = 0
+    epochs_without_improvement: int = 0  # epochs without progress in what early stopping monitors
     stopped_early: bool = False
+    lowest_val_loss: float = math.inf
     history: list[dict] = field(default_factory=list)
+
+
+def record_epoch(state: TrainState, epoch: int, val_acc: float, val_loss: float, monitor: str) -> bool:
+    """Update `state` with one epoch's validation numbers; True when it holds the new best weights.
+
+    The best weights are always those of the best val accuracy (ties: the lower val loss);
+    `monitor` only decides what resets early stopping's count (see EARLY_STOPPING_MONITORS).
+    """
+    improved = val_acc > state.best_val_acc or (val_acc == state.best_val_acc and val_loss < state.best_val_loss)
+    lower_loss = val_loss < state.lowest_val_loss
+    progress = {"val_acc": improved, "val_loss": lower_loss, "val_acc_or_loss": improved or lower_loss}[monitor]
+    if improved:
+        state.best_val_acc, state.best_val_loss, state.best_epoch = val_acc, val_loss, epoch
+    state.lowest_val_loss = min(state.lowest_val_loss, val_loss)
+    state.epochs_without_improvement = 0 if progress else state.epochs_without_improvement + 1
+    state.epoch = epoch
+    return improved
 
 
 class Trainer:
@@ -296,24 +317,19 @@ class Trainer:
             if not math.isfinite(val.loss):
                 raise Diverged(f"the validation loss became {val.loss} in epoch {epoch}")
 
-            improved = val.acc > state.best_val_acc or (
-                val.acc == state.best_val_acc and val.loss < state.best_val_loss
-            )
+            improved = record_epoch(state, epoch, val.acc, val.loss, config.early_stopping_monitor)
             if improved:
-                state.best_val_acc, state.best_val_loss, state.best_epoch = val.acc, val.loss, epoch
-                state.epochs_without_improvement = 0
                 self.best_state_dict = copy.deepcopy(self.model.state_dict())
-            else:
-                state.epochs_without_improvement += 1
 
             lr_reduced_to = None
-            if self.scheduler is not None:
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 self.scheduler.step(val.loss)
-                new_lr = self.optimizer.param_groups[0]["lr"]
-                if new_lr < lr:
-                    lr_reduced_to = new_lr
+            elif self.scheduler is not None:
+                self.scheduler.step()
+            new_lr = self.optimizer.param_groups[0]["lr"]
+            if config.scheduler == "plateau" and new_lr < lr:
+                lr_reduced_to = new_lr
 
-            state.epoch = epoch
             if config.early_stopping and state.epochs_without_improvement >= config.early_stopping:
                 state.stopped_early = True
             result = EpochResult(
