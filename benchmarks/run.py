@@ -110,7 +110,7 @@ def main_epoch(data_dir: str, n_images: int, tracked: bool) -> float:
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
     from mnist_tracking.training import Trainer, resolve_device, resolve_precision
-    from mnist_tracking import tracking
+    from mnist_tracking.commands.train import EpochLogger
 
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=1, max_samples=n_images)
     splits = load_splits("mnist", data_dir, config.val_fraction, config.seed, config.max_samples)
@@ -121,15 +121,9 @@ def main_epoch(data_dir: str, n_images: int, tracked: bool) -> float:
         trainer.fit()
         return time.perf_counter() - started
 
-    def on_epoch(result, trainer):  # what train_and_log does each epoch
-        mlflow.log_metrics(result.metrics(), step=result.epoch)
-        if result.improved:
-            tracking.log_torch({"state_dict": trainer.best_state_dict, "epoch": result.epoch}, "checkpoints", "best.pt")
-        tracking.log_torch(trainer.checkpoint(), "checkpoints", "last.pt")
-
     with mlflow.start_run():
         started = time.perf_counter()
-        trainer.fit(on_epoch)
+        trainer.fit(EpochLogger(echo=lambda line: None))  # what train_and_log logs each epoch
         return time.perf_counter() - started
 
 
@@ -332,7 +326,7 @@ def main() -> None:
                [2500.0], [rss], "MB", False, "<= 2500 MB (ours_median)", note="baseline column is the 2.5 GB budget")
 
     if "project" in only or "umap" in only:
-        from mnist_tracking.tracking import load_features
+        from mnist_tracking.commands.project import load_features
 
         arrays = load_features(trained_run(), "test")
         features, labels = arrays["features"], arrays["labels"]

@@ -36,9 +36,9 @@ class OneLineErrors(click.Group):
             if isinstance(exc, click.UsageError) and exc.ctx is not None:
                 message = f"{message.rstrip('.')}; see {exc.ctx.command_path} --help"
                 if os.environ.get("MLFLOW_RUN_ID"):
-                    from mnist_tracking.tracking import fail_pending_project_run
+                    from mnist_tracking.runs import end_mlflow_run_command_run
 
-                    fail_pending_project_run(message)
+                    end_mlflow_run_command_run(message)
             click.echo(f"Error: {message}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -56,7 +56,7 @@ def user_errors(command):
 
         signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
-            from mnist_tracking.tracking import check_tracking_server
+            from mnist_tracking.runs import check_tracking_server
 
             check_tracking_server()  # every entry point: an unreachable server fails at once
             return command(*args, **kwargs)
@@ -65,9 +65,9 @@ def user_errors(command):
         except KeyboardInterrupt as exc:
             # The core ends its own run KILLED and says so in `exc`; else no epoch had started.
             message = str(exc) if str(exc) not in ("", "SIGINT", "SIGTERM") else "interrupted before training started"
-            from mnist_tracking.tracking import fail_pending_project_run
+            from mnist_tracking.runs import end_mlflow_run_command_run
 
-            fail_pending_project_run(message, status="KILLED")
+            end_mlflow_run_command_run(message, status="KILLED")
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # the store or network: still one line, with the cause
@@ -75,9 +75,9 @@ def user_errors(command):
                 message = f"tracking store error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}; check MLFLOW_TRACKING_URI"
             else:
                 raise
-        from mnist_tracking.tracking import fail_pending_project_run
+        from mnist_tracking.runs import end_mlflow_run_command_run
 
-        fail_pending_project_run(message)
+        end_mlflow_run_command_run(message)
         raise click.ClickException(message)
 
     return wrapper
@@ -129,12 +129,11 @@ def train(**params) -> None:
     Everything lands in one MLflow run: metrics per epoch, checkpoints/best.pt and last.pt,
     features/{val,test}.npz, summary.json, plots/, and the MLflow model `model`.
     """
+    from mnist_tracking.commands.train import train_and_log
     from mnist_tracking.config import TrainConfig
-    from mnist_tracking.tracking import train_and_log
 
     config = TrainConfig(**params)
     train_and_log(config, echo=click.echo)
-
 
 
 # ---- project: embed and draw a logged run's features
@@ -165,12 +164,11 @@ def project(**params) -> None:
     go to the training run's projections/. Without the images (see --data-dir) the views have
     no thumbnails and the TensorBoard export no sprite; a warning says so.
     """
-    from mnist_tracking.embedding import ProjectConfig
-    from mnist_tracking.tracking import project_and_log
+    from mnist_tracking.commands.project import project_and_log
+    from mnist_tracking.config import ProjectConfig
 
     config = ProjectConfig(**params)
     project_and_log(config, echo=click.echo)
-
 
 
 # ---- register: put the best model in the Model Registry
@@ -193,10 +191,9 @@ def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -
     Registering the same run again reuses its version. Serve the alias with
     `mlflow models serve -m "models:/mnist-convnet@champion" --env-manager local`.
     """
-    from mnist_tracking.tracking import register as register_model
+    from mnist_tracking.commands.register import register as register_model
 
     register_model(run_id=run_id, experiment=experiment, metric=metric, name=name, alias=alias, echo=click.echo)
-
 
 
 # ---- sweep: the seed's three trainings, projected and compared
@@ -223,8 +220,8 @@ def sweep(**params) -> None:
     logs and gets a nested projection run; the parent run (named seed-study) gets comparison.png
     (one row per training, one column per method) and comparison.md (the seed's table for all three).
     """
-    from mnist_tracking.study import SweepConfig
-    from mnist_tracking.tracking import sweep_and_log
+    from mnist_tracking.commands.sweep import sweep_and_log
+    from mnist_tracking.config import SweepConfig
 
     sweep_and_log(SweepConfig(**params), echo=click.echo)
 

@@ -1,11 +1,13 @@
-"""The training configuration: one dict of parameters, checked before any work starts."""
+"""The parameters of every entry point as checked dataclasses, and the rule of what a resume may change."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 
 from mnist_tracking.data import DATASETS
+from mnist_tracking.embedding import DIMS, MIN_POINTS, SPLITS, parse_methods
 from mnist_tracking.errors import UserError
 from mnist_tracking.model import ACTIVATIONS
 
@@ -20,7 +22,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 @dataclass
 class TrainConfig:
-    """Every parameter of the `main` entry point, with SPEC's defaults.
+    """Every parameter of the `main` entry point, with its default.
 
     The same dict is logged as the run's params and stored in each checkpoint.
     """
@@ -76,10 +78,145 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def run_name(self) -> str:
+        """A name people can tell apart in the runs table: optimizer, lr, activation, epochs."""
+        return f"{self.optimizer}-lr{self.lr:g}-{self.activation}-{self.epochs}ep"
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# Parameters added after runs were logged without them: the value that reproduces how such a
+# run trained (before `early_stopping_monitor`, early stopping watched the val accuracy).
+LEGACY_VALUES = {"early_stopping_monitor": "val_acc"}
+
+# What a resumed run may change: how far to train and where. Everything else (lr, optimizer,
+# batch size, seed, data split, ...) is the resumed run's, so its training continues unchanged.
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "device", "precision", "register_as", "resume_from")
+
+
+def resumed_config(config: TrainConfig, checkpoint: dict, run_id: str) -> TrainConfig:
+    """The resumed run's parameters (from its checkpoint), with this invocation's `RESUME_MAY_CHANGE` ones.
+
+    A parameter left at its default takes the resumed run's value; one set to another value
+    than that run's is an error, since it would not continue the same training.
+    """
+    original = {**LEGACY_VALUES, **checkpoint["params"]}
+    wanted, defaults = config.to_dict(), TrainConfig().to_dict()
+    conflicts = [
+        f"{name}={wanted[name]} (the run has {original[name]})"
+        for name in wanted
+        if name not in RESUME_MAY_CHANGE and name in original
+        and wanted[name] != defaults[name] and wanted[name] != original[name]
+    ]
+    if conflicts:
+        raise UserError(
+            f"resuming run {run_id} keeps its training parameters, but these differ: {', '.join(conflicts)}; "
+            f"leave them out (only {', '.join(RESUME_MAY_CHANGE[:4])} may change)"
+        )
+    resumed = TrainConfig.from_dict({**original, **{name: wanted[name] for name in RESUME_MAY_CHANGE}})
+    done, state = checkpoint["epoch"], checkpoint["train_state"]
+    if state.get("stopped_early"):
+        raise UserError(
+            f"run {run_id} stopped early after epoch {done} (no val improvement in "
+            f"{original['early_stopping']} epochs); there is nothing to continue: train a new run instead"
+        )
+    if resumed.epochs <= done:
+        raise UserError(
+            f"run {run_id} has already trained {done} epochs; pass epochs greater than {done} "
+            f"(now {resumed.epochs}) to continue it"
+        )
+    return resumed
+
+
+@dataclass
+class ProjectConfig:
+    """The parameters of the `project` entry point, checked before the store is touched."""
+
+    run_id: str
+    split: str = "test"
+    methods: str = "pca,tsne"
+    max_points: int = 10000
+    perplexity: float = 30.0
+    dims: int = 2
+    seed: int = 42
+    data_dir: str = ""  # where the images are, for the thumbnails; "" = the training run's data_dir
+    method_list: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_id = str(self.run_id).strip()
+        if not self.run_id:
+            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
+        self.split = str(self.split).strip().lower()
+        if self.split not in SPLITS:
+            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        self.method_list = parse_methods(self.methods)
+        self.methods = ",".join(self.method_list)
+        if self.max_points < MIN_POINTS:
+            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
+        if self.dims not in DIMS:
+            raise UserError(f"dims must be 2 or 3, got {self.dims}")
+        if not self.perplexity > 0:
+            raise UserError(f"perplexity must be > 0, got {self.perplexity}")
+        self.data_dir = str(self.data_dir).strip()
+
+    def to_params(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "split": self.split,
+            "methods": self.methods,
+            "max_points": self.max_points,
+            "perplexity": self.perplexity,
+            "dims": self.dims,
+            "seed": self.seed,
+            "data_dir": self.data_dir,
+        }
+
+
+@dataclass
+class SweepConfig:
+    """Every parameter of the `sweep` entry point, checked before any work starts."""
+
+    data_dir: str = "data"
+    max_samples: int = 0
+    methods: str = "pca,tsne"
+    epochs_scale: float = 1.0
+    resume: str = ""  # a sweep parent run id: reuse its finished trainings, run the others
+
+    def __post_init__(self) -> None:
+        self.method_list = parse_methods(self.methods)
+        if not (math.isfinite(self.epochs_scale) and self.epochs_scale > 0):
+            raise UserError(f"epochs_scale must be a number > 0 (1 = the seed's epochs), got {self.epochs_scale}")
+        if self.max_samples < 0:
+            raise UserError(f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+
+    def to_params(self) -> dict:
+        return asdict(self)
+
+    def same_study(self, params: dict[str, str]) -> list[str]:
+        """The parameters in which a logged sweep's `params` differ from this one, as 'name=logged'."""
+        same = {  # logged text -> does it name what this sweep has?
+            "data_dir": lambda logged: _same_path(logged, self.data_dir),
+            "max_samples": lambda logged: int(logged) == self.max_samples,
+            "methods": lambda logged: parse_methods(logged) == self.method_list,
+            "epochs_scale": lambda logged: float(logged) == self.epochs_scale,
+        }
+        differ = []
+        for name, matches in same.items():
+            logged = params.get(name)
+            try:
+                if logged is not None and matches(logged):
+                    continue
+            except (ValueError, UserError):
+                pass
+            differ.append(f"{name}={logged}")
+        return differ
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 def _check(ok: bool, message: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +29,26 @@ KNN_NEIGHBORS = 10
 KNN_FOLDS = 5
 
 TSNE_IMPLEMENTATIONS = ("opentsne", "sklearn")
-# One thread: measured on our shared 2-core machine (benchmarks/tsne_choice.py), openTSNE with
-# n_jobs=2 was slower than with 1 (10,000 points: 202 s vs 167 s; 120 points with Barnes-Hut:
-# 31 s vs 1.1 s), since its worker threads wait on each other when the cores are busy.
+# One thread: on our shared 2-core machine openTSNE with n_jobs=2 was slower than with 1, since
+# its worker threads wait on each other when the cores are busy (benchmarks/tsne_choice.py).
 TSNE_JOBS = 1
 # openTSNE's own rule ("auto"): the FFT-interpolated gradient from 10,000 points on, Barnes-Hut
-# below (at 120 points FFT took 26 s, Barnes-Hut 1.1 s: FFT has a fixed grid cost).
+# below (FFT has a fixed grid cost that small inputs do not repay).
 FFT_MIN_POINTS = 10_000
 # Learning rate max(N / 12, 200) in both phases: scikit-learn's learning_rate="auto" (Belkina et
 # al. 2019; 12 is the early exaggeration). openTSNE's "auto" raises it to N after the early phase,
-# which spreads the map ~1.3x wider and, the FFT grid growing with it, made the run ~2x slower at
-# the same kNN accuracy (benchmarks/tsne_choice.py, 10,000 points).
+# which spreads the map wider and, the FFT grid growing with it, makes the run slower at the
+# same kNN accuracy (benchmarks/tsne_choice.py).
 TSNE_EXAGGERATION = 12
 TSNE_MIN_LEARNING_RATE = 200
 # FFT interpolation intervals 2 map units wide instead of 1 (openTSNE keeps at least 50 per axis,
 # which is what rules for the ~90-unit wide maps of 10,000 MNIST points): the t-SNE kernel
-# 1 / (1 + d^2) is smooth at that scale. 10,000 points: the optimisation ~2x faster, kNN
-# accuracy and trustworthiness unchanged to 0.002 (benchmarks/tsne_choice.py).
+# 1 / (1 + d^2) is smooth at that scale: faster, with kNN accuracy and trustworthiness unchanged
+# (benchmarks/tsne_choice.py).
 FFT_INTS_IN_INTERVAL = 2
 # Exact neighbours (scikit-learn, brute force on the 50 PCA dims) instead of openTSNE's Annoy
 # index: our splits hold at most tens of thousands of points, where exact search is the faster
-# one (10,000 points: 1.0 s against 6.7 s for Annoy) and has no approximation error.
+# one (benchmarks/tsne_choice.py) and has no approximation error.
 TSNE_NEIGHBORS = "exact"
 UMAP_NEIGHBORS = 15  # umap-learn's defaults, recorded as params
 UMAP_MIN_DIST = 0.1
@@ -64,50 +63,6 @@ def parse_methods(methods: str) -> tuple[str, ...]:
     if not names:
         raise UserError(f"methods is empty: give a comma list of {', '.join(METHODS)}")
     return tuple(dict.fromkeys(names))
-
-
-@dataclass
-class ProjectConfig:
-    """The parameters of the `project` entry point, checked before the store is touched."""
-
-    run_id: str
-    split: str = "test"
-    methods: str = "pca,tsne"
-    max_points: int = 10000
-    perplexity: float = 30.0
-    dims: int = 2
-    seed: int = 42
-    data_dir: str = ""  # where the images are, for the thumbnails; "" = the training run's data_dir
-    method_list: tuple[str, ...] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.run_id = str(self.run_id).strip()
-        if not self.run_id:
-            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
-        self.split = str(self.split).strip().lower()
-        if self.split not in SPLITS:
-            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
-        self.method_list = parse_methods(self.methods)
-        self.methods = ",".join(self.method_list)
-        if self.max_points < MIN_POINTS:
-            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
-        if self.dims not in DIMS:
-            raise UserError(f"dims must be 2 or 3, got {self.dims}")
-        if not self.perplexity > 0:
-            raise UserError(f"perplexity must be > 0, got {self.perplexity}")
-        self.data_dir = str(self.data_dir).strip()
-
-    def to_params(self) -> dict:
-        return {
-            "run_id": self.run_id,
-            "split": self.split,
-            "methods": self.methods,
-            "max_points": self.max_points,
-            "perplexity": self.perplexity,
-            "dims": self.dims,
-            "seed": self.seed,
-            "data_dir": self.data_dir,
-        }
 
 
 @dataclass
@@ -172,8 +127,8 @@ def tsne(
 ) -> Embedding:
     """t-SNE of the standardised, PCA-reduced features.
 
-    openTSNE (measured in benchmarks/tsne_choice.py: at 10,000 points about 2x faster than
-    scikit-learn's Barnes-Hut on the same input, same kNN accuracy) with its FFT-interpolated
+    openTSNE (faster than scikit-learn's Barnes-Hut on the same input at the same kNN accuracy:
+    benchmarks/tsne_choice.py) with its FFT-interpolated
     gradient from FFT_MIN_POINTS on, Barnes-Hut below; FFT is 2-D only, so dims=3 always uses
     Barnes-Hut. Learning rate max(N/12, 200) in both phases, as scikit-learn's "auto".
     implementation="sklearn" runs scikit-learn's Barnes-Hut instead (for the comparison).
@@ -239,7 +194,7 @@ def _cache_umap_compilation() -> None:
     """Let numba cache on disk the umap-learn functions that do not ask for it themselves.
 
     Those (the layout epoch, the fuzzy-set construction, ...) are compiled again in every new
-    process, about 10 s here; cached, a warm `project` with UMAP skips that (benchmarks/run.py).
+    process; cached, a warm `project` with UMAP skips that (benchmarks/run.py measures it).
     """
     from numba.core.caching import NullCache
     from numba.core.dispatcher import Dispatcher
@@ -265,7 +220,7 @@ def umap(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
     reduced, params = standardize_and_reduce(features, seed)
     neighbors = min(UMAP_NEIGHBORS, len(features) - 1)
     # Exact neighbours, as for t-SNE: umap-learn's own approximate search (pynndescent) is slower
-    # at our sizes and compiles ~50 s of numba code in every new process, none of it cached.
+    # at our sizes and compiles numba code in every new process, none of it cached.
     knn = exact_neighbors(reduced, neighbors)
     with warnings.catch_warnings():
         # A fixed random_state makes umap-learn single-threaded and say so; reproducibility wins.

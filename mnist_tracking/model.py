@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mnist_tracking.digits import NUM_CLASSES
+
 # The activations the seed compared, by the name users pass on the command line.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -16,7 +18,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
 }
 
-NUM_CLASSES = 10
 FEATURE_DIM = 512  # width of the penultimate layer, the features we project
 
 
@@ -76,6 +77,9 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))  # (N, 1, 28, 28) -> (N, 10)
+
+
+MODEL_NAME = ConvNet.__name__  # the "model" of the summary table and the logged params
 
 
 class ServedConvNet(nn.Module):

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
+
 DPI = 150  # print quality without megabyte PNGs
 
 
@@ -36,7 +38,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "
     fig = Figure(figsize=(6, 5.5), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=list(range(10)), ax=ax, cmap="Blues", colorbar=False
+        labels, predictions, labels=list(range(NUM_CLASSES)), ax=ax, cmap="Blues", colorbar=False
     )
     accuracy = float(np.mean(labels == predictions))
     ax.set_title(f"{title} test accuracy {accuracy:.2%}".strip(), fontsize=10)
@@ -45,7 +47,6 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "
 
 # --------------------------------------------------------------------------- projections
 
-DIGIT_COLORS = "tab10"  # 10 distinct categorical colours, one per digit
 MISCLASSIFIED_COLOR = "black"
 # Misclassified points are drawn larger and outlined; when most points are wrong (an untrained
 # network) large outlines would bury the colours, so they are only slightly larger then.
@@ -59,20 +60,24 @@ def _marker_size(n_points: int) -> float:
     return float(np.clip(20_000 / max(n_points, 1), 1.5, 25))
 
 
+def _digit_colormap():
+    from matplotlib.colors import ListedColormap
+
+    return ListedColormap(DIGIT_COLORS, name="digits")
+
+
 def _draw_embedding(ax, coords: np.ndarray, labels: np.ndarray, predictions: np.ndarray, axis_labels=("", "")) -> None:
     """Points coloured by true digit; misclassified ones outlined in black on top."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps[DIGIT_COLORS]
+    cmap = _digit_colormap()
     size = _marker_size(len(coords))
     # Shuffle the drawing order (fixed seed) so no digit sits on top of all others.
     order = np.random.default_rng(0).permutation(len(coords))
-    ax.scatter(coords[order, 0], coords[order, 1], c=cmap(labels[order] % 10), s=size, alpha=0.5, linewidths=0)
+    ax.scatter(coords[order, 0], coords[order, 1], c=cmap(labels[order] % NUM_CLASSES), s=size, alpha=0.5, linewidths=0)
     wrong = labels != predictions
     if wrong.any():
         many = wrong.mean() > MANY_MISCLASSIFIED
         growth, edge = (MISCLASSIFIED_GROWTH_MANY, 0.3) if many else (MISCLASSIFIED_GROWTH, 0.6)
-        ax.scatter(coords[wrong, 0], coords[wrong, 1], c=cmap(labels[wrong] % 10), s=size * growth,
+        ax.scatter(coords[wrong, 0], coords[wrong, 1], c=cmap(labels[wrong] % NUM_CLASSES), s=size * growth,
                    alpha=0.9, edgecolors=MISCLASSIFIED_COLOR, linewidths=edge)
     ax.set_aspect("equal", adjustable="datalim")
     ax.set_xticks([])
@@ -83,13 +88,12 @@ def _draw_embedding(ax, coords: np.ndarray, labels: np.ndarray, predictions: np.
 
 
 def _legend_handles(labels: np.ndarray, predictions: np.ndarray) -> list:
-    import matplotlib
     from matplotlib.lines import Line2D
 
-    cmap = matplotlib.colormaps[DIGIT_COLORS]
+    cmap = _digit_colormap()
     handles = [
         Line2D([], [], ls="", marker="o", ms=6, mfc=cmap(d), mec="none", label=str(d))
-        for d in range(10) if (labels == d).any()
+        for d in range(NUM_CLASSES) if (labels == d).any()
     ]
     wrong = int((labels != predictions).sum())
     handles.append(Line2D([], [], ls="", marker="o", ms=6, mfc="lightgrey", mec=MISCLASSIFIED_COLOR,

@@ -20,7 +20,7 @@ from mnist_tracking.model import ConvNet
 EVAL_BATCH_SIZE = 1024  # no gradients kept, so evaluation can take larger batches
 PLATEAU_FACTOR = 0.1  # ReduceLROnPlateau: lr *= 0.1 ...
 PLATEAU_PATIENCE = 2  # ... after 2 epochs without a lower val loss (seed: 0.01 -> 1e-4 by epoch 27)
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # SPEC's per-epoch metrics
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # the per-epoch metrics, by name
 PROGRESS_EVERY = 20  # batches between progress-bar updates (each update syncs the device)
 
 
@@ -165,7 +165,7 @@ def evaluate(
 
 
 def feature_arrays(split: Split, result: EvalResult) -> dict[str, np.ndarray]:
-    """The arrays of `features/<split>.npz` (SPEC): features, labels, predictions, indices."""
+    """The arrays of `features/<split>.npz`: features, labels, predictions, indices."""
     return {
         "features": result.features,
         "labels": split.labels.numpy().astype(np.int64),
@@ -238,7 +238,7 @@ class EpochResult:
     lr_reduced_to: float | None = None  # set when the plateau scheduler lowered the lr after it
 
     def metrics(self) -> dict[str, float]:
-        """The per-epoch metrics of SPEC, by name."""
+        """The per-epoch metrics, by name."""
         return {k: getattr(self, k) for k in EPOCH_METRICS}
 
 
@@ -256,11 +256,12 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def record_epoch(state: TrainState, epoch: int, val_acc: float, val_loss: float, monitor: str) -> bool:
+def record_epoch(state: TrainState, epoch: int, val_acc: float, val_loss: float, monitor: str, patience: int) -> bool:
     """Update `state` with one epoch's validation numbers; True when it holds the new best weights.
 
     The best weights are always those of the best val accuracy (ties: the lower val loss);
-    `monitor` only decides what resets early stopping's count (see EARLY_STOPPING_MONITORS).
+    `monitor` decides what counts as progress for early stopping (config.EARLY_STOPPING_MONITORS),
+    which stops after `patience` epochs without it (0: never).
     """
     improved = val_acc > state.best_val_acc or (val_acc == state.best_val_acc and val_loss < state.best_val_loss)
     lower_loss = val_loss < state.lowest_val_loss
@@ -270,6 +271,7 @@ def record_epoch(state: TrainState, epoch: int, val_acc: float, val_loss: float,
     state.lowest_val_loss = min(state.lowest_val_loss, val_loss)
     state.epochs_without_improvement = 0 if progress else state.epochs_without_improvement + 1
     state.epoch = epoch
+    state.stopped_early = bool(patience) and state.epochs_without_improvement >= patience
     return improved
 
 
@@ -317,7 +319,7 @@ class Trainer:
             if not math.isfinite(val.loss):
                 raise Diverged(f"the validation loss became {val.loss} in epoch {epoch}")
 
-            improved = record_epoch(state, epoch, val.acc, val.loss, config.early_stopping_monitor)
+            improved = record_epoch(state, epoch, val.acc, val.loss, config.early_stopping_monitor, config.early_stopping)
             if improved:
                 self.best_state_dict = copy.deepcopy(self.model.state_dict())
 
@@ -329,9 +331,6 @@ class Trainer:
             new_lr = self.optimizer.param_groups[0]["lr"]
             if config.scheduler == "plateau" and new_lr < lr:
                 lr_reduced_to = new_lr
-
-            if config.early_stopping and state.epochs_without_improvement >= config.early_stopping:
-                state.stopped_early = True
             result = EpochResult(
                 epoch, train_loss, train_acc, val.loss, val.acc, lr,
                 time.perf_counter() - started, improved, lr_reduced_to,
@@ -361,8 +360,19 @@ class Trainer:
         model.load_state_dict(self.best_state_dict)
         return model.to(self.device, memory_format=torch.channels_last).eval()
 
+    def best_checkpoint(self) -> dict:
+        """`checkpoints/best.pt`: the best weights so far and where they were found."""
+        state = self.state
+        return {
+            "state_dict": self.best_state_dict,
+            "epoch": state.best_epoch,
+            "val_acc": state.best_val_acc,
+            "val_loss": state.best_val_loss,
+            "params": self.config.to_dict(),
+        }
+
     def checkpoint(self) -> dict:
-        """The full training state (SPEC's `checkpoints/last.pt`); loads with weights_only=True."""
+        """The full training state (`checkpoints/last.pt`); loads with weights_only=True."""
         return {
             "state_dict": self.model.state_dict(),
             "best_state_dict": self.best_state_dict,

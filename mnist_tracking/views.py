@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
+
 THUMB_SIDE = 28  # MNIST-family images are 28 x 28 pixels
 # The sprite holds 16 grey levels (4 bits a pixel, a palette PNG): at thumbnail size they look
 # like the 256 of the files, and the 10,000 test digits take 0.96 MB instead of 1.7 MB.
@@ -17,14 +19,8 @@ SPRITE_BITS = 4
 SPRITE_MAX_SIDE = 8192  # TensorBoard's projector refuses larger sprites (and so may browsers' canvases)
 HOVER_SCALE = 4  # the hovered thumbnail is drawn 4x (112 x 112 CSS pixels), pixels kept sharp
 
-# matplotlib's "tab10", the colours of the PNGs (plots.DIGIT_COLORS), one per digit 0-9.
-DIGIT_COLORS = (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-)
 CORRECT_COLOR = "#c7c7c7"  # "colour by correctness": right ones recede, wrong ones stand out
 WRONG_COLOR = "#d62728"
-N_CLASSES = 10
 TOP_MARGIN = 100  # px above the plot: two title lines, then the row of colour buttons
 PLOT_ID = "embedding"  # the id of the plot's <div>
 THUMB_ID = "thumbnail"  # the id of the hover card with the thumbnail
@@ -77,9 +73,9 @@ def _marker_size(n_points: int, dims: int) -> float:
 def point_colors(labels: np.ndarray, predictions: np.ndarray, mode: str) -> list[str]:
     """Colours of points (n,) by "label" (true digit), "prediction", or "correct" (wrong ones red)."""
     if mode == "label":
-        return [DIGIT_COLORS[d % N_CLASSES] for d in labels]
+        return [DIGIT_COLORS[d % NUM_CLASSES] for d in labels]
     if mode == "prediction":
-        return [DIGIT_COLORS[d % N_CLASSES] for d in predictions]
+        return [DIGIT_COLORS[d % NUM_CLASSES] for d in predictions]
     if mode == "correct":
         return [CORRECT_COLOR if right else WRONG_COLOR for right in labels == predictions]
     raise ValueError(f"unknown colour mode {mode!r}")
@@ -113,7 +109,7 @@ def figure(
     size = _marker_size(n, dims)
     hover = "index %{customdata[0]}<br>true %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     traces, members = [], []
-    for digit in range(N_CLASSES):
+    for digit in range(NUM_CLASSES):
         mine = labels == digit  # (n,) bool
         if not mine.any():
             continue
@@ -132,7 +128,7 @@ def figure(
     buttons = []
     for mode, text, legend_title in COLOR_MODES:
         if mode == "label":  # one colour per trace, as drawn first (the legend shows it)
-            colors = [DIGIT_COLORS[int(labels[mine][0]) % N_CLASSES] for mine in members]
+            colors = [DIGIT_COLORS[int(labels[mine][0]) % NUM_CLASSES] for mine in members]
         else:  # one colour per point, per trace
             everyone = np.array(point_colors(labels, predictions, mode), dtype=object)
             colors = [everyone[mine].tolist() for mine in members]

@@ -59,41 +59,35 @@ def tracking_store(tmp_path_factory) -> str:
     """A real MLflow store (sqlite + ./mlruns) in a temporary folder, for the whole session."""
     store = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{store}/mlflow.db"
-    old_cwd, old_uri = os.getcwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    # Subprocesses (the CLI, `mlflow run`) import this checkout's package too.
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    os.chdir(store)  # the default artifact root, ./mlruns, lands here too
-    import mlflow
+    with pytest.MonkeyPatch.context() as patch:  # every change undone when the session ends
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        # Subprocesses (the CLI, `mlflow run`) import this checkout's package too.
+        patch.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
+        patch.chdir(store)  # the default artifact root, ./mlruns, lands here too
+        import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    os.chdir(old_cwd)
-    if old_uri is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old_uri
+        mlflow.set_tracking_uri(uri)
+        yield uri
 
 
 @pytest.fixture
-def fresh_experiment(request):
+def fresh_experiment(request, monkeypatch):
     """A new experiment per test, so searches see only that test's runs."""
     import mlflow
 
     name = f"{request.node.name}-{os.urandom(4).hex()}"
     experiment_id = mlflow.create_experiment(name)
-    os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     mlflow.set_experiment(experiment_id=experiment_id)
     yield experiment_id
-    mlflow.set_experiment("Default")
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)  # set_experiment exports it: leave no trace
+    mlflow.set_experiment("Default")  # set_experiment exports MLFLOW_EXPERIMENT_ID: monkeypatch removes it after
 
 
 @pytest.fixture(scope="session")
 def trained_run(data_dir, tmp_path_factory) -> str:
     """One real training run on fake data, shared by the tests that only read it."""
     from mnist_tracking.config import TrainConfig
-    from mnist_tracking.tracking import train_and_log
+    from mnist_tracking.commands.train import train_and_log
 
     config = TrainConfig(data_dir=str(data_dir), **FAST)
     return train_and_log(config, echo=lambda line: None, progress=False)

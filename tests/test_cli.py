@@ -1,20 +1,12 @@
 """The CLI and `mlflow run` end to end, as a user types them, in real subprocesses."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO
-
-
-def run_cli(*args, cwd, timeout=300, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_tracking", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
+from helpers import run_cli
 
 
 def runs_of(experiment_id):

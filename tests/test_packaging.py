@@ -57,3 +57,76 @@ def test_help_answers_fast_without_heavy_imports():
     result = subprocess.run([sys.executable, "-m", "mnist_tracking", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout
     assert time.perf_counter() - started < 5  # generous for a loaded CI machine; the benchmark measures it
+
+
+# The pure layers: computing, drawing and reading files, never talking to MLflow (runs.py and
+# commands/ do that). Their imports are followed through the package, lazy ones inside functions too.
+PURE_MODULES = ("model", "data", "training", "embedding", "plots", "views", "projector", "study", "config",
+                "reports", "interrupts", "digits", "errors")
+
+
+def imported_modules(module: str) -> set[str]:
+    """Every module `mnist_tracking.<module>` imports anywhere in its source (top level or in functions)."""
+    import ast
+
+    path = REPO / "mnist_tracking" / (module.replace(".", "/") + ".py")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "mnist_tracking":  # from mnist_tracking import plots, views
+                names |= {f"mnist_tracking.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_modules_never_import_mlflow(module):
+    seen, todo, offenders = set(), [module], []
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        for name in imported_modules(current):
+            if name.split(".")[0] == "mlflow":
+                offenders.append(f"mnist_tracking.{current} imports {name}")
+            elif name.startswith("mnist_tracking."):
+                todo.append(name.removeprefix("mnist_tracking."))
+    assert not offenders, offenders
+
+
+def entry_point_defaults() -> dict[str, tuple[str, dict]]:
+    """entry point -> (click command, the defaults of the code it calls, by parameter name)."""
+    import dataclasses
+    import inspect
+
+    from mnist_tracking.commands.register import register
+    from mnist_tracking.config import ProjectConfig, SweepConfig, TrainConfig
+
+    def of_dataclass(cls) -> dict:
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
+
+    return {
+        "main": ("train", of_dataclass(TrainConfig)),
+        "project": ("project", of_dataclass(ProjectConfig)),
+        "register": ("register", {name: p.default for name, p in inspect.signature(register).parameters.items()
+                                  if name != "echo"}),
+        "sweep": ("sweep", of_dataclass(SweepConfig)),
+    }
+
+
+@pytest.mark.parametrize("entry_point", ["main", "project", "register", "sweep"])
+def test_defaults_agree_in_mlproject_the_cli_and_the_code(entry_point):
+    command, code_defaults = entry_point_defaults()[entry_point]
+    spec = mlproject()["entry_points"][entry_point]["parameters"]
+    options = {p.name: p for p in cli.commands[command].params}
+    assert set(options) == set(spec)
+    for name, option in options.items():
+        if option.required:  # run_id of project: no default anywhere
+            assert name not in code_defaults and "default" not in spec[name], name
+            continue
+        assert name in code_defaults, f"{entry_point}: --{name} has no default in the code it calls"
+        assert option.default == code_defaults[name], (name, option.default, code_defaults[name])
+        assert CLICK_TYPES[spec[name]["type"]](spec[name]["default"]) == code_defaults[name], name

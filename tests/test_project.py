@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
-from mnist_tracking.embedding import ProjectConfig
-from test_views import array, plot_data
+from helpers import PROJECTION_METRICS, array, free_port, plot_data, run_cli
+from mnist_tracking.config import ProjectConfig
 
-METRICS = ("trustworthiness", "knn_acc", "silhouette", "seconds")
 
 
 def project(run_id, echo=lambda line: None, **options):
-    from mnist_tracking.tracking import project_and_log
+    from mnist_tracking.commands.project import project_and_log
 
     return project_and_log(ProjectConfig(run_id=run_id, **options), echo=echo)
-
-
-def run_cli(*args, cwd, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_tracking", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def artifact_paths(run_id, folder):
@@ -94,7 +86,7 @@ def test_params_record_the_options_and_each_method(projection):
 
 def test_metrics_are_in_range(projection):
     metrics = MlflowClient().get_run(projection[0]).data.metrics
-    assert set(metrics) == {f"{m}_{name}" for m in ("pca", "tsne") for name in METRICS}
+    assert set(metrics) == {f"{m}_{name}" for m in ("pca", "tsne") for name in PROJECTION_METRICS}
     for method in ("pca", "tsne"):
         assert 0.5 <= metrics[f"{method}_trustworthiness"] <= 1.0
         assert -1.0 <= metrics[f"{method}_silhouette"] <= 1.0
@@ -224,12 +216,6 @@ def test_tensorboard_export_matches_the_features(trained_run, projection, tmp_pa
     with open(f"{folder}/{embedding.sprite.image_path}", "rb") as handle:
         cells = sprite_cells(handle.read(), N_TEST)
     assert_thumbnails_are_the_images(cells, fake_digits(N_TEST, seed=1)[0][features["indices"]])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # starts a TensorBoard server

@@ -2,9 +2,7 @@
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 
@@ -14,9 +12,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, N_TEST, REPO, fake_digits
+from helpers import free_port, run_cli
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
-from mnist_tracking.tracking import KIND_TAG, best_training_run, register, register_run, train_and_log
+from mnist_tracking.commands.register import best_training_run, register, register_run
+from mnist_tracking.commands.train import train_and_log
+from mnist_tracking.runs import KIND_TAG
 
 SERVE_START_TIMEOUT = 180  # seconds; `mlflow models serve` takes 10-30 s on an idle machine
 PIXEL_MAX = 255.0  # the fake IDX files hold uint8 pixels; the model takes [0, 1]
@@ -50,13 +51,6 @@ def runs(data_dir):
     assert metrics[good]["best_val_acc"] > metrics[bad]["best_val_acc"]
     assert metrics[good]["best_val_loss"] < metrics[bad]["best_val_loss"]
     return {"experiment_id": experiment_id, "experiment": name, "good": good, "bad": bad}
-
-
-def run_cli(*args, cwd, timeout=300, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_tracking", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.mark.parametrize("metric", ["best_val_acc", "test_acc", "best_val_loss", "test_loss"])
@@ -186,12 +180,6 @@ def test_mlflow_run_register_gives_version_1_to_the_better_run(runs, tmp_path):
     # The run `mlflow run` wrapped the command in says what it registered.
     [wrapper] = client.search_runs([runs["experiment_id"]], f"tags.`{KIND_TAG}` = 'registration'")
     assert wrapper.info.status == "FINISHED" and wrapper.data.tags["registered_model_name"] == name
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:

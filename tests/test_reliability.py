@@ -19,12 +19,13 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, write_fake_dataset
+from helpers import EPOCH_METRICS
 from mnist_tracking import cli
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
-from mnist_tracking.tracking import KIND_TAG, train_and_log
+from mnist_tracking.commands.train import train_and_log
+from mnist_tracking.runs import KIND_TAG
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 # Tiny runs: 48 train / 12 val images in batches of 16, so an epoch takes well under a second.
 TINY = ["--batch-size", "16", "--max-samples", "60", "--device", "cpu", "--precision", "fp32", "--seed", "42"]
 # One thread per process: the machines running the tests have two cores for several processes.
@@ -130,7 +131,9 @@ def module_experiment():
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["--scheduler", "cosine"], "unknown scheduler 'cosine': choose one of none, plateau"),
+        (["--scheduler", "step"], "unknown scheduler 'step': choose one of none, plateau, cosine"),
+        (["--early-stopping-monitor", "train_loss"],
+         "unknown early_stopping_monitor 'train_loss': choose one of val_acc, val_loss, val_acc_or_loss"),
         (["--device", "tpu"], "unknown device 'tpu': choose one of auto, cpu, cuda, mps"),
         (["--precision", "fp16"], "unknown precision 'fp16': choose one of auto, fp32, bf16"),
         (["--lr", "-1"], "lr must be a number > 0"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,17 +15,11 @@ import pytest
 import torch
 
 from conftest import REPO
+from helpers import EPOCH_METRICS, free_port
 
 SCRIPT = REPO / "deploy" / "tracking-server.sh"
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def have_postgres() -> bool:
@@ -61,7 +54,7 @@ def train(uri: str, data_dir, cwd, *args) -> subprocess.Popen:
     )
 
 
-def test_training_through_the_server_stores_everything(server, data_dir, tmp_path):
+def test_training_through_the_server_stores_everything(server, data_dir, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     process = train(server, data_dir, tmp_path, "--epochs", "2", "--seed", "1")
@@ -87,14 +80,14 @@ def test_training_through_the_server_stores_everything(server, data_dir, tmp_pat
     import mlflow
 
     previous = mlflow.get_tracking_uri()  # the session's temporary store
-    mlflow.set_tracking_uri(server)  # (MLflow 3 also exports it as MLFLOW_TRACKING_URI)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", previous)  # restored after: MLflow 3's set_tracking_uri exports it
+    mlflow.set_tracking_uri(server)
     try:
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
         scores = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
         assert np.asarray(scores).shape == (3, 10)
     finally:
         mlflow.set_tracking_uri(previous)
-        os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def test_parallel_trainings_keep_every_metric(server, data_dir, tmp_path):

@@ -10,8 +10,11 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO
 from mnist_tracking.errors import UserError
-from mnist_tracking.study import SEED_TRAININGS, SweepConfig, comparison_table, scaled, trainings
-from mnist_tracking.tracking import PARENT_RUN_TAG, sweep_and_log
+from mnist_tracking.commands.sweep import sweep_and_log
+from mnist_tracking.config import SweepConfig
+from mnist_tracking.reports import comparison_table
+from mnist_tracking.runs import PARENT_RUN_TAG
+from mnist_tracking.study import SEED_TRAININGS, SweepRow, scaled, trainings
 
 TINY_SCALE = 0.05  # (1) 1 epoch, (2) 20 -> 1 epoch, (3) 50 -> 2 epochs (patience 5 -> 1)
 
@@ -163,11 +166,11 @@ def test_resume_refuses_a_run_that_is_not_a_like_sweep(data_dir, fresh_experimen
 
 def test_comparison_table_formats_metrics_and_failures():
     rows = [
-        {"label": "(a)", "status": "FINISHED", "seed_reported": "12.40%",
-         "metrics": {"best_val_acc": 0.1147, "best_val_loss": 2.30791, "best_epoch": 1.0, "test_acc": 0.126},
-         "params": {"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, "epochs_run": 1, "seconds": 281.4,
-         "projection": {"pca": {"knn_acc": 0.36, "trustworthiness": 0.7, "silhouette": -0.1}}},
-        {"label": "(b)", "status": "FAILED", "reason": "diverged | badly", "seed_reported": "-"},
+        SweepRow(label="(a)", status="FINISHED", seed_reported="12.40%",
+                 metrics={"best_val_acc": 0.1147, "best_val_loss": 2.30791, "best_epoch": 1.0, "test_acc": 0.126},
+                 params={"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, epochs_run=1, seconds=281.4,
+                 projection={"pca": {"knn_acc": 0.36, "trustworthiness": 0.7, "silhouette": -0.1}}),
+        SweepRow(label="(b)", status="FAILED", reason="diverged | badly", seed_reported="-"),
     ]
     lines = comparison_table(rows, ["pca"]).splitlines()
     header = lines[0].split(" | ")

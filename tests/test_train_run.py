@@ -9,11 +9,10 @@ from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, N_TEST, N_TRAIN
+from helpers import EPOCH_METRICS, SUMMARY_METRICS
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.model import ConvNet
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
-SUMMARY_METRICS = ("best_val_acc", "best_val_loss", "best_epoch", "test_acc", "test_loss")
 
 
 def download(run_id, path, tmp_path):
@@ -173,7 +172,7 @@ def test_dataset_is_logged_as_an_input(trained_run):
 def test_figure_titles_say_how_many_epochs_ran(fresh_experiment):
     import mlflow
 
-    from mnist_tracking.tracking import describe_training_run
+    from mnist_tracking.reports import describe_training_run
 
     with mlflow.start_run(run_name="stopped-early") as run:
         mlflow.log_params({"optimizer": "sgd", "lr": 0.01, "epochs": 50})

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,23 +19,17 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST
+from helpers import EPOCH_METRICS, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 Q = "?workflowType=machine_learning"  # SPEC: every UI link opens the "Model training" view
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 MODEL_NAME = "mnist-convnet"
 PAGE_TIMEOUT_S = 180  # the UI is a React app that loads its data after the page: the machine may be slow
 PAGE_LOADS = 2  # tries per page: the time above is shared between them
 SERVER_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_browser() -> None:
@@ -61,8 +54,10 @@ def ui(data_dir, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     from mnist_tracking.config import TrainConfig
-    from mnist_tracking.embedding import ProjectConfig
-    from mnist_tracking.tracking import project_and_log, register_run, train_and_log
+    from mnist_tracking.config import ProjectConfig
+    from mnist_tracking.commands.project import project_and_log
+    from mnist_tracking.commands.register import register_run
+    from mnist_tracking.commands.train import train_and_log
 
     folder = tmp_path_factory.mktemp("ui-store")
     uri = f"sqlite:///{folder}/mlflow.db"

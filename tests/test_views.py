@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import re
 from html.parser import HTMLParser
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import array, plot_data
 from mnist_tracking import projector, views
 
 N_POINTS = 150
@@ -52,26 +52,6 @@ class Tags(HTMLParser):
 
 NETWORK = re.compile(r"^\s*(https?:|wss?:|ftp:|//)", re.IGNORECASE)
 URL_ATTRIBUTES = ("src", "href", "srcset", "action", "data", "poster", "background")
-
-
-def plot_data(page: str) -> tuple[list[dict], dict]:
-    """The traces and layout the page hands to Plotly.newPlot (JSON after the div id)."""
-    start = page.index("Plotly.newPlot(")
-    decoder = json.JSONDecoder()
-    div_id, end = decoder.raw_decode(page, page.index('"', start))
-    assert div_id == views.PLOT_ID
-    data, end = decoder.raw_decode(page, page.index("[", end))
-    layout, _ = decoder.raw_decode(page, page.index("{", end))
-    return data, layout
-
-
-def array(value) -> np.ndarray:
-    """A plotly array as JSON holds it: a list, or a typed array {dtype, bdata[, shape]}."""
-    if isinstance(value, dict):
-        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
-        shape = [int(s) for s in str(value.get("shape", len(flat))).split(",")]
-        return flat.reshape(shape)
-    return np.asarray(value)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,329 @@
+"""The `register` entry point (and `main`'s `register_as`): Model Registry versions and the alias."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from mnist_tracking.errors import UserError
+from mnist_tracking.model import MODEL_NAME
+from mnist_tracking.reports import lower_is_better
+from mnist_tracking.runs import KIND_TAG, NOTE_TAG, SOURCE_RUN_TAG, Kind, get_run, ui_model_url
+
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment 0, where runs land without a choice
+LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
+RUNS_PAGE = 1000  # search_runs page size; a page token fetches the rest
+
+
+@dataclass
+class Registration:
+    """What `register_run` did: the version of `name` that holds the run's model, and the alias."""
+
+    name: str
+    version: int
+    run_id: str
+    metric: str
+    value: float
+    created: bool  # False: the run was registered before, that version is reused
+    alias: str
+    has_alias: bool  # the version holds `alias` after the call
+    alias_reason: str
+
+
+def beats(value: float, other: float, metric: str) -> bool:
+    """Strictly better: on a tie the current holder keeps its alias."""
+    return value < other if lower_is_better(metric) else value > other
+
+
+def resolve_experiment(name: str = ""):
+    """The experiment called `name`; empty: the one `mlflow run` chose (MLFLOW_EXPERIMENT_ID or
+    MLFLOW_EXPERIMENT_NAME, as `--experiment-name` sets them), else MLflow's "Default"."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    env_id = os.environ.get("MLFLOW_EXPERIMENT_ID", "").strip()
+    name = name.strip() or ("" if env_id else os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip())
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        shown = repr(name)
+    elif env_id:
+        try:
+            experiment = client.get_experiment(env_id)
+        except MlflowException:
+            experiment = None
+        shown = f"with id {env_id} (MLFLOW_EXPERIMENT_ID)"
+    else:
+        experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+        shown = repr(DEFAULT_EXPERIMENT)
+        if experiment is None:  # a fresh store has no experiment at all yet
+            raise UserError(
+                f"experiment {shown} has no finished training runs; train one first "
+                f"(mlflow run . --env-manager local), or pass --experiment NAME (-P experiment=NAME)"
+            )
+    if experiment is None or experiment.lifecycle_stage != "active":
+        raise UserError(
+            f"unknown experiment {shown}; list the experiments with `mlflow experiments search`, "
+            f"or leave --experiment (-P experiment=) empty for the default one"
+        )
+    return experiment
+
+
+def finished_training_runs(experiment_id: str) -> list:
+    """Every FINISHED run of the experiment tagged as training (not projections or registrations)."""
+    client = MlflowClient()
+    query = f"tags.`{KIND_TAG}` = '{Kind.TRAINING}' AND attributes.status = 'FINISHED'"
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=RUNS_PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_training_run(experiment_id: str, metric: str = "best_val_acc"):
+    """The finished training run with the best `metric` (`*_loss`: lowest, else highest);
+    ties go to the earlier run."""
+    experiment = MlflowClient().get_experiment(experiment_id)
+    runs = finished_training_runs(experiment_id)
+    if not runs:
+        raise UserError(
+            f"experiment {experiment.name!r} has no finished training runs; train one first "
+            f"(mlflow run . --env-manager local), or pass --experiment (-P experiment=) the experiment that has them"
+        )
+    scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
+    if not scored:
+        known = sorted({m for r in runs for m in r.data.metrics})
+        raise UserError(
+            f"no finished training run of experiment {experiment.name!r} has the metric {metric!r}; "
+            f"choose one of {', '.join(known)}"
+        )
+    sign = 1.0 if lower_is_better(metric) else -1.0
+    return min(scored, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time))
+
+
+def logged_model_of(run):
+    """The LoggedModel `model` the training run logged (MLflow 3 keeps it beside the run's artifacts)."""
+    models = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{LOGGED_MODEL_NAME}'",
+        output_format="list",
+    )
+    ready = [m for m in models if str(m.status).upper().endswith("READY")]
+    if not ready:
+        raise UserError(
+            f"run {run.info.run_id} ({run.info.run_name}) has no logged model {LOGGED_MODEL_NAME!r}; "
+            f"only training runs log one, at their end: pass the id of a finished training run"
+        )
+    return max(ready, key=lambda m: m.creation_timestamp)  # the latest, should there be several
+
+
+def ensure_registered_model(name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(
+            name,
+            description=(
+                f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28) in [0, 1] -> (N, 10) class scores "
+                f"(logits). Serve it with `mlflow models serve -m models:/{name}@champion --env-manager local`."
+            ),
+        )
+
+
+def check_names(name: str, alias: str, metric: str) -> None:
+    """Reject bad names before anything is written, with MLflow's own rules (`latest`, `v3`, `a/b`)."""
+    from mlflow.exceptions import MlflowException
+
+    if not metric.strip():
+        raise UserError("metric is empty; pass e.g. --metric best_val_acc (or a *_loss metric: lower is better)")
+    try:  # private helpers, so guarded: MLflow checks the same again when it writes
+        from mlflow.utils.validation import (
+            _validate_model_alias_name,
+            _validate_model_alias_name_reserved,
+            _validate_model_name,
+        )
+    except ImportError:
+        return
+    checks = [("name", name, _validate_model_name)]
+    if alias:  # empty: register without an alias
+        checks += [("alias", alias, _validate_model_alias_name), ("alias", alias, _validate_model_alias_name_reserved)]
+    for what, value, check in checks:
+        try:
+            check(value)
+        except MlflowException as exc:
+            raise UserError(
+                f"{what} {value!r} is not allowed: {exc.message.splitlines()[0].rstrip('.')}; "
+                f"choose another --{what}"
+            ) from exc
+
+
+def holder_value(version, metric: str) -> float | None:
+    """The holder's `metric`: from its run, else from the tags we put on the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        value = MlflowClient().get_run(version.run_id).data.metrics.get(metric) if version.run_id else None
+    except MlflowException:  # the run was deleted for good
+        value = None
+    if value is None and version.tags.get("metric") == metric:
+        value = float(version.tags["metric_value"])
+    return value
+
+
+def apply_alias(name: str, version: int, alias: str, metric: str, value: float) -> tuple[bool, str]:
+    """Move `alias` to `version` only if it beats the holder on `metric`; returns (holds, why)."""
+    from mlflow.exceptions import MlflowException
+
+    if not alias:
+        return False, "no alias asked for"
+    client = MlflowClient()
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        holder = None
+    if holder is not None and int(holder.version) == version:
+        return True, f"version {version} already holds {alias!r}"
+    if holder is None:
+        reason = f"no version held {alias!r} yet"
+    else:
+        held = holder_value(holder, metric)
+        if held is None:
+            return False, (
+                f"{alias!r} stays on version {holder.version}, which has no {metric} to compare with; move it "
+                f"by hand if you mean to (MlflowClient().set_registered_model_alias)"
+            )
+        if not beats(value, held, metric):
+            better = "lower" if lower_is_better(metric) else "higher"
+            return False, (
+                f"{alias!r} stays on version {holder.version}: its {metric} {held:.4f} is {better} than or "
+                f"equal to this run's {value:.4f}"
+            )
+        reason = f"{metric} {value:.4f} beats version {holder.version}'s {held:.4f}"
+    client.set_registered_model_alias(name, alias, version)
+    return True, reason
+
+
+def register_run(
+    run_id: str,
+    name: str,
+    echo: Callable[[str], None] = print,
+    metric: str = "best_val_acc",
+    alias: str = "champion",
+) -> Registration:
+    """Register the training run's model as a version of `name` (once per run) and give it
+    `alias` if it beats the version holding it on `metric`."""
+    check_names(name, alias, metric)
+    run = get_run(run_id)
+    run_id = run.info.run_id
+    value = metric_of(run, metric)
+    model = logged_model_of(run)
+    ensure_registered_model(name)
+    version, created = version_of(run, model, name, metric, value)
+    has_alias, reason = apply_alias(name, version, alias, metric, value)
+    registration = Registration(name, version, run_id, metric, value, created, alias, has_alias, reason)
+    echo_registration(registration, run.info.run_name, echo)
+    describe_mlflow_run_command_run(registration)
+    return registration
+
+
+def metric_of(run, metric: str) -> float:
+    """The run's value of `metric`; UserError naming the metrics it has when it has not that one."""
+    value = run.data.metrics.get(metric)
+    if value is None:
+        raise UserError(
+            f"run {run.info.run_id} ({run.info.run_name}) has no metric {metric!r}; choose one of "
+            f"{', '.join(sorted(run.data.metrics)) or '(it has none: is it a training run?)'}"
+        )
+    return float(value)
+
+
+def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, bool]:
+    """The version of `name` holding the run's model, created unless the run was registered before
+    (a version from the same run or the same LoggedModel is reused); returns (version, created)."""
+    client = MlflowClient()
+    run_id = run.info.run_id
+    source = f"models:/{model.model_id}"
+    existing = [
+        v for v in client.search_model_versions(f"run_id = '{run_id}'")
+        if v.name == name and (v.run_id == run_id or v.source == source)
+    ]
+    if existing:
+        return min(int(v.version) for v in existing), False
+    tags = {SOURCE_RUN_TAG: run_id, "source_run_name": run.info.run_name or "", "metric": metric,
+            "metric_value": repr(value)}
+    # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run.
+    version = int(mlflow.register_model(source, name, tags=tags).version)
+    metrics = run.data.metrics
+    others = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("best_val_acc", "test_acc", "best_val_loss")
+                       if k in metrics and k != metric)
+    client.update_model_version(
+        name, version,
+        description=(
+            f"{MODEL_NAME} from run {run.info.run_name} ({run_id}), chosen by {metric} {value:.4f}"
+            + (f"; {others}" if others else "") + "."
+        ),
+    )
+    return version, True
+
+
+def echo_registration(reg: Registration, run_name: str, echo: Callable[[str], None]) -> None:
+    what = "Registered" if reg.created else "Already registered:"
+    echo(f"{what} run {run_name} ({reg.run_id}) as {reg.name} version {reg.version} ({reg.metric} {reg.value:.4f}).")
+    if reg.has_alias:
+        echo(f"Alias {reg.alias!r} -> version {reg.version}: {reg.alias_reason}.")
+    else:
+        echo(f"No alias: {reg.alias_reason}.")
+    echo(f"View it: {ui_model_url(reg.name, reg.version)}  (start the UI with: mlflow ui --host 127.0.0.1)")
+    if reg.has_alias:
+        echo(f"Serve it: mlflow models serve -m \"models:/{reg.name}@{reg.alias}\" --env-manager local")
+
+
+def describe_mlflow_run_command_run(reg: Registration) -> None:
+    """`mlflow run -e register` wraps us in a run: say in it what was registered."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or run_id == reg.run_id:  # `main` with register_as: that is the training run itself
+        return
+    client = MlflowClient()
+    for key, value in {
+        KIND_TAG: Kind.REGISTRATION,
+        "registered_model_name": reg.name,
+        "registered_model_version": str(reg.version),
+        SOURCE_RUN_TAG: reg.run_id,
+        NOTE_TAG: (
+            f"Registered run {reg.run_id} as **{reg.name}** version {reg.version} ({reg.metric} {reg.value:.4f}). "
+            + (f"Alias {reg.alias!r}: {reg.alias_reason}." if reg.has_alias else f"No alias: {reg.alias_reason}.")
+        ),
+    }.items():
+        client.set_tag(run_id, key, value)
+
+
+def register(
+    run_id: str = "",
+    experiment: str = "",
+    metric: str = "best_val_acc",
+    name: str = "mnist-convnet",
+    alias: str = "champion",
+    echo: Callable[[str], None] = print,
+) -> Registration:
+    """The `register` entry point: the given run, or the experiment's best training run by `metric`."""
+    check_names(name, alias, metric)
+    if not run_id.strip():
+        found = resolve_experiment(experiment)
+        best = best_training_run(found.experiment_id, metric)
+        echo(
+            f"Best finished training run of experiment {found.name!r} by {metric} "
+            f"({'lowest' if lower_is_better(metric) else 'highest'}): {best.info.run_name} ({best.info.run_id})"
+        )
+        run_id = best.info.run_id
+    return register_run(run_id, name, echo=echo, metric=metric, alias=alias)

@@ -1,0 +1,238 @@
+"""The `sweep` entry point: the seed's trainings as child runs of one parent, projected and compared."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from mnist_tracking import plots
+from mnist_tracking import study as studies
+from mnist_tracking.commands.project import METHOD_TITLES, load_coordinates, project_and_log
+from mnist_tracking.commands.train import train_and_log
+from mnist_tracking.config import ProjectConfig, SweepConfig
+from mnist_tracking.data import load_splits
+from mnist_tracking.errors import UserError
+from mnist_tracking.reports import comparison_table
+from mnist_tracking.runs import (
+    KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, RESUMED_FROM_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run, get_run,
+    log_new_params, mark_experiment, ui_hint, ui_url,
+)
+from mnist_tracking.study import SweepRow, Training
+
+SWEEP_RUN_NAME = "seed-study"
+SWEEP_LABEL_TAG = "sweep_label"
+PROJECTION_SCORES = ("knn_acc", "trustworthiness", "silhouette")
+
+
+def sweep_and_log(
+    config: SweepConfig,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+    study: tuple[Training, ...] = studies.SEED_TRAININGS,
+) -> str:
+    """Train each training of the study as a child run, project it, and log the comparison on
+    the parent; returns the parent run id. A failed child is recorded FAILED on that child and
+    the others still run; a UserError at the end names the ones that failed."""
+    planned = studies.trainings(config, study)  # every config checked here
+    old, earlier, stale = resumable_sweep(config, planned) if config.resume else (None, {}, [])
+    first = planned[0].config
+    load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
+
+    with mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
+        parent_id = parent.info.run_id
+        mark_experiment(parent.info.experiment_id)
+        mlflow.set_tags({"mlflow.runName": SWEEP_RUN_NAME, KIND_TAG: Kind.SWEEP,
+                         NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
+        log_new_params(config.to_params())
+        echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
+        if old is not None:
+            take_over(old, stale, parent_id, echo)
+        rows = []
+        try:
+            for number, training in enumerate(planned, 1):
+                echo(f"\n=== {number}/{len(planned)}: {training.label}")
+                if training.label in earlier:
+                    rows.append(reused_child(parent_id, training, config, *earlier[training.label], echo))
+                else:
+                    rows.append(new_child(parent_id, training, config, echo, progress))
+        except KeyboardInterrupt as exc:
+            end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
+            raise
+        log_comparison(rows, config.method_list)
+        echo("\n" + comparison_table(rows, list(config.method_list)))
+        echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
+        fail_if_any_failed(rows, parent_id)
+    return parent_id
+
+
+# --------------------------------------------------------------------------- children
+
+
+def new_child(parent_id: str, training: Training, config: SweepConfig, echo: Callable[[str], None],
+              progress: bool) -> SweepRow:
+    """Train and project one training of a sweep; a failure is recorded on its child run."""
+    before = {r.info.run_id for r in children(parent_id)}
+    try:
+        run_id = train_and_log(training.config, echo=echo, progress=progress)
+    except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        echo(f"Error: {training.label} failed: {reason}")
+        return SweepRow.of(training, status="FAILED", reason=reason,
+                           run_id=record_failed_child(parent_id, before, training, reason))
+    MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
+    return project_child(trained_row(training, get_run(run_id)), config, echo)
+
+
+def reused_child(parent_id: str, training: Training, config: SweepConfig, run, projection,
+                 echo: Callable[[str], None]) -> SweepRow:
+    """The row of a training a resumed sweep already finished: moved under the new parent, and
+    projected again only when it has no finished projection with every method asked for."""
+    MlflowClient().set_tag(run.info.run_id, PARENT_RUN_TAG, parent_id)  # the UI nests it under this sweep
+    echo(f"Reusing finished run {run.info.run_id} ({run.info.run_name})")
+    row = trained_row(training, run)
+    if projection is not None and all(f"{m}_knn_acc" in projection.data.metrics for m in config.method_list):
+        return projected_row(row, projection.info.run_id, config)
+    return project_child(row, config, echo)
+
+
+def trained_row(training: Training, run) -> SweepRow:
+    """A comparison row for a finished training run."""
+    run_id = run.info.run_id
+    return SweepRow.of(
+        training, status="FINISHED", run_id=run_id, run_name=run.info.run_name,
+        metrics=run.data.metrics, params=run.data.params,
+        seconds=(run.info.end_time - run.info.start_time) / 1000,  # ms -> s, as the UI's Duration
+        epochs_run=int(mlflow.artifacts.load_dict(f"runs:/{run_id}/summary.json")["epochs_run"]),
+    )
+
+
+def project_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]) -> SweepRow:
+    """Project a sweep's training (a nested run); a failure leaves the row without projections."""
+    try:
+        projection_id = project_and_log(ProjectConfig(run_id=row.run_id, methods=config.methods), echo=echo)
+    except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
+        echo(f"Error: projecting {row.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return row
+    return projected_row(row, projection_id, config)
+
+
+def projected_row(row: SweepRow, projection_id: str, config: SweepConfig) -> SweepRow:
+    metrics = get_run(projection_id).data.metrics
+    row.projection_run_id = projection_id
+    row.projection = {m: {k: metrics[f"{m}_{k}"] for k in PROJECTION_SCORES} for m in config.method_list}
+    return row
+
+
+def children(parent_id: str) -> list:
+    """The training runs directly under a sweep's parent run, newest first."""
+    experiment_id = get_run(parent_id).info.experiment_id
+    return MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = '{Kind.TRAINING}'",
+        order_by=["attributes.start_time DESC"],
+    )
+
+
+def record_failed_child(parent_id: str, before: set, training: Training, reason: str) -> str:
+    """Record a failed training on its child run (created FAILED if it failed before starting one)."""
+    client = MlflowClient()
+    started = [r for r in children(parent_id) if r.info.run_id not in before]
+    if started:
+        run = started[0]
+        if run.info.status == "RUNNING" or STATUS_REASON_TAG not in run.data.tags:
+            end_run(run.info.run_id, reason)
+        client.set_tag(run.info.run_id, SWEEP_LABEL_TAG, training.label)
+        return run.info.run_id
+    run = client.create_run(
+        get_run(parent_id).info.experiment_id,
+        run_name=training.config.run_name(),
+        tags={PARENT_RUN_TAG: parent_id, KIND_TAG: Kind.TRAINING, SWEEP_LABEL_TAG: training.label},
+    )
+    client.log_batch(run.info.run_id, params=[
+        mlflow.entities.Param(k, str(v)) for k, v in training.config.to_dict().items()
+    ])
+    end_run(run.info.run_id, reason)
+    return run.info.run_id
+
+
+# --------------------------------------------------------------------------- resuming a sweep
+
+
+def resumable_sweep(config: SweepConfig, planned: list[Training]) -> tuple:
+    """The sweep `config.resume`, its finished trainings by label (each with its finished
+    projection run, or None) and the ids of the children it left RUNNING; a one-line UserError
+    when that run is not a sweep like this one."""
+    old = get_run(config.resume)
+    name = old.info.run_name
+    if old.data.tags.get(KIND_TAG) != Kind.SWEEP:
+        raise UserError(f"run {old.info.run_id} ({name}) is not a sweep; pass the id of a {SWEEP_RUN_NAME} parent run to resume")
+    differ = config.same_study(old.data.params)
+    if differ:
+        raise UserError(f"sweep {old.info.run_id} ran with {', '.join(differ)}; resume it with the same parameters")
+    labels = {t.label for t in planned}
+    found, stale = {}, []
+    for run in children(old.info.run_id):  # newest first: the newest finished one of a label wins
+        label = run.data.tags.get(SWEEP_LABEL_TAG)
+        if run.info.status == "FINISHED" and label in labels and label not in found:
+            found[label] = (run, latest_projection_of(run))
+        elif run.info.status == "RUNNING":
+            stale.append(run.info.run_id)
+    return old, found, stale
+
+
+def latest_projection_of(training_run):
+    """The newest finished projection run nested under a training run, or None."""
+    projections = MlflowClient().search_runs(
+        [training_run.info.experiment_id],
+        filter_string=(f"tags.`{PARENT_RUN_TAG}` = '{training_run.info.run_id}' and tags.`{KIND_TAG}` = "
+                       f"'{Kind.PROJECTION}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    return projections[0] if projections else None
+
+
+def take_over(old, stale: list[str], parent_id: str, echo: Callable[[str], None]) -> None:
+    """Link the sweep being resumed to this one, and end what an interruption left RUNNING there."""
+    old_id = old.info.run_id
+    mlflow.set_tag(RESUMED_FROM_TAG, old_id)
+    MlflowClient().set_tag(old_id, "resumed_as", parent_id)
+    reason = f"interrupted; the sweep was resumed as {parent_id}"
+    for run_id in stale + ([old_id] if old.info.status == "RUNNING" else []):
+        end_run(run_id, reason, "KILLED")
+    echo(f"Resuming sweep {old_id}: its finished trainings move under this run, the others run again")
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def log_comparison(rows: list[SweepRow], methods: tuple[str, ...]) -> None:
+    """comparison.png (one row per training, one column per method) and comparison.md on the active run."""
+    grid = []
+    for row in rows:
+        val_acc = row.metrics.get("best_val_acc")
+        head = row.label + (f"\nval acc {val_acc:.2%}" if val_acc is not None else f"\n{row.status}")
+        panels = []
+        for method in methods if row.projection_run_id else ():
+            points = load_coordinates(row.projection_run_id, method)
+            knn = row.projection[method]["knn_acc"]
+            panels.append((f"{METHOD_TITLES[method]}: kNN acc {knn:.3f}", points["coords"], points["labels"],
+                           points["predictions"]))
+        grid.append((head, panels))
+    figure = plots.comparison_grid(grid, "The seed's trainings: learned features of the test set")
+    mlflow.log_figure(figure, "comparison.png")
+    table = comparison_table(rows, list(methods))
+    mlflow.log_text(table, "comparison.md")
+    mlflow.set_tag(NOTE_TAG, f"**{SWEEP_RUN_NAME}**: the seed's trainings side by side\n\n{table}")
+
+
+def fail_if_any_failed(rows: list[SweepRow], parent_id: str) -> None:
+    """End the sweep FAILED with a one-line UserError naming each training that failed."""
+    failed = [r for r in rows if r.status != "FINISHED"]
+    if failed:
+        reason = f"{len(failed)} of {len(rows)} trainings failed: " + "; ".join(
+            f"{r.label} (run {r.run_id or '-'}): {r.reason}" for r in failed
+        )
+        end_active_run(reason, "FAILED")
+        raise UserError(f"sweep {parent_id} finished the others, but {reason}")

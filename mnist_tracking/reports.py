@@ -1,0 +1,118 @@
+"""The tables and text files people read: the summary, the sweep's comparison, coordinates CSV (no MLflow here)."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from mnist_tracking.study import SweepRow
+
+LOWER_IS_BETTER_SUFFIX = "_loss"
+SUMMARY_COLUMNS = ("model", "best_val_acc", "val_loss", "lr", "optimizer", "activation", "best_epoch", "epochs_run", "test_acc")
+
+
+def lower_is_better(metric: str) -> bool:
+    """`*_loss` metrics are better when lower; every other metric (accuracies) when higher."""
+    return metric.endswith(LOWER_IS_BETTER_SUFFIX)
+
+
+def summary_table(summary: dict) -> str:
+    """The seed's summary table as Markdown (printed, and the run description)."""
+    cells = []
+    for c in SUMMARY_COLUMNS:
+        v = summary.get(c, "")
+        if c.endswith("_acc") and isinstance(v, float):
+            v = f"{v:.2%}"
+        elif c == "val_loss" and isinstance(v, float):
+            v = f"{v:.4f}"
+        elif c == "lr":
+            v = f"{v:g}"
+        cells.append(str(v))
+    return "| " + " | ".join(SUMMARY_COLUMNS) + " |\n|" + "---|" * len(SUMMARY_COLUMNS) + "\n| " + " | ".join(cells) + " |\n"
+
+
+def describe_training_run(run) -> str:
+    """optimizer, lr, epochs and val acc of a training run (an MLflow Run), for figure titles."""
+    params, metrics = run.data.params, run.data.metrics
+    parts = [run.info.run_name]
+    if "optimizer" in params and "lr" in params:
+        parts.append(f"{params['optimizer']} lr={float(params['lr']):g}")
+    if "epochs" in params:
+        epochs = int(params["epochs"])
+        run_for = int(metrics.get("epochs_run", epochs))  # early stopping can end it sooner
+        done = f"{run_for} of {epochs} epochs" if run_for < epochs else f"{epochs} epoch{'s' if epochs != 1 else ''}"
+        best = f", best epoch {int(metrics['best_epoch'])}" if "best_epoch" in metrics else ""
+        parts.append(done + best)
+    if "best_val_acc" in metrics:
+        parts.append(f"val acc {metrics['best_val_acc']:.2%}")
+    return ", ".join(parts)
+
+
+def coordinates_csv(coords: np.ndarray, arrays: dict[str, np.ndarray]) -> str:
+    """CSV text with columns x, y[, z], label, prediction, index (row i = point i of the sample)."""
+    axes = ["x", "y", "z"][: coords.shape[1]]
+    buffer = io.StringIO()
+    buffer.write(",".join([*axes, "label", "prediction", "index"]) + "\n")
+    for row, label, prediction, index in zip(coords, arrays["labels"], arrays["predictions"], arrays["indices"]):
+        buffer.write(",".join([*(f"{v:.6g}" for v in row), str(label), str(prediction), str(index)]) + "\n")
+    return buffer.getvalue()
+
+
+def read_coordinates_csv(text: str) -> dict[str, np.ndarray]:
+    """coords (n, 2|3), labels, predictions (n,) from the text `coordinates_csv` wrote."""
+    table = np.genfromtxt(io.StringIO(text), delimiter=",", names=True)
+    axes = [a for a in ("x", "y", "z") if a in table.dtype.names]
+    return {
+        "coords": np.column_stack([table[a] for a in axes]),
+        "labels": table["label"].astype(np.int64),
+        "predictions": table["prediction"].astype(np.int64),
+    }
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{value:.2%}"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
+
+
+def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
+    """The seed's summary table for every training of a sweep, plus test acc and projection scores (Markdown)."""
+    method_columns = [f"{m} kNN acc / trust. / silh." for m in methods]
+    header = ["training", "model", "best val acc", "val loss", "lr", "optimizer", "activation", "best epoch",
+              "epochs run", "test acc", "wall time", *method_columns, "seed's report"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        metrics, params = row.metrics, row.params
+        if row.status != "FINISHED":
+            cells = [row.label, row.run_name, f"{row.status}: {row.reason}".replace("|", "/")]
+            cells += [""] * (len(header) - len(cells) - 1) + [row.seed_reported]
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
+        scores = []
+        for m in methods:
+            p = row.projection.get(m)
+            scores.append(
+                f"{p['knn_acc']:.3f} / {p['trustworthiness']:.3f} / {p['silhouette']:.3f}" if p else "not projected"
+            )
+        best_epoch = metrics.get("best_epoch")
+        cells = [
+            row.label, params.get("model", ""), _percent(metrics.get("best_val_acc")), _number(metrics.get("best_val_loss")),
+            f"{float(params['lr']):g}" if "lr" in params else "", params.get("optimizer", ""),
+            params.get("activation", ""), "" if best_epoch is None else str(int(best_epoch)),
+            "" if row.epochs_run is None else str(row.epochs_run), _percent(metrics.get("test_acc")),
+            _duration(row.seconds), *scores, row.seed_reported,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
