@@ -7,7 +7,10 @@ from conftest import FAST
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
-from mnist_tracking.training import Diverged, Trainer, evaluate, resolve_device, resolve_precision
+from mnist_tracking.config import resumed_config
+from mnist_tracking.training import (
+    Diverged, Trainer, TrainState, evaluate, record_epoch, resolve_device, resolve_precision,
+)
 
 
 def fit(data_dir, **overrides):
@@ -98,3 +101,57 @@ def test_device_and_precision_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="not available"):
             resolve_device("cuda")
+
+
+def stopping_epoch(monitor: str, patience: int, val_accs: list[float], val_losses: list[float]) -> int | None:
+    """The epoch after which early stopping ends training on these val numbers, or None."""
+    state = TrainState()
+    for epoch, (acc, loss) in enumerate(zip(val_accs, val_losses), start=1):
+        record_epoch(state, epoch, acc, loss, monitor, patience)
+        if state.stopped_early:
+            return epoch
+    return None
+
+
+# As in the first default recipe's real run: the val accuracy stops rising after epoch 4 while the
+# val loss still sets a new low every other epoch (so the plateau scheduler never acts either).
+ACC_PEAKS_LOSS_FALLS = (
+    [0.980, 0.986, 0.989, 0.9925, 0.991, 0.992, 0.9915, 0.992, 0.9912, 0.9921, 0.992, 0.9922],
+    [0.060, 0.045, 0.036, 0.0300, 0.031, 0.029, 0.0295, 0.028, 0.0285, 0.027, 0.0275, 0.026],
+)
+# A real plateau: neither number improves after epoch 3.
+PLATEAU = ([0.90, 0.95, 0.97] + [0.96] * 9, [0.30, 0.20, 0.10] + [0.12] * 9)
+
+
+def test_val_acc_rule_stops_while_the_loss_still_falls_and_the_combined_rule_does_not():
+    assert stopping_epoch("val_acc", 5, *ACC_PEAKS_LOSS_FALLS) == 9  # 5 epochs after the best acc (epoch 4)
+    assert stopping_epoch("val_acc_or_loss", 5, *ACC_PEAKS_LOSS_FALLS) is None
+    assert stopping_epoch("val_loss", 5, *ACC_PEAKS_LOSS_FALLS) is None
+
+
+@pytest.mark.parametrize("monitor", ["val_acc", "val_loss", "val_acc_or_loss"])
+def test_every_rule_still_stops_on_a_plateau(monitor):
+    assert stopping_epoch(monitor, 5, *PLATEAU) == 8
+    assert stopping_epoch(monitor, 0, *PLATEAU) is None  # 0 = off
+
+
+def test_best_weights_follow_the_val_accuracy_whatever_the_monitor():
+    state = TrainState()
+    improved = [record_epoch(state, e, acc, loss, "val_loss", 5) for e, (acc, loss) in
+                enumerate(zip([0.5, 0.7, 0.6], [1.0, 0.9, 0.8]), start=1)]
+    assert improved == [True, True, False] and state.best_epoch == 2
+    assert state.epochs_without_improvement == 0  # epoch 3 set a new lowest val loss
+
+
+def test_cosine_scheduler_lowers_the_lr_every_epoch_to_near_zero(data_dir):
+    _, state, results = fit(data_dir, epochs=4, lr=0.04, scheduler="cosine", early_stopping=0)
+    lrs = [r.lr for r in results]
+    assert lrs[0] == pytest.approx(0.04) and all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[-1] == pytest.approx(0.04 * (1 + math.cos(math.pi * 3 / 4)) / 2)  # half a cosine over 4 epochs
+
+
+def test_a_run_logged_before_the_monitor_existed_resumes_with_the_val_acc_rule():
+    old_params = {k: v for k, v in TrainConfig(epochs=3).to_dict().items() if k != "early_stopping_monitor"}
+    checkpoint = {"params": old_params, "epoch": 2, "train_state": {"stopped_early": False}}
+    resumed = resumed_config(TrainConfig(epochs=3, resume_from="abc"), checkpoint, "abc")  # the monitor not given
+    assert resumed.early_stopping_monitor == "val_acc" and resumed.epochs == 3
