@@ -31,6 +31,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Split":
+        """The split held on `device` (a GPU: batches are then cut there, no copy per batch)."""
+        return Split(self.images.to(device), self.labels.to(device), self.indices.to(device))
+
 
 @dataclass
 class Splits:
@@ -40,6 +44,12 @@ class Splits:
     mean: float  # pixel mean and std of the training split, for the model's standardisation
     std: float
     source: str  # where the files were read from
+
+    def to(self, device: torch.device) -> "Splits":
+        """All three splits on `device`; on the CPU this is the same object (no copy)."""
+        if device.type == "cpu":
+            return self
+        return Splits(self.train.to(device), self.val.to(device), self.test.to(device), self.mean, self.std, self.source)
 
 
 def raw_folder(dataset: str, data_dir: str | Path) -> Path:
@@ -156,9 +166,11 @@ def batches(
         for start in range(0, n, batch_size):
             yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
         return
+    # The permutation is drawn on the CPU (the same order on every device for one seed), then
+    # moved once per epoch to where the split is: each batch is an index there, no host round trip.
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     # Equal shards, so every rank runs the same number of steps (DDP's collectives need it).
-    order = order[: n - n % world_size][rank::world_size]
+    order = order[: n - n % world_size][rank::world_size].to(split.images.device)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         yield split.images[idx], split.labels[idx]

@@ -22,6 +22,9 @@ PLATEAU_FACTOR = 0.1  # ReduceLROnPlateau: lr *= 0.1 ...
 PLATEAU_PATIENCE = 2  # ... after 2 epochs without a lower val loss (seed: 0.01 -> 1e-4 by epoch 27)
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")  # the per-epoch metrics, by name
 PROGRESS_EVERY = 20  # batches between progress-bar updates (each update syncs the device)
+# On a GPU, reading the loss on the host stalls the queue of kernels, so a NaN is looked for
+# every this many batches (a diverged training stops within them); on the CPU, every batch.
+DIVERGENCE_CHECK_EVERY = 50
 
 
 class Diverged(Exception):
@@ -141,7 +144,9 @@ def evaluate(
 ) -> EvalResult:
     """Mean cross-entropy and accuracy over a split; optionally its features and predictions."""
     model.eval()
-    loss_sum, correct = 0.0, 0
+    # Summed where the batches are computed and read once at the end: one host sync, not one a batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
     features, predictions = [], []
     for images, labels in batches(split, EVAL_BATCH_SIZE):
         images = images.to(device, memory_format=torch.channels_last)
@@ -150,17 +155,17 @@ def evaluate(
             feats = model.features(images)  # (B, 1, 28, 28) -> (B, 512)
             logits = model.classify(feats)  # (B, 512) -> (B, 10)
         logits = logits.float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         predicted = logits.argmax(dim=1)
-        correct += (predicted == labels).sum().item()
+        correct += (predicted == labels).sum()
         if with_features:
-            features.append(feats.float().cpu())
-            predictions.append(predicted.cpu())
+            features.append(feats.float())
+            predictions.append(predicted)
     n = len(split)
-    result = EvalResult(loss=loss_sum / n, acc=correct / n)
-    if with_features:
-        result.features = torch.cat(features).numpy().astype(np.float32)
-        result.predictions = torch.cat(predictions).numpy().astype(np.int64)
+    result = EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
+    if with_features:  # (N, 512) float32 and (N,) int64 as CPU numpy arrays, copied once
+        result.features = torch.cat(features).cpu().numpy().astype(np.float32)
+        result.predictions = torch.cat(predictions).cpu().numpy().astype(np.int64)
     return result
 
 
@@ -184,16 +189,20 @@ def train_one_epoch(
     precision: str = "fp32",
     progress=None,
     shard: tuple[int, int] = (0, 1),
+    check_every: int | None = None,
 ) -> tuple[float, float]:
     """One pass over the shuffled training split; returns (mean loss, accuracy).
 
     With `shard=(rank, world_size)` each process trains on its part and the returned numbers
-    are summed over all processes.
+    are summed over all processes. A NaN or inf loss raises Diverged within `check_every`
+    batches (default: every batch on the CPU, DIVERGENCE_CHECK_EVERY on a GPU).
     """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = 0
+    check_every = check_every or (1 if device.type == "cpu" else DIVERGENCE_CHECK_EVERY)
+    step = 0
     for step, (images, labels) in enumerate(batches(split, batch_size, generator, shard), start=1):
         if len(labels) < 2:
             continue  # BatchNorm cannot train on a batch of one; at most one image is skipped
@@ -202,8 +211,9 @@ def train_one_epoch(
         with _autocast(device, precision):
             logits = model(images)  # (B, 1, 28, 28) -> (B, 10)
         loss = nn.functional.cross_entropy(logits.float(), labels)
-        if not torch.isfinite(loss):
-            raise Diverged(f"the training loss became {loss.item()} at batch {step}")
+        if step % check_every == 0 and not torch.isfinite(loss_sum + loss.detach()):
+            # A NaN or inf since the last check stays in the running sum: found here at the latest.
+            raise Diverged(_divergence(loss, step, check_every))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -214,6 +224,8 @@ def train_one_epoch(
             progress.update(len(labels))
             if step % PROGRESS_EVERY == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.2%}")
+    if not torch.isfinite(loss_sum):  # in the batches since the last check
+        raise Diverged(_divergence(loss_sum, step, check_every))
     totals = torch.tensor([loss_sum.item(), correct.item(), seen], dtype=torch.float64)
     if shard[1] > 1:
         totals = totals.to(device)
@@ -233,7 +245,8 @@ class EpochResult:
     val_loss: float
     val_acc: float
     lr: float  # the learning rate used during this epoch
-    seconds: float
+    seconds: float  # the whole epoch: training pass, validation, scheduler
+    train_seconds: float  # the training pass alone
     improved: bool  # a new best val accuracy: its weights are now the best
     lr_reduced_to: float | None = None  # set when the plateau scheduler lowered the lr after it
 
@@ -280,6 +293,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, splits: Splits, device: torch.device, precision: str):
         self.config, self.splits, self.device, self.precision = config, splits, device, precision
+        # On a GPU the three splits live there as one tensor each (about 200 MB for MNIST); the
+        # CPU copies in `splits` stay for what goes to files (labels, indices).
+        self.device_splits = splits.to(device)
         torch.manual_seed(config.seed)  # weight init and dropout
         self.model = ConvNet(config.activation, mean=splits.mean, std=splits.std)
         self.model.to(device, memory_format=torch.channels_last)
@@ -309,12 +325,13 @@ class Trainer:
             progress = progress_factory(epoch, len(self.splits.train)) if progress_factory and self.rank == 0 else None
             try:
                 train_loss, train_acc = train_one_epoch(
-                    self.train_model, self.splits.train, self.optimizer, self.batch_size,
+                    self.train_model, self.device_splits.train, self.optimizer, self.batch_size,
                     self.shuffle, self.device, self.precision, progress, (self.rank, self.world_size),
                 )
             finally:
                 if progress is not None:
                     progress.close()
+            train_seconds = time.perf_counter() - started  # train_one_epoch ends reading its sums: synchronised
             val = self._validate()
             if not math.isfinite(val.loss):
                 raise Diverged(f"the validation loss became {val.loss} in epoch {epoch}")
@@ -333,7 +350,7 @@ class Trainer:
                 lr_reduced_to = new_lr
             result = EpochResult(
                 epoch, train_loss, train_acc, val.loss, val.acc, lr,
-                time.perf_counter() - started, improved, lr_reduced_to,
+                time.perf_counter() - started, train_seconds, improved, lr_reduced_to,
             )
             state.history.append(asdict(result))
             if on_epoch is not None:
@@ -344,12 +361,12 @@ class Trainer:
         """Val loss and accuracy; with several processes rank 0 evaluates and tells the others,
         so that every rank takes the same early-stopping and scheduler decisions."""
         if self.world_size == 1:
-            return evaluate(self.model, self.splits.val, self.device, self.precision)
+            return evaluate(self.model, self.device_splits.val, self.device, self.precision)
         import torch.distributed as dist
 
         numbers = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.rank == 0:
-            val = evaluate(self.model, self.splits.val, self.device, self.precision)
+            val = evaluate(self.model, self.device_splits.val, self.device, self.precision)
             numbers[0], numbers[1] = val.loss, val.acc
         dist.broadcast(numbers, src=0)
         return EvalResult(loss=numbers[0].item(), acc=numbers[1].item())
@@ -364,7 +381,7 @@ class Trainer:
         """`checkpoints/best.pt`: the best weights so far and where they were found."""
         state = self.state
         return {
-            "state_dict": self.best_state_dict,
+            "state_dict": _on_cpu(self.best_state_dict),
             "epoch": state.best_epoch,
             "val_acc": state.best_val_acc,
             "val_loss": state.best_val_loss,
@@ -373,10 +390,11 @@ class Trainer:
 
     def checkpoint(self) -> dict:
         """The full training state (`checkpoints/last.pt`); loads with weights_only=True."""
+        # Every tensor on the CPU, so that a machine without the training's GPU can load it.
         return {
-            "state_dict": self.model.state_dict(),
-            "best_state_dict": self.best_state_dict,
-            "optimizer": self.optimizer.state_dict(),
+            "state_dict": _on_cpu(self.model.state_dict()),
+            "best_state_dict": _on_cpu(self.best_state_dict),
+            "optimizer": _on_cpu(self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "train_state": asdict(self.state),
             "epoch": self.state.epoch,
@@ -394,6 +412,23 @@ class Trainer:
         self.state = TrainState(**checkpoint["train_state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         self.shuffle.set_state(checkpoint["rng"]["shuffle"])
+
+
+def _divergence(loss: torch.Tensor, step: int, check_every: int) -> str:
+    if check_every == 1:
+        return f"the training loss became {loss.item()} at batch {step}"
+    return f"the training loss became {loss.item()} by batch {step} (looked at every {check_every} batches)"
+
+
+def _on_cpu(value):
+    """A (nested) dict or list of tensors with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def _autocast(device: torch.device, precision: str):

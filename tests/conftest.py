@@ -64,8 +64,11 @@ def tracking_store(tmp_path_factory) -> str:
         # Subprocesses (the CLI, `mlflow run`) import this checkout's package too.
         patch.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
         patch.chdir(store)  # the default artifact root, ./mlruns, lands here too
-        import mlflow
-
+        try:
+            import mlflow
+        except ImportError:  # the GPU machine of benchmarks/gpu_check.py: pure-layer tests only
+            yield uri
+            return
         mlflow.set_tracking_uri(uri)
         yield uri
 

@@ -35,7 +35,7 @@ def test_same_seed_same_numbers(data_dir):
     _, a, _ = fit(data_dir, seed=7)
     _, b, _ = fit(data_dir, seed=7)
     _, c, _ = fit(data_dir, seed=8)
-    strip = lambda history: [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+    strip = lambda history: [{k: v for k, v in h.items() if k not in ("seconds", "train_seconds")} for h in history]
     assert strip(a.history) == strip(b.history)
     assert strip(a.history) != strip(c.history)
 
@@ -155,3 +155,17 @@ def test_a_run_logged_before_the_monitor_existed_resumes_with_the_val_acc_rule()
     checkpoint = {"params": old_params, "epoch": 2, "train_state": {"stopped_early": False}}
     resumed = resumed_config(TrainConfig(epochs=3, resume_from="abc"), checkpoint, "abc")  # the monitor not given
     assert resumed.early_stopping_monitor == "val_acc" and resumed.epochs == 3
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_a_nan_loss_stops_the_epoch_within_check_every_batches(data_dir, check_every):
+    from mnist_tracking.training import train_one_epoch
+
+    config = TrainConfig(data_dir=str(data_dir), **FAST)
+    splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed)
+    trainer = Trainer(config, splits, torch.device("cpu"), "fp32")
+    with torch.no_grad():  # poison one weight: every batch's loss is NaN from the first on
+        trainer.model.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(Diverged, match=f"batch {check_every}\\b"):
+        train_one_epoch(trainer.model, splits.train, trainer.optimizer, 8, trainer.shuffle, torch.device("cpu"),
+                        check_every=check_every)

@@ -258,9 +258,9 @@ def log_training_results(trainer: Trainer, run, echo: Callable[[str], None]) -> 
     """After the last epoch: the best weights on the test and val splits (metrics and features),
     the summary table, the plots, and the MLflow model."""
     config, splits, state = trainer.config, trainer.splits, trainer.state
-    best = trainer.best_model()
-    test = evaluate(best, splits.test, trainer.device, trainer.precision, with_features=True)
-    val = evaluate(best, splits.val, trainer.device, trainer.precision, with_features=True)
+    best, on_device = trainer.best_model(), trainer.device_splits
+    test = evaluate(best, on_device.test, trainer.device, trainer.precision, with_features=True)
+    val = evaluate(best, on_device.val, trainer.device, trainer.precision, with_features=True)
     log_arrays(feature_arrays(splits.test, test), "features/test.npz")
     log_arrays(feature_arrays(splits.val, val), "features/val.npz")
 
