@@ -132,6 +132,7 @@ class EvalResult:
     acc: float
     features: np.ndarray | None = None  # (N, 512) float32
     predictions: np.ndarray | None = None  # (N,) int64
+    probabilities: np.ndarray | None = None  # (N, 10) float32: the softmax of the logits
 
 
 @torch.inference_mode()
@@ -142,12 +143,13 @@ def evaluate(
     precision: str = "fp32",
     with_features: bool = False,
 ) -> EvalResult:
-    """Mean cross-entropy and accuracy over a split; optionally its features and predictions."""
+    """Mean cross-entropy and accuracy over a split; optionally its features, predictions and
+    class probabilities."""
     model.eval()
     # Summed where the batches are computed and read once at the end: one host sync, not one a batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
-    features, predictions = [], []
+    features, predictions, probabilities = [], [], []
     for images, labels in batches(split, EVAL_BATCH_SIZE):
         images = images.to(device, memory_format=torch.channels_last)
         labels = labels.to(device)
@@ -161,20 +163,24 @@ def evaluate(
         if with_features:
             features.append(feats.float())
             predictions.append(predicted)
+            probabilities.append(logits.softmax(dim=1))
     n = len(split)
     result = EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
     if with_features:  # (N, 512) float32 and (N,) int64 as CPU numpy arrays, copied once
         result.features = torch.cat(features).cpu().numpy().astype(np.float32)
         result.predictions = torch.cat(predictions).cpu().numpy().astype(np.int64)
+        result.probabilities = torch.cat(probabilities).cpu().numpy().astype(np.float32)
     return result
 
 
 def feature_arrays(split: Split, result: EvalResult) -> dict[str, np.ndarray]:
-    """The arrays of `features/<split>.npz`: features, labels, predictions, indices."""
+    """The arrays of `features/<split>.npz`: features, labels, predictions, indices, probabilities
+    (the softmax output, for confidences; runs logged before it existed lack it)."""
     return {
         "features": result.features,
         "labels": split.labels.numpy().astype(np.int64),
         "predictions": result.predictions,
+        "probabilities": result.probabilities,
         "indices": split.indices.numpy().astype(np.int64),
     }
 

@@ -110,6 +110,10 @@ def test_feature_arrays(trained_run, tmp_path, split, n):
         assert arrays[name].shape == (n,) and arrays[name].dtype == np.int64
     assert set(np.unique(arrays["labels"])) <= set(range(10))
     assert len(np.unique(arrays["indices"])) == n
+    probabilities = arrays["probabilities"]  # the softmax output: rows sum to 1, argmax = prediction
+    assert probabilities.shape == (n, 10) and probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == arrays["predictions"]).all()
 
 
 def test_summary_matches_the_metrics(trained_run, tmp_path):
