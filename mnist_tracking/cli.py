@@ -38,7 +38,7 @@ class OneLineErrors(click.Group):
                 if os.environ.get("MLFLOW_RUN_ID"):
                     from mnist_tracking.runs import end_mlflow_run_command_run
 
-                    end_mlflow_run_command_run(message)
+                    end_mlflow_run_command_run(message, command=exc.ctx.command.name)
             click.echo(f"Error: {message}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
@@ -67,7 +67,7 @@ def user_errors(command):
             message = str(exc) if str(exc) not in ("", "SIGINT", "SIGTERM") else "interrupted before training started"
             from mnist_tracking.runs import end_mlflow_run_command_run
 
-            end_mlflow_run_command_run(message, status="KILLED")
+            end_mlflow_run_command_run(message, "KILLED", command.__name__, kwargs)
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # the store or network: still one line, with the cause
@@ -77,7 +77,7 @@ def user_errors(command):
                 raise
         from mnist_tracking.runs import end_mlflow_run_command_run
 
-        end_mlflow_run_command_run(message)
+        end_mlflow_run_command_run(message, "FAILED", command.__name__, kwargs)
         raise click.ClickException(message)
 
     return wrapper

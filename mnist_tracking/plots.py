@@ -32,17 +32,34 @@ def training_curves(history: Sequence[dict]) -> Figure:
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "") -> Figure:
-    """Counts of true digit (rows) against predicted digit (columns)."""
+    """Counts of true digit (rows) against predicted digit (columns), titled with the test accuracy."""
+    from sklearn.metrics import confusion_matrix as counts_of
+
+    counts = counts_of(labels, predictions, labels=list(range(NUM_CLASSES)))
+    return confusion_counts(counts, f"{title} test accuracy {np.trace(counts) / counts.sum():.2%}".strip())
+
+
+def confusion_counts(counts: np.ndarray, title: str, size: tuple[float, float] = (6, 5.5)) -> Figure:
+    """A (10, 10) count matrix, true digit (rows) against predicted digit (columns)."""
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig = Figure(figsize=(6, 5.5), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.subplots()
-    ConfusionMatrixDisplay.from_predictions(
-        labels, predictions, labels=list(range(NUM_CLASSES)), ax=ax, cmap="Blues", colorbar=False
-    )
-    accuracy = float(np.mean(labels == predictions))
-    ax.set_title(f"{title} test accuracy {accuracy:.2%}".strip(), fontsize=10)
+    ConfusionMatrixDisplay(counts, display_labels=list(range(NUM_CLASSES))).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(title, fontsize=10)
     return fig
+
+
+def figure_image(fig: Figure):
+    """The figure rendered as a PIL RGB image (for mlflow.log_image, which takes images, not figures)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
 
 
 # --------------------------------------------------------------------------- projections

@@ -61,6 +61,24 @@ def coordinates_csv(coords: np.ndarray, arrays: dict[str, np.ndarray]) -> str:
     return buffer.getvalue()
 
 
+def misclassified_table(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray,
+                        probabilities: np.ndarray, indices: np.ndarray, limit: int) -> dict[str, list]:
+    """The `limit` most confident mistakes as table columns (index, true digit, prediction,
+    confidence, 28x28 image as a PIL image), most confident first, for `mlflow.log_table`."""
+    from PIL import Image
+
+    wrong = np.flatnonzero(labels != predictions)
+    confidence = probabilities[wrong, predictions[wrong]]  # the softmax value of the (wrong) answer
+    chosen = wrong[np.argsort(-confidence, kind="stable")[:limit]]
+    return {
+        "index": [int(indices[i]) for i in chosen],
+        "true digit": [int(labels[i]) for i in chosen],
+        "prediction": [int(predictions[i]) for i in chosen],
+        "confidence": [round(float(probabilities[i, predictions[i]]), 4) for i in chosen],
+        "image": [Image.fromarray(images[i], mode="L") for i in chosen],
+    }
+
+
 def read_coordinates_csv(text: str) -> dict[str, np.ndarray]:
     """coords (n, 2|3), labels, predictions (n,) from the text `coordinates_csv` wrote."""
     table = np.genfromtxt(io.StringIO(text), delimiter=",", names=True)

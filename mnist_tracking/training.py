@@ -15,6 +15,7 @@ from torch import nn
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import Split, Splits, batches
 from mnist_tracking.errors import UserError
+from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.model import ConvNet
 
 EVAL_BATCH_SIZE = 1024  # no gradients kept, so evaluation can take larger batches
@@ -133,6 +134,7 @@ class EvalResult:
     features: np.ndarray | None = None  # (N, 512) float32
     predictions: np.ndarray | None = None  # (N,) int64
     probabilities: np.ndarray | None = None  # (N, 10) float32: the softmax of the logits
+    confusion: np.ndarray | None = None  # (10, 10) int64: counts of true digit (rows) x prediction (columns)
 
 
 @torch.inference_mode()
@@ -149,6 +151,7 @@ def evaluate(
     # Summed where the batches are computed and read once at the end: one host sync, not one a batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)  # flat (10 * 10,)
     features, predictions, probabilities = [], [], []
     for images, labels in batches(split, EVAL_BATCH_SIZE):
         images = images.to(device, memory_format=torch.channels_last)
@@ -160,12 +163,14 @@ def evaluate(
         loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         predicted = logits.argmax(dim=1)
         correct += (predicted == labels).sum()
+        confusion += torch.bincount(labels * NUM_CLASSES + predicted, minlength=NUM_CLASSES * NUM_CLASSES)
         if with_features:
             features.append(feats.float())
             predictions.append(predicted)
             probabilities.append(logits.softmax(dim=1))
     n = len(split)
-    result = EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n)
+    result = EvalResult(loss=loss_sum.item() / n, acc=correct.item() / n,
+                        confusion=confusion.view(NUM_CLASSES, NUM_CLASSES).cpu().numpy())
     if with_features:  # (N, 512) float32 and (N,) int64 as CPU numpy arrays, copied once
         result.features = torch.cat(features).cpu().numpy().astype(np.float32)
         result.predictions = torch.cat(predictions).cpu().numpy().astype(np.int64)
@@ -255,10 +260,15 @@ class EpochResult:
     train_seconds: float  # the training pass alone
     improved: bool  # a new best val accuracy: its weights are now the best
     lr_reduced_to: float | None = None  # set when the plateau scheduler lowered the lr after it
+    val_confusion: np.ndarray | None = None  # (10, 10) counts on the val split; not kept in the history
 
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics, by name."""
         return {k: getattr(self, k) for k in EPOCH_METRICS}
+
+    def history_entry(self) -> dict:
+        """What TrainState.history keeps of the epoch (plain numbers: checkpoints load weights_only)."""
+        return {k: v for k, v in asdict(self).items() if k != "val_confusion"}
 
 
 @dataclass
@@ -356,9 +366,9 @@ class Trainer:
                 lr_reduced_to = new_lr
             result = EpochResult(
                 epoch, train_loss, train_acc, val.loss, val.acc, lr,
-                time.perf_counter() - started, train_seconds, improved, lr_reduced_to,
+                time.perf_counter() - started, train_seconds, improved, lr_reduced_to, val.confusion,
             )
-            state.history.append(asdict(result))
+            state.history.append(result.history_entry())
             if on_epoch is not None:
                 on_epoch(result, self)
         return state

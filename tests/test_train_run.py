@@ -186,3 +186,41 @@ def test_figure_titles_say_how_many_epochs_ran(fresh_experiment):
     with mlflow.start_run(run_name="older") as run:  # runs logged before epochs_run existed
         mlflow.log_params({"optimizer": "sgd", "lr": 0.01, "epochs": 1})
     assert describe_training_run(MlflowClient().get_run(run.info.run_id)) == "older, sgd lr=0.01, 1 epoch"
+
+
+# --------------------------------------------------------------------------- what MLflow 3's UI reads
+
+
+def test_the_model_carries_exactly_its_quality_metrics_each_with_its_dataset(trained_run):
+    import mlflow
+
+    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{trained_run}'", output_format="list")
+    by_name = {m.key: m for m in model.metrics}
+    assert set(by_name) == {"best_val_acc", "best_val_loss", "test_acc", "test_loss"}  # no system/*, no epochs
+    assert by_name["best_val_acc"].dataset_name == "mnist-validation"
+    assert by_name["test_acc"].dataset_name == "mnist-testing"
+    run_metrics = MlflowClient().get_run(trained_run).data.metrics
+    assert by_name["test_acc"].value == pytest.approx(run_metrics["test_acc"])
+
+
+def test_misclassified_test_digits_are_a_table_with_thumbnails(trained_run, tmp_path):
+    table = json.loads(open(download(trained_run, "tables/misclassified_test.json", tmp_path)).read())
+    columns = table["columns"]
+    assert columns == ["index", "true digit", "prediction", "confidence", "image"]
+    rows = [dict(zip(columns, row)) for row in table["data"]]
+    arrays = np.load(download(trained_run, "features/test.npz", tmp_path), allow_pickle=False)
+    wrong = int((arrays["labels"] != arrays["predictions"]).sum())
+    assert len(rows) == min(wrong, 200)
+    assert all(r["true digit"] != r["prediction"] for r in rows)
+    confidences = [r["confidence"] for r in rows]
+    assert confidences == sorted(confidences, reverse=True)  # the most confident mistakes first
+    for row in rows[:3]:
+        image = imread(download(trained_run, row["image"]["filepath"], tmp_path / str(row["index"])))
+        position = int(np.flatnonzero(arrays["indices"] == row["index"])[0])
+        assert image.shape[:2] == (28, 28) and arrays["labels"][position] == row["true digit"]
+
+
+def test_each_epoch_logs_its_val_confusion_matrix_for_the_step_slider(trained_run):
+    images = [a.path for a in MlflowClient().list_artifacts(trained_run, "images")]
+    steps = sorted({int(p.split("step_")[1].split("_")[0]) for p in images if "val_confusion_matrix" in p})
+    assert steps == list(range(1, FAST["epochs"] + 1)), images

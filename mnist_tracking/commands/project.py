@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ PROJECTION_SUFFIX = "-projection"
 METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 TENSORBOARD_FOLDER = "projections/tensorboard"
 FEATURE_ARRAYS = ("features", "labels", "predictions", "indices")
+PROJECTION_SCORES_TAG = "projection_scores_from"  # on a training run: the projection its <method>_* metrics came from
 
 
 def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) -> str:
@@ -44,9 +46,9 @@ def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) 
         echo(f"Projecting {n_points:,} of {available:,} {config.split} points of run {config.run_id} "
              f"({source.info.run_name}) with {', '.join(config.method_list)}; run {run.info.run_id}")
         sprite = thumbnail_sprite(source, config, sample, echo)
-        figures, pages, panels = {}, {}, []
+        figures, pages, panels, scores = {}, {}, [], {}
         for method in config.method_list:
-            figures[method], pages[method], panel = project_with(method, sample, source, config, sprite, echo)
+            figures[method], pages[method], panel, scores[method] = project_with(method, sample, source, config, sprite, echo)
             panels.append(panel)
         log_files(projector.export_files(sample["features"], sample["labels"], sample["predictions"],
                                          sample["indices"], sprite), TENSORBOARD_FOLDER)
@@ -54,6 +56,8 @@ def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) 
             panels, sample["labels"], sample["predictions"], f"{describe_training_run(source)} ({_shape(config, n_points)})"
         )
         log_views(figures, pages, config.run_id)
+        if config.split == "test":
+            log_scores_on_training_run(config.run_id, run.info.run_id, scores)
         echo(f"View the projection: {ui_url(run.info.experiment_id, run.info.run_id)}  "
              "(projections/<method>.html: hover a point for its image)")
         echo(f"TensorBoard's projector: mlflow artifacts download -r {run.info.run_id} -a {TENSORBOARD_FOLDER} -d out "
@@ -150,8 +154,8 @@ def thumbnail_sprite(source, config: ProjectConfig, sample: dict, echo: Callable
 
 def project_with(method: str, sample: dict, source, config: ProjectConfig, sprite: bytes | None,
                  echo: Callable[[str], None]) -> tuple:
-    """One method: embed, score and log its params, metrics and CSV; returns its figure, HTML view
-    and overview panel."""
+    """One method: embed, score and log its params, metrics and CSV; returns its figure, HTML view,
+    overview panel and scores."""
     features, labels, predictions = sample["features"], sample["labels"], sample["predictions"]
     result = embedding.embed(method, features, config.dims, config.perplexity, config.seed)
     metrics, quality_params = embedding.quality(features, result.coords, labels, config.seed)
@@ -169,7 +173,7 @@ def project_with(method: str, sample: dict, source, config: ProjectConfig, sprit
     mlflow.log_text(page, f"projections/{method}.html")
     echo(f"{title:>6}: trustworthiness {metrics['trustworthiness']:.3f}, kNN acc {metrics['knn_acc']:.3f}, "
          f"silhouette {metrics['silhouette']:.3f}, {result.seconds:.1f}s")
-    return figure, page, (f"{title}: kNN acc {metrics['knn_acc']:.3f}", result.coords, result.axis_labels)
+    return figure, page, (f"{title}: kNN acc {metrics['knn_acc']:.3f}", result.coords, result.axis_labels), metrics
 
 
 def log_views(figures: dict, pages: dict[str, str], training_run_id: str) -> None:
@@ -181,6 +185,21 @@ def log_views(figures: dict, pages: dict[str, str], training_run_id: str) -> Non
         client.log_figure(training_run_id, figure, f"projections/{key}.png")
     for method, page in pages.items():
         client.log_text(training_run_id, page, f"projections/{method}.html")
+
+
+def log_scores_on_training_run(training_run_id: str, projection_run_id: str, scores: dict[str, dict[str, float]]) -> None:
+    """The test projection's scores (`<method>_knn_acc`, ...) on the training run too, one step
+    further than any before, so that its runs-table columns and charts show the latest; a tag
+    names the projection run they came from."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    names = {f"{method}_{name}": value for method, values in scores.items() for name, value in values.items()}
+    earlier = [m.step for name in names for m in client.get_metric_history(training_run_id, name)]
+    step = max(earlier) + 1 if earlier else 0
+    now = int(time.time() * 1000)
+    client.log_batch(training_run_id, metrics=[Metric(name, value, now, step) for name, value in names.items()])
+    client.set_tag(training_run_id, PROJECTION_SCORES_TAG, projection_run_id)
 
 
 def load_coordinates(run_id: str, method: str) -> dict[str, np.ndarray]:

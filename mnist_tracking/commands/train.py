@@ -12,18 +12,18 @@ from contextlib import ExitStack, contextmanager
 import mlflow
 import numpy as np
 import torch
-from mlflow.tracking import MlflowClient
 
 from mnist_tracking import plots
-from mnist_tracking.config import TrainConfig, resumed_config
-from mnist_tracking.data import Splits, load_splits
+from mnist_tracking.commands.resume import checked_resume
+from mnist_tracking.config import TrainConfig
+from mnist_tracking.data import PIXEL_MAX, Splits, load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.model import MODEL_NAME, ServedConvNet
-from mnist_tracking.reports import summary_table
+from mnist_tracking.reports import misclassified_table, summary_table
 from mnist_tracking.runs import (
-    KIND_TAG, NOTE_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, download_artifact, end_active_run, environment, get_run,
-    has_artifact, log_arrays, log_new_params, log_torch, mark_experiment, temporary_folder, ui_hint, ui_url,
+    KIND_TAG, NOTE_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, end_active_run, environment, log_arrays,
+    log_new_params, log_torch, mark_experiment, ui_hint, ui_url,
 )
 from mnist_tracking.training import (
     EPOCH_METRICS, Diverged, EpochResult, Trainer, TrainState, evaluate, feature_arrays, resolve_device,
@@ -35,8 +35,16 @@ from mnist_tracking.training import (
 # own 10 s leaves short runs with no sample); MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns them off.
 SYSTEM_METRICS_INTERVAL_S = 5
 DATASET_INSERT_TRIES = 3  # concurrent trainings race to insert the same dataset row
-LAST_CHECKPOINT = "checkpoints/last.pt"
-CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
+# MLflow copies every run metric logged at the model's step onto the model, system metrics
+# included (they count their samples from step 0): at a step no metric uses, none is copied, and
+# the model's own quality metrics are linked to it explicitly (log_model_metrics).
+MODEL_STEP = -1
+VAL_CONFUSION_KEY = "val_confusion_matrix"  # the image grid's key: one image per epoch, a step slider
+CONFUSION_PER_EPOCH_SIZE = (4.5, 4.2)  # inches: smaller than the final test matrix, rendered every epoch
+MISCLASSIFIED_TABLE = "tables/misclassified_test.json"
+# Each row's image costs two files (a PNG and a WebP): a barely trained network gets thousands of
+# test digits wrong, so the table keeps the most confident mistakes only.
+MISCLASSIFIED_ROWS = 200
 
 
 def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True) -> str:
@@ -56,7 +64,7 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
 
     name = config.run_name() + ("-resumed" if resume is not None else "")
     with Interrupts() as interrupts, training_run(name, interrupts, lambda: trainer.state.epoch) as run:
-        log_training_start(run, name, trainer, world_size, echo)
+        datasets = log_training_start(run, name, trainer, world_size, echo)
         if resume is not None:
             with interrupts.critical():
                 log_resumed_state(trainer, config.resume_from)
@@ -65,7 +73,7 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
         if state.stopped_early:
             echo(f"Early stopping after epoch {state.epoch}: no improvement in {config.early_stopping_monitor} "
                  f"in {config.early_stopping} epochs.")
-        log_training_results(trainer, run, echo)
+        log_training_results(trainer, run, datasets, echo)
 
     if config.register_as:
         from mnist_tracking.commands.register import register_run  # `register` needs no training code
@@ -79,7 +87,8 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
 
 class EpochLogger:
     """The trainer's epoch callback: logs the epoch's metrics, `best.pt` when it improved and
-    `last.pt`, all or nothing (a signal waits until they are in the store), then prints its line."""
+    `last.pt`, all or nothing (a signal waits until they are in the store), then the val
+    confusion matrix as an image and the epoch's line."""
 
     def __init__(self, interrupts: Interrupts | None = None, echo: Callable[[str], None] = print):
         self.interrupts, self.echo = interrupts, echo
@@ -90,6 +99,10 @@ class EpochLogger:
             if result.improved:  # logged at once, so a killed run still has its best weights
                 log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
             log_torch(trainer.checkpoint(), "checkpoints", "last.pt")
+        if result.val_confusion is not None:  # the run page's image grid slides through the epochs
+            figure = plots.confusion_counts(result.val_confusion, f"validation, epoch {result.epoch}: "
+                                            f"accuracy {result.val_acc:.2%}", size=CONFUSION_PER_EPOCH_SIZE)
+            mlflow.log_image(plots.figure_image(figure), key=VAL_CONFUSION_KEY, step=result.epoch)
         self.echo(
             f"Epoch {result.epoch}/{trainer.config.epochs}: train loss {result.train_loss:.4f} acc {result.train_acc:.2%}"
             f" | val loss {result.val_loss:.4f} acc {result.val_acc:.2%} | lr {result.lr:g}"
@@ -183,8 +196,9 @@ def killed_on_interrupt(interrupts: Interrupts, epochs_done: Callable[[], int]) 
         ) from None
 
 
-def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: Callable[[str], None]) -> None:
-    """Tags, params and datasets of a new training run, and the line that announces it."""
+def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: Callable[[str], None]) -> dict:
+    """Tags, params and datasets of a new training run, and the line that announces it; returns
+    the datasets by context (training, validation, testing), for the metrics measured on them."""
     config, splits = trainer.config, trainer.splits
     mark_experiment(run.info.experiment_id)
     mlflow.set_tags({
@@ -196,11 +210,12 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
         NOTE_TAG: f"Training {MODEL_NAME} on {config.dataset}: {config.run_name()} (running).",
     })
     log_new_params({**config.to_dict(), **derived_params(trainer), "world_size": world_size})
-    log_datasets(config, splits)
+    datasets = log_datasets(config, splits)
     echo(
         f"Training {MODEL_NAME} on {config.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test) on {trainer.device} in {trainer.precision}; run {run.info.run_id}"
     )
+    return datasets
 
 
 def derived_params(trainer: Trainer) -> dict:
@@ -225,8 +240,9 @@ def derived_params(trainer: Trainer) -> dict:
     }
 
 
-def log_datasets(config: TrainConfig, splits: Splits) -> None:
-    """Record the data as MLflow dataset inputs (name, digest, split sizes) for the UI."""
+def log_datasets(config: TrainConfig, splits: Splits) -> dict:
+    """Record the data as MLflow dataset inputs (name, digest, split sizes) for the UI; returns them by context."""
+    datasets = {}
     for context, split in (("training", splits.train), ("validation", splits.val), ("testing", splits.test)):
         with warnings.catch_warnings():
             # MLflow registers its local-file source twice and warns that a path matches both.
@@ -236,6 +252,8 @@ def log_datasets(config: TrainConfig, splits: Splits) -> None:
                 name=f"{config.dataset}-{context}",
             )
         log_input_once_stored(dataset, context)
+        datasets[context] = dataset
+    return datasets
 
 
 def log_input_once_stored(dataset, context: str) -> None:
@@ -254,15 +272,16 @@ def log_input_once_stored(dataset, context: str) -> None:
                 raise
 
 
-def log_training_results(trainer: Trainer, run, echo: Callable[[str], None]) -> None:
-    """After the last epoch: the best weights on the test and val splits (metrics and features),
-    the summary table, the plots, and the MLflow model."""
+def log_training_results(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -> None:
+    """After the last epoch: the best weights on the test and val splits (features, the misclassified
+    test digits), the summary table, the plots, and the MLflow model with its quality metrics."""
     config, splits, state = trainer.config, trainer.splits, trainer.state
     best, on_device = trainer.best_model(), trainer.device_splits
     test = evaluate(best, on_device.test, trainer.device, trainer.precision, with_features=True)
     val = evaluate(best, on_device.val, trainer.device, trainer.precision, with_features=True)
     log_arrays(feature_arrays(splits.test, test), "features/test.npz")
     log_arrays(feature_arrays(splits.val, val), "features/val.npz")
+    log_misclassified(splits.test, test)
 
     summary = {
         "model": MODEL_NAME,
@@ -278,22 +297,36 @@ def log_training_results(trainer: Trainer, run, echo: Callable[[str], None]) -> 
         "stopped_early": state.stopped_early,
     }
     mlflow.log_metrics({
-        "best_val_acc": state.best_val_acc,
-        "best_val_loss": state.best_val_loss,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,  # fewer than the `epochs` param when early stopping ended it
-        "test_acc": test.acc,
-        "test_loss": test.loss,
     })
     mlflow.log_dict(summary, "summary.json")
     mlflow.log_figure(plots.training_curves(state.history), "plots/training_curves.png")
     mlflow.log_figure(plots.confusion_matrix(splits.test.labels.numpy(), test.predictions), "plots/confusion_matrix.png")
     example = splits.test.images[:2].numpy()  # (2, 1, 28, 28): a batch > 1 keeps the batch dim dynamic
-    log_model(best, example)
+    model_id = log_model(best, example)
+    log_model_metrics(model_id, {"best_val_acc": state.best_val_acc, "best_val_loss": state.best_val_loss},
+                      {"test_acc": test.acc, "test_loss": test.loss}, datasets)
     table = summary_table(summary)
     mlflow.set_tag(NOTE_TAG, f"**{config.run_name()}** on {config.dataset}\n\n{table}")
     echo("\n" + table)
     echo(f"View the run: {ui_url(run.info.experiment_id, run.info.run_id)}" + ui_hint())
+
+
+def log_misclassified(test_split, test) -> None:
+    """The most confident mistakes on the test split as a table with thumbnails (MLflow's table view)."""
+    images = (test_split.images[:, 0].numpy() * PIXEL_MAX).round().astype(np.uint8)  # (N, 1, 28, 28) -> (N, 28, 28)
+    rows = misclassified_table(images, test_split.labels.numpy(), test.predictions, test.probabilities,
+                               test_split.indices.numpy(), MISCLASSIFIED_ROWS)
+    mlflow.log_table(rows, MISCLASSIFIED_TABLE)
+
+
+def log_model_metrics(model_id: str, validation: dict[str, float], testing: dict[str, float], datasets: dict) -> None:
+    """The model's own quality metrics, on the run and linked to the logged model, each against its
+    data (MLflow 3.17 keeps a metric's dataset only where the metric is linked to a model: the
+    per-epoch curves, logged before the model exists, carry none)."""
+    mlflow.log_metrics(validation, model_id=model_id, dataset=datasets.get("validation"))
+    mlflow.log_metrics(testing, model_id=model_id, dataset=datasets.get("testing"))
 
 
 def model_signature():
@@ -307,11 +340,12 @@ def model_signature():
 
 
 def log_model(model: torch.nn.Module, input_example: np.ndarray) -> str:
-    """Log the network as MLflow model `model` in the pickle-free pt2 format; returns its URI."""
+    """Log the network as MLflow model `model` in the pickle-free pt2 format; returns its model id."""
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     info = mlflow.pytorch.log_model(
         ServedConvNet(model).eval(),  # refuses input outside [0, 1] with a 4xx when served
         name="model",
+        step=MODEL_STEP,
         serialization_format="pt2",
         signature=model_signature(),
         input_example=input_example,
@@ -322,70 +356,10 @@ def log_model(model: torch.nn.Module, input_example: np.ndarray) -> str:
             f"numpy=={np.__version__}",
         ],
     )
-    return info.model_uri
+    return info.model_id
 
 
 # --------------------------------------------------------------------------- resuming
-
-
-def checked_resume(config: TrainConfig) -> tuple[dict, TrainConfig]:
-    """The checkpoint of the run to resume and the config that continues it; UserError when it cannot."""
-    checkpoint = load_checkpoint_of(config.resume_from)
-    resumed = resumed_config(config, checkpoint, config.resume_from)
-    check_prelogged_params(resumed)
-    return checkpoint, resumed
-
-
-def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:
-    """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU."""
-    run = get_run(run_id)
-    kind = run.data.tags.get(KIND_TAG)
-    if kind != Kind.TRAINING:
-        what = f"a {kind} run, not a" if kind else "not a"
-        raise UserError(f"run {run_id} is {what} training run; pass the id of a training run")
-    if not has_artifact(run_id, artifact):
-        raise UserError(
-            f"run {run_id} has no {artifact} (it ended before its first epoch was complete); "
-            f"train a new run instead"
-        )
-    with temporary_folder() as tmp:
-        path = download_artifact(run_id, artifact, tmp)
-        try:
-            # weights_only: tensors and plain containers only; a pickled object is refused, not run.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-            # torch's own message starts with how to load it anyway; the refused global says why.
-            first = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
-            raise UserError(
-                f"refusing to load {artifact} of run {run_id}: it is not a plain tensor checkpoint "
-                f"({first}); only checkpoints written by mnist-tracking can be resumed"
-            ) from exc
-    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
-        raise UserError(f"{artifact} of run {run_id} is not a training checkpoint of mnist-tracking; train a new run instead")
-    return checkpoint
-
-
-def check_prelogged_params(config: TrainConfig) -> None:
-    """Under `mlflow run` the run already has the entry point's parameters, as typed, and MLflow
-    refuses to change a logged value: they must be the resumed ones, or the run's params would lie."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    logged = MlflowClient().get_run(run_id).data.params
-    wrong = []
-    for name, value in config.to_dict().items():
-        if name in logged and name != "resume_from":
-            try:
-                same = type(value)(logged[name]) == value
-            except ValueError:
-                same = False
-            if not same:
-                wrong.append(f"-P {name}={value}")
-    if wrong:
-        raise UserError(
-            f"resuming run {config.resume_from} under mlflow run needs its parameters: pass {' '.join(wrong)}"
-        )
 
 
 def log_resumed_state(trainer: Trainer, resume_from: str) -> None:

@@ -1,0 +1,76 @@
+"""Resuming a training (`main --resume-from`): the old run's checkpoint, read without unpickling, and
+the config that continues it."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from mnist_tracking.config import TrainConfig, resumed_config
+from mnist_tracking.errors import UserError
+from mnist_tracking.runs import KIND_TAG, Kind, download_artifact, get_run, has_artifact, temporary_folder
+
+LAST_CHECKPOINT = "checkpoints/last.pt"
+CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
+
+
+def checked_resume(config: TrainConfig) -> tuple[dict, TrainConfig]:
+    """The checkpoint of the run to resume and the config that continues it; UserError when it cannot."""
+    checkpoint = load_checkpoint_of(config.resume_from)
+    resumed = resumed_config(config, checkpoint, config.resume_from)
+    check_prelogged_params(resumed)
+    return checkpoint, resumed
+
+
+def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:
+    """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU."""
+    run = get_run(run_id)
+    kind = run.data.tags.get(KIND_TAG)
+    if kind != Kind.TRAINING:
+        what = f"a {kind} run, not a" if kind else "not a"
+        raise UserError(f"run {run_id} is {what} training run; pass the id of a training run")
+    if not has_artifact(run_id, artifact):
+        raise UserError(
+            f"run {run_id} has no {artifact} (it ended before its first epoch was complete); "
+            f"train a new run instead"
+        )
+    with temporary_folder() as tmp:
+        path = download_artifact(run_id, artifact, tmp)
+        try:
+            # weights_only: tensors and plain containers only; a pickled object is refused, not run.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            # torch's own message starts with how to load it anyway; the refused global says why.
+            first = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
+            raise UserError(
+                f"refusing to load {artifact} of run {run_id}: it is not a plain tensor checkpoint "
+                f"({first}); only checkpoints written by mnist-tracking can be resumed"
+            ) from exc
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
+        raise UserError(f"{artifact} of run {run_id} is not a training checkpoint of mnist-tracking; train a new run instead")
+    return checkpoint
+
+
+def check_prelogged_params(config: TrainConfig) -> None:
+    """Under `mlflow run` the run already has the entry point's parameters, as typed, and MLflow
+    refuses to change a logged value: they must be the resumed ones, or the run's params would lie."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    logged = MlflowClient().get_run(run_id).data.params
+    wrong = []
+    for name, value in config.to_dict().items():
+        if name in logged and name != "resume_from":
+            try:
+                same = type(value)(logged[name]) == value
+            except ValueError:
+                same = False
+            if not same:
+                wrong.append(f"-P {name}={value}")
+    if wrong:
+        raise UserError(
+            f"resuming run {config.resume_from} under mlflow run needs its parameters: pass {' '.join(wrong)}"
+        )
