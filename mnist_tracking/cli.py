@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -13,6 +14,8 @@ import click
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+DEFAULT_SOURCES = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
 
 def _raise_interrupted(signum, frame):
@@ -70,8 +73,13 @@ def user_errors(command):
             end_mlflow_run_command_run(message, "KILLED", command.__name__, kwargs)
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except Exception as exc:  # the store or network: still one line, with the cause
-            if type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
+        except Exception as exc:  # the disk, the store or the network: still one line, with the cause
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                # e.g. `[Errno 28] No space left on device` while an artifact is copied into the store
+                message = (f"cannot write {exc.filename or 'to the tracking store'}: {exc.strerror}; free some space "
+                           f"(what was logged before it, every finished epoch's checkpoints included, is kept), then "
+                           f"run the command again (a training: --resume-from the run it names)")
+            elif type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy")):
                 message = f"tracking store error ({type(exc).__name__}): {str(exc).splitlines()[0] if str(exc) else ''}; check MLFLOW_TRACKING_URI"
             else:
                 raise
@@ -127,13 +135,23 @@ def train(**params) -> None:
     """Train the ConvNet and log params, per-epoch metrics, checkpoints, features and the model.
 
     Everything lands in one MLflow run: metrics per epoch, checkpoints/best.pt and last.pt,
-    features/{val,test}.npz, summary.json, plots/, and the MLflow model `model`.
+    features/{val,test}.npz, summary.json, plots/, and the MLflow model `model`. With
+    --resume-from, every parameter you do not pass is the resumed run's.
     """
     from mnist_tracking.commands.train import train_and_log
     from mnist_tracking.config import TrainConfig
 
     config = TrainConfig(**params)
-    train_and_log(config, echo=click.echo)
+    train_and_log(config, echo=click.echo, given=explicitly_given(params))
+
+
+def explicitly_given(params: dict) -> set[str] | None:
+    """The parameters typed on the command line, or None under `mlflow run`, which passes every
+    MLproject parameter (its default when not given), so the two cannot be told apart there."""
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    context = click.get_current_context()
+    return {name for name in params if context.get_parameter_source(name) not in DEFAULT_SOURCES}
 
 
 # ---- project: embed and draw a logged run's features
@@ -189,7 +207,7 @@ def register(run_id: str, experiment: str, metric: str, name: str, alias: str) -
     """Register a training run's model (default: the experiment's best) in the Model Registry.
 
     Registering the same run again reuses its version. Serve the alias with
-    `mlflow models serve -m "models:/mnist-convnet@champion" --env-manager local`.
+    `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve -m "models:/mnist-convnet@champion" --env-manager local`.
     """
     from mnist_tracking.commands.register import register as register_model
 

@@ -17,6 +17,8 @@ SCHEDULERS = ("none", "plateau", "cosine")
 # val loss (what the plateau scheduler watches), or either of the two.
 EARLY_STOPPING_MONITORS = ("val_acc", "val_loss", "val_acc_or_loss")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MIN_BATCH_SIZE = 2  # images a training step needs (BatchNorm), in every process
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -65,7 +67,10 @@ class TrainConfig:
             setattr(self, name, value)
         _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a number > 0, got {self.lr}")
         _check(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
-        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        # BatchNorm normalises over the batch: it cannot train on one image.
+        _check(self.batch_size >= MIN_BATCH_SIZE, f"batch_size must be at least {MIN_BATCH_SIZE} (BatchNorm cannot "
+               f"train on one image a batch), got {self.batch_size}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         _check(
             0 < self.val_fraction < 1,
             f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
@@ -74,6 +79,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.early_stopping >= 0, f"early_stopping must be >= 0 (0 = off), got {self.early_stopping}")
         _check(self.max_samples >= 0, f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        self.register_as = str(self.register_as).strip()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,37 +103,48 @@ LEGACY_VALUES = {"early_stopping_monitor": "val_acc"}
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "device", "precision", "register_as", "resume_from")
 
 
-def resumed_config(config: TrainConfig, checkpoint: dict, run_id: str) -> TrainConfig:
-    """The resumed run's parameters (from its checkpoint), with this invocation's `RESUME_MAY_CHANGE` ones.
+def resumed_config(config: TrainConfig, checkpoint: dict, run_id: str, given: set[str] | None = None,
+                   finished: bool = False) -> TrainConfig:
+    """The resumed run's parameters (from its checkpoint), changed only where this invocation gives
+    one of `RESUME_MAY_CHANGE`.
 
-    A parameter left at its default takes the resumed run's value; one set to another value
-    than that run's is an error, since it would not continue the same training.
+    `given`: the parameters the user set explicitly (the CLI knows them); None where that cannot be
+    known (under `mlflow run` every parameter arrives with a value), and then a value other than the
+    default counts as given. A given parameter outside `RESUME_MAY_CHANGE` whose value differs from
+    the run's is an error, since it would not continue the same training. A run whose epochs are all
+    done (or that stopped early) and that did not finish (it failed or was stopped while its results
+    were being logged) is resumed to log those results; a `finished` one has nothing to continue.
     """
     original = {**LEGACY_VALUES, **checkpoint["params"]}
     wanted, defaults = config.to_dict(), TrainConfig().to_dict()
+    if given is None:
+        given = {name for name in wanted if wanted[name] != defaults[name]}
     conflicts = [
         f"{name}={wanted[name]} (the run has {original[name]})"
-        for name in wanted
-        if name not in RESUME_MAY_CHANGE and name in original
-        and wanted[name] != defaults[name] and wanted[name] != original[name]
+        for name in sorted(given)
+        if name not in RESUME_MAY_CHANGE and name in original and wanted[name] != original[name]
     ]
     if conflicts:
         raise UserError(
             f"resuming run {run_id} keeps its training parameters, but these differ: {', '.join(conflicts)}; "
             f"leave them out (only {', '.join(RESUME_MAY_CHANGE[:4])} may change)"
         )
-    resumed = TrainConfig.from_dict({**original, **{name: wanted[name] for name in RESUME_MAY_CHANGE}})
+    changed = {name: wanted[name] for name in RESUME_MAY_CHANGE if name in given or name not in original}
+    resumed = TrainConfig.from_dict({**original, **changed, "resume_from": config.resume_from})
     done, state = checkpoint["epoch"], checkpoint["train_state"]
-    if state.get("stopped_early"):
+    if finished and state.get("stopped_early"):
         raise UserError(
-            f"run {run_id} stopped early after epoch {done} (no val improvement in "
-            f"{original['early_stopping']} epochs); there is nothing to continue: train a new run instead"
+            f"run {run_id} stopped early after epoch {done} (no improvement in {original['early_stopping_monitor']} "
+            f"in {original['early_stopping']} epochs) and finished; there is nothing to continue: train a new run instead"
         )
-    if resumed.epochs <= done:
+    if finished and resumed.epochs <= done:
         raise UserError(
             f"run {run_id} has already trained {done} epochs; pass epochs greater than {done} "
             f"(now {resumed.epochs}) to continue it"
         )
+    if resumed.epochs < done:
+        raise UserError(f"run {run_id} has already trained {done} epochs; epochs {resumed.epochs} would end before "
+                        f"them: leave epochs out, or pass at least {done}")
     return resumed
 
 
@@ -160,6 +177,7 @@ class ProjectConfig:
             raise UserError(f"dims must be 2 or 3, got {self.dims}")
         if not self.perplexity > 0:
             raise UserError(f"perplexity must be > 0, got {self.perplexity}")
+        _check(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         self.data_dir = str(self.data_dir).strip()
 
     def to_params(self) -> dict:

@@ -156,7 +156,8 @@ def batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches by indexing the in-memory tensors.
 
-    With a generator the order is shuffled (training); without, it is the split's order.
+    With a generator the order is shuffled (training), and no batch holds a single image (one
+    left over joins the last batch); without, it is the split's order.
     `shard=(rank, world_size)` gives each process of a distributed training its own part of
     the shuffled order; every rank draws the same permutation from the same seed.
     """
@@ -171,6 +172,9 @@ def batches(
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     # Equal shards, so every rank runs the same number of steps (DDP's collectives need it).
     order = order[: n - n % world_size][rank::world_size].to(split.images.device)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    starts = list(range(0, len(order), batch_size))
+    if generator is not None and len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()  # training: a last batch of one image joins the one before (BatchNorm cannot train on one)
+    for start, end in zip(starts, [*starts[1:], len(order)]):
+        idx = order[start:end]
         yield split.images[idx], split.labels[idx]

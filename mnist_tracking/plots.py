@@ -31,6 +31,11 @@ def training_curves(history: Sequence[dict]) -> Figure:
     return fig
 
 
+def plain(text: str) -> str:
+    """Text drawn as written: a `$` in a run name would start matplotlib's mathtext (and can raise)."""
+    return text.replace("$", r"\$")
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "") -> Figure:
     """Counts of true digit (rows) against predicted digit (columns), titled with the test accuracy."""
     from sklearn.metrics import confusion_matrix as counts_of
@@ -46,7 +51,7 @@ def confusion_counts(counts: np.ndarray, title: str, size: tuple[float, float] =
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ConfusionMatrixDisplay(counts, display_labels=list(range(NUM_CLASSES))).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     return fig
 
 
@@ -131,7 +136,7 @@ def embedding_scatter(
     _draw_embedding(ax, coords, labels, predictions, axis_labels)
     ax.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="center left",
               bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8, title_fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(plain(title), fontsize=9)
     return fig
 
 
@@ -147,10 +152,10 @@ def embedding_overview(
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, (name, coords, axis_labels) in zip(axes, panels):
         _draw_embedding(ax, coords, labels, predictions, axis_labels)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(plain(name), fontsize=9)
     fig.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="outside right center",
                frameon=False, fontsize=8, title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plain(title), fontsize=10)
     return fig
 
 
@@ -170,12 +175,12 @@ def comparison_grid(
         for ax in row_axes[len(panels):]:
             ax.set_axis_off()
         if not panels:  # a training that failed or was not projected: its row says so
-            row_axes[0].text(0.0, 0.5, row_title, fontsize=9, va="center", transform=row_axes[0].transAxes)
+            row_axes[0].text(0.0, 0.5, plain(row_title), fontsize=9, va="center", transform=row_axes[0].transAxes)
         for col, (ax, (name, coords, labels, predictions)) in enumerate(zip(row_axes, panels)):
             _draw_embedding(ax, coords, labels, predictions)
-            ax.set_title(name, fontsize=9)
+            ax.set_title(plain(name), fontsize=9)
             if col == 0:
-                ax.set_ylabel(row_title, fontsize=9)
+                ax.set_ylabel(plain(row_title), fontsize=9)
     # The legend's counts of misclassified points differ by row; the colours do not.
     all_labels = np.concatenate([p[2] for _, panels in rows for p in panels[:1]])
     handles = _legend_handles(all_labels, all_labels)[:-1]
@@ -183,5 +188,5 @@ def comparison_grid(
     handles[-1].set_label("misclassified")
     fig.legend(handles=handles, title="true digit", loc="outside right center",
                frameon=False, fontsize=8, title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(plain(title), fontsize=10)
     return fig

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import tempfile
@@ -29,6 +30,9 @@ RESUMED_AT_TAG = "resumed_from_epoch"  # ... and the last epoch that run had com
 SERVER_CONNECT_TIMEOUT_S = 5  # an unreachable tracking server is reported after this, not after MLflow's retries
 UI_QUERY = "?workflowType=machine_learning"  # opens MLflow 3's "Model training" view
 MAX_TAG_LENGTH = 5000  # MLflow's limit on a tag value
+# On a run while a process of ours writes it: "<host>:<pid>", so that a run left RUNNING by a
+# process that died (kill -9, a lost machine) can be told from one still being written.
+PROCESS_TAG = "mnist_tracking.process"
 
 
 class Kind:
@@ -122,6 +126,32 @@ def attempted_run_tags(command: str, params: dict, experiment_id: str) -> dict[s
     return tags
 
 
+def this_process() -> str:
+    """The PROCESS_TAG value of this process."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_is_gone(run) -> bool:
+    """True when the run's writing process is known to have ended: it ran on this host and no
+    process has its pid now. On another host (or without the tag) nobody can tell: False."""
+    host, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's process
+        return False
+    return False
+
+
+def running_where(run) -> str:
+    """Where a RUNNING run's process is, for messages."""
+    host, _, pid = run.data.tags.get(PROCESS_TAG, "").rpartition(":")
+    return f"process {pid} on {host}" if host else "by a process of unknown host"
+
+
 def mark_experiment(experiment_id: str) -> None:
     """Tag the experiment as model development, so the UI opens it in the training view."""
     client = MlflowClient()
@@ -213,8 +243,10 @@ def log_new_params(params: dict) -> None:
 
 def log_torch(obj: dict, artifact_path: str, filename: str) -> None:
     """torch.save a dict of tensors and primitives (weights_only-loadable) as a run artifact."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # in memory: a full disk then fails in Python's write, as an OSError naming the file
     with temporary_folder() as tmp:
-        torch.save(obj, tmp / filename)
+        (tmp / filename).write_bytes(buffer.getvalue())
         mlflow.log_artifact(str(tmp / filename), artifact_path)
 
 

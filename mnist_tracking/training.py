@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mnist_tracking.config import TrainConfig
+from mnist_tracking.config import MIN_BATCH_SIZE, TrainConfig
 from mnist_tracking.data import Split, Splits, batches
 from mnist_tracking.errors import UserError
 from mnist_tracking.digits import NUM_CLASSES
@@ -215,8 +215,6 @@ def train_one_epoch(
     check_every = check_every or (1 if device.type == "cpu" else DIVERGENCE_CHECK_EVERY)
     step = 0
     for step, (images, labels) in enumerate(batches(split, batch_size, generator, shard), start=1):
-        if len(labels) < 2:
-            continue  # BatchNorm cannot train on a batch of one; at most one image is skipped
         images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with _autocast(device, precision):
@@ -320,7 +318,12 @@ class Trainer:
         self.batch_size = config.batch_size
         if self.world_size > 1:
             # The global batch stays `batch_size`: each of the N processes takes 1/N of it.
-            self.batch_size = max(1, math.ceil(config.batch_size / self.world_size))
+            self.batch_size = math.ceil(config.batch_size / self.world_size)
+            if self.batch_size < MIN_BATCH_SIZE:
+                raise UserError(
+                    f"batch_size {config.batch_size} over {self.world_size} processes leaves {self.batch_size} image "
+                    f"a process (BatchNorm needs {MIN_BATCH_SIZE}); use batch_size >= {MIN_BATCH_SIZE * self.world_size}"
+                )
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None
             )

@@ -137,7 +137,7 @@ def figure(
     wrong = int((labels != predictions).sum())
     layout = dict(
         # Title lines at the top, the colour buttons under them (not beside: MLflow's viewer is narrow).
-        title=dict(text=f"{title}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
+        title=dict(text=f"{html.escape(title)}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
                         f"click a legend entry to hide a digit</sup>",
                    x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container",
                    font=dict(size=13)),
@@ -242,7 +242,7 @@ def scatter_html(
         default_height="100%",
         config={"displaylogo": False, "responsive": True, "scrollZoom": True},
     )
-    return PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=div)
+    return PAGE.format(title=html.escape(title, quote=False), div=div)
 
 
 PAGE = """<!DOCTYPE html>

@@ -9,97 +9,23 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
 import torch
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, write_fake_dataset
-from helpers import EPOCH_METRICS
+from helpers import (
+    EPOCH_METRICS, STARTUP_TIMEOUT_S, SUBPROCESS_ENV, TINY, cli_command, env_for, history, invoke,
+    load_artifact, one_error_line, runs_of, start_training, steps, wait_until,
+)
 from mnist_tracking import cli
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
 from mnist_tracking.commands.train import train_and_log
 from mnist_tracking.runs import KIND_TAG
-
-# Tiny runs: 48 train / 12 val images in batches of 16, so an epoch takes well under a second.
-TINY = ["--batch-size", "16", "--max-samples", "60", "--device", "cpu", "--precision", "fp32", "--seed", "42"]
-# One thread per process: the machines running the tests have two cores for several processes.
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-STARTUP_TIMEOUT_S = 240  # imports of torch and mlflow on a busy machine
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def cli_command(*args):
-    return [sys.executable, "-m", "mnist_tracking", *args]
-
-
-def env_for(experiment_id, **extra):
-    return {**os.environ, **SUBPROCESS_ENV, "MLFLOW_EXPERIMENT_ID": experiment_id, **extra}
-
-
-def start_training(data_dir, experiment_id, *args, cwd, **popen):
-    return subprocess.Popen(
-        cli_command("train", "--data-dir", str(data_dir), *TINY, *args),
-        cwd=cwd, env=env_for(experiment_id), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
-    )
-
-
-def invoke(*args):
-    """The CLI in this process (for errors that come before any training)."""
-    return CliRunner().invoke(cli.main, list(args))
-
-
-def error_lines(stderr):
-    assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.startswith("Error:")]
-
-
-def one_error_line(stderr):
-    errors = error_lines(stderr)
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
-def runs_of(experiment_id):
-    return MlflowClient().search_runs([experiment_id])
-
-
-def steps(run_id, name="val_acc"):
-    return [m.step for m in MlflowClient().get_metric_history(run_id, name)]
-
-
-def history(run_id):
-    """{metric: [value per epoch]} of a run, in step order."""
-    client = MlflowClient()
-    return {
-        name: [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
-        for name in EPOCH_METRICS
-    }
-
-
-def load_artifact(run_id, path, tmp_path):
-    local = MlflowClient().download_artifacts(run_id, path, str(tmp_path))
-    return torch.load(local, weights_only=True)
-
-
-def wait_until(condition, process, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        if process.poll() is not None:
-            pytest.fail(f"the training ended before {what}: {process.communicate()[1][-3000:]}")
-        time.sleep(0.2)
-    process.kill()
-    pytest.fail(f"timed out waiting for {what}")
-
 
 def assert_store_consistent(run, tmp_path):
     """A run that ended: contiguous per-epoch metrics from step 1, and checkpoints that load."""

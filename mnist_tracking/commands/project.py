@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_tracking import embedding, plots, projector, views
 from mnist_tracking.config import ProjectConfig
+from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.errors import UserError
 from mnist_tracking.reports import coordinates_csv, describe_training_run, read_coordinates_csv
 from mnist_tracking.runs import (
@@ -25,6 +27,9 @@ PROJECTION_SUFFIX = "-projection"
 METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 TENSORBOARD_FOLDER = "projections/tensorboard"
 FEATURE_ARRAYS = ("features", "labels", "predictions", "indices")
+# The MNIST family holds 70,000 images: their 512 float32 features and labels take ~150 MB; a
+# feature file that unpacks to more is not one `train` wrote (a 97 kB file can unpack to GBs).
+MAX_FEATURE_FILE_BYTES = 70_000 * (512 * 4 + 10 * 4 + 3 * 8)
 PROJECTION_SCORES_TAG = "projection_scores_from"  # on a training run: the projection its <method>_* metrics came from
 
 
@@ -84,18 +89,54 @@ def source_training_run(run_id: str, split: str):
 
 
 def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
-    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split."""
+    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split, checked
+    in size, schema and values before any work (a UserError says what is wrong)."""
+    artifact = f"features/{split}.npz"
     with temporary_folder() as tmp:
-        path = download_artifact(run_id, f"features/{split}.npz", tmp)
+        path = download_artifact(run_id, artifact, tmp)
         try:
+            unpacked = unpacked_size(path)
+            if unpacked > MAX_FEATURE_FILE_BYTES:
+                raise ValueError(f"it unpacks to {unpacked / 1e6:,.0f} MB, more than the "
+                                 f"{MAX_FEATURE_FILE_BYTES / 1e6:,.0f} MB the largest split's features take")
             # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
             with np.load(path, allow_pickle=False) as arrays:
-                return {name: arrays[name] for name in FEATURE_ARRAYS}
-        except (ValueError, KeyError, OSError) as exc:
+                return checked_feature_arrays({name: arrays[name] for name in FEATURE_ARRAYS if name in arrays.files})
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
             raise UserError(
-                f"refusing to load features/{split}.npz of run {run_id}: it is not a plain array file "
-                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); train the run again"
+                f"refusing to load {artifact} of run {run_id}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; train the run again"
             ) from exc
+
+
+def unpacked_size(path: str) -> int:
+    """Bytes the arrays of an .npz file take once decompressed, read from its zip directory."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(member.file_size for member in archive.infolist())
+
+
+def checked_feature_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays of a feature file if they are what `train` writes; ValueError saying what is not."""
+    missing = [name for name in FEATURE_ARRAYS if name not in arrays]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)} array")
+    features = arrays["features"]
+    if features.ndim != 2 or features.dtype.kind != "f":
+        raise ValueError(f"features must be a 2-D array of real numbers, got {features.dtype} {features.shape}")
+    n = len(features)
+    for name in ("labels", "predictions", "indices"):
+        values = arrays[name]
+        if values.ndim != 1 or values.dtype.kind not in "iu" or len(values) != n:
+            raise ValueError(f"{name} must be {n} integers (one per feature row), got {values.dtype} {values.shape}")
+    for name in ("labels", "predictions"):
+        if n and not ((arrays[name] >= 0) & (arrays[name] < NUM_CLASSES)).all():
+            raise ValueError(f"{name} must be digits 0-{NUM_CLASSES - 1}")
+    if n and (arrays["indices"] < 0).any():
+        raise ValueError("indices must be >= 0")
+    if not np.isfinite(features).all():
+        raise ValueError(f"features hold {int((~np.isfinite(features)).sum()):,} NaN or infinite values")
+    return {"features": features.astype(np.float32, copy=False),
+            **{name: arrays[name].astype(np.int64, copy=False) for name in ("labels", "predictions", "indices")}}
 
 
 def load_sample(config: ProjectConfig) -> tuple[dict[str, np.ndarray], int]:

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.errors import UserError
 from mnist_tracking.model import MODEL_NAME
-from mnist_tracking.reports import lower_is_better
+from mnist_tracking.reports import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import KIND_TAG, NOTE_TAG, SOURCE_RUN_TAG, Kind, get_run, ui_model_url
 
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment 0, where runs land without a choice
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
 RUNS_PAGE = 1000  # search_runs page size; a page token fetches the rest
+LOCK_SUFFIX = ".registry.lock"  # beside a sqlite store's database file
+ADVISORY_LOCK_KEY = 0x6D6E6973  # PostgreSQL advisory lock id of mnist-tracking's registrations ("mnis")
+PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
+# Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
+SERVE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"
 
 
 @dataclass
@@ -33,11 +39,6 @@ class Registration:
     alias: str
     has_alias: bool  # the version holds `alias` after the call
     alias_reason: str
-
-
-def beats(value: float, other: float, metric: str) -> bool:
-    """Strictly better: on a tie the current holder keeps its alias."""
-    return value < other if lower_is_better(metric) else value > other
 
 
 def resolve_experiment(name: str = ""):
@@ -96,15 +97,81 @@ def best_training_run(experiment_id: str, metric: str = "best_val_acc"):
             f"experiment {experiment.name!r} has no finished training runs; train one first "
             f"(mlflow run . --env-manager local), or pass --experiment (-P experiment=) the experiment that has them"
         )
-    scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
-    if not scored:
+    having = [r for r in runs if metric in r.data.metrics]
+    if not having:
         known = sorted({m for r in runs for m in r.data.metrics})
         raise UserError(
             f"no finished training run of experiment {experiment.name!r} has the metric {metric!r}; "
             f"choose one of {', '.join(known)}"
         )
+    scored = [r for r in having if not invalid_metric_value(metric, r.data.metrics[metric])]
+    if not scored:
+        raise UserError(
+            f"no finished training run of experiment {experiment.name!r} has a valid {metric}: "
+            f"{invalid_metric_value(metric, having[0].data.metrics[metric])} (run {having[0].info.run_id}); "
+            f"train a new run"
+        )
     sign = 1.0 if lower_is_better(metric) else -1.0
     return min(scored, key=lambda r: (sign * r.data.metrics[metric], r.info.start_time))
+
+
+@contextmanager
+def registry_lock() -> Iterator[None]:
+    """Held while registering: the read-compare-write of the alias (and the first creation of the
+    registered model) must not interleave with another registration's, or the last writer wins
+    even with the worse model. A sqlite store: an exclusive file lock beside its database file;
+    PostgreSQL: a transaction-independent advisory lock; a tracking server's REST API offers no
+    lock, so there nothing is held (README: register from one place at a time)."""
+    uri = mlflow.get_registry_uri()
+    scheme = urlparse(uri).scheme.split("+")[0]
+    if scheme == "sqlite":
+        import fcntl
+
+        database = uri.split(":///", 1)[1] if ":///" in uri else ""
+        if not database or database == ":memory:":
+            yield
+            return
+        with open(f"{database}{LOCK_SUFFIX}", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
+            yield
+    elif scheme == "postgresql":
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        engine.dispose()
+    else:
+        yield
+
+
+def finished_training_run(run_id: str):
+    """The run, if it is a FINISHED training run of ours; a one-line UserError otherwise."""
+    run = get_run(run_id)
+    kind = run.data.tags.get(KIND_TAG)
+    if kind != Kind.TRAINING:
+        what = f"a {kind} run" if kind else "not a run of mnist-tracking"
+        raise UserError(f"run {run.info.run_id} ({run.info.run_name}) is {what}, not a training run; "
+                        f"pass the id of a finished training run")
+    if run.info.status != "FINISHED":
+        raise UserError(f"run {run.info.run_id} ({run.info.run_name}) is {run.info.status}, not FINISHED; "
+                        f"only a finished training can be registered")
+    return run
+
+
+def check_pickle_free(model, run) -> None:
+    """Refuse a logged model that is not in the pickle-free pt2 format (data/model.pt2 and no
+    data/model.pth): serving it would unpickle whatever the store holds."""
+    files = {os.path.basename(a.path) for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{model.artifact_location}/data")}
+    if PT2_FILE not in files or PICKLE_FILE in files:
+        raise UserError(
+            f"run {run.info.run_id} ({run.info.run_name}): its model is not in the pickle-free pt2 format "
+            f"(data/ holds {', '.join(sorted(files)) or 'nothing'}); refusing to register what serving would unpickle"
+        )
 
 
 def logged_model_of(run):
@@ -136,7 +203,7 @@ def ensure_registered_model(name: str) -> None:
             name,
             description=(
                 f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28) in [0, 1] -> (N, 10) class scores "
-                f"(logits). Serve it with `mlflow models serve -m models:/{name}@champion --env-manager local`."
+                f"(logits). Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@champion --env-manager local`."
             ),
         )
 
@@ -198,6 +265,10 @@ def apply_alias(name: str, version: int, alias: str, metric: str, value: float) 
         reason = f"no version held {alias!r} yet"
     else:
         held = holder_value(holder, metric)
+        if held is not None and invalid_metric_value(metric, held):
+            reason = f"version {holder.version}'s {metric} {held} is not a valid value, so any valid one beats it"
+            client.set_registered_model_alias(name, alias, version)
+            return True, reason
         if held is None:
             return False, (
                 f"{alias!r} stays on version {holder.version}, which has no {metric} to compare with; move it "
@@ -224,13 +295,15 @@ def register_run(
     """Register the training run's model as a version of `name` (once per run) and give it
     `alias` if it beats the version holding it on `metric`."""
     check_names(name, alias, metric)
-    run = get_run(run_id)
+    run = finished_training_run(run_id)
     run_id = run.info.run_id
     value = metric_of(run, metric)
     model = logged_model_of(run)
-    ensure_registered_model(name)
-    version, created = version_of(run, model, name, metric, value)
-    has_alias, reason = apply_alias(name, version, alias, metric, value)
+    check_pickle_free(model, run)
+    with registry_lock():  # create, look up and move the alias as one step among concurrent registrations
+        ensure_registered_model(name)
+        version, created = version_of(run, model, name, metric, value)
+        has_alias, reason = apply_alias(name, version, alias, metric, value)
     registration = Registration(name, version, run_id, metric, value, created, alias, has_alias, reason)
     echo_registration(registration, run.info.run_name, echo)
     describe_mlflow_run_command_run(registration)
@@ -238,13 +311,17 @@ def register_run(
 
 
 def metric_of(run, metric: str) -> float:
-    """The run's value of `metric`; UserError naming the metrics it has when it has not that one."""
+    """The run's value of `metric`; UserError naming the metrics it has when it has not that one,
+    or saying why its value cannot rank a model."""
     value = run.data.metrics.get(metric)
     if value is None:
         raise UserError(
             f"run {run.info.run_id} ({run.info.run_name}) has no metric {metric!r}; choose one of "
             f"{', '.join(sorted(run.data.metrics)) or '(it has none: is it a training run?)'}"
         )
+    problem = invalid_metric_value(metric, value)
+    if problem:
+        raise UserError(f"run {run.info.run_id} ({run.info.run_name}) cannot be registered by {metric}: {problem}")
     return float(value)
 
 
@@ -286,7 +363,7 @@ def echo_registration(reg: Registration, run_name: str, echo: Callable[[str], No
         echo(f"No alias: {reg.alias_reason}.")
     echo(f"View it: {ui_model_url(reg.name, reg.version)}  (start the UI with: mlflow ui --host 127.0.0.1)")
     if reg.has_alias:
-        echo(f"Serve it: mlflow models serve -m \"models:/{reg.name}@{reg.alias}\" --env-manager local")
+        echo(f"Serve it: {SERVE_ENV} mlflow models serve -m \"models:/{reg.name}@{reg.alias}\" --env-manager local")
 
 
 def describe_mlflow_run_command_run(reg: Registration) -> None:

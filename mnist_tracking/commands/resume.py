@@ -10,18 +10,36 @@ from mlflow.tracking import MlflowClient
 
 from mnist_tracking.config import TrainConfig, resumed_config
 from mnist_tracking.errors import UserError
-from mnist_tracking.runs import KIND_TAG, Kind, download_artifact, get_run, has_artifact, temporary_folder
+from mnist_tracking.runs import (
+    KIND_TAG, Kind, download_artifact, end_run, get_run, has_artifact, process_is_gone, running_where, temporary_folder,
+)
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
 CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
 
 
-def checked_resume(config: TrainConfig) -> tuple[dict, TrainConfig]:
-    """The checkpoint of the run to resume and the config that continues it; UserError when it cannot."""
-    checkpoint = load_checkpoint_of(config.resume_from)
-    resumed = resumed_config(config, checkpoint, config.resume_from)
+def checked_resume(config: TrainConfig, given: set[str] | None = None) -> tuple[dict, TrainConfig]:
+    """The checkpoint of the run to resume and the config that continues it; UserError when it cannot.
+
+    `given`: the parameters the user passed explicitly (see config.resumed_config)."""
+    run = resumable_run(config.resume_from)
+    checkpoint = load_checkpoint_of(run.info.run_id)
+    resumed = resumed_config(config, checkpoint, run.info.run_id, given, finished=run.info.status == "FINISHED")
     check_prelogged_params(resumed)
+    if run.info.status == "RUNNING":  # its process is gone (resumable_run checked): say so on it
+        end_run(run.info.run_id, "its process ended without ending the run; it was resumed", "KILLED")
     return checkpoint, resumed
+
+
+def resumable_run(run_id: str):
+    """The training run to resume; refused while it is still being trained by a live process."""
+    run = get_run(run_id)
+    if run.info.status == "RUNNING" and not process_is_gone(run):
+        raise UserError(
+            f"run {run.info.run_id} ({run.info.run_name}) is still RUNNING ({running_where(run)}); resuming it now "
+            f"would fork its training: stop it first (Ctrl-C or SIGTERM end it KILLED), then resume it"
+        )
+    return run
 
 
 def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mnist_tracking import plots
+from mnist_tracking.commands.register import check_names, register_run
 from mnist_tracking.commands.resume import checked_resume
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Splits, load_splits
@@ -22,8 +23,8 @@ from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.model import MODEL_NAME, ServedConvNet
 from mnist_tracking.reports import misclassified_table, summary_table
 from mnist_tracking.runs import (
-    KIND_TAG, NOTE_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, end_active_run, environment, log_arrays,
-    log_new_params, log_torch, mark_experiment, ui_hint, ui_url,
+    KIND_TAG, NOTE_TAG, PROCESS_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, end_active_run, environment,
+    log_arrays, log_new_params, log_torch, mark_experiment, this_process, ui_hint, ui_url,
 )
 from mnist_tracking.training import (
     EPOCH_METRICS, Diverged, EpochResult, Trainer, TrainState, evaluate, feature_arrays, resolve_device,
@@ -39,6 +40,7 @@ DATASET_INSERT_TRIES = 3  # concurrent trainings race to insert the same dataset
 # included (they count their samples from step 0): at a step no metric uses, none is copied, and
 # the model's own quality metrics are linked to it explicitly (log_model_metrics).
 MODEL_STEP = -1
+REGISTER_METRIC, REGISTER_ALIAS = "best_val_acc", "champion"  # register_as: the `register` entry point's defaults
 VAL_CONFUSION_KEY = "val_confusion_matrix"  # the image grid's key: one image per epoch, a step slider
 CONFUSION_PER_EPOCH_SIZE = (4.5, 4.2)  # inches: smaller than the final test matrix, rendered every epoch
 MISCLASSIFIED_TABLE = "tables/misclassified_test.json"
@@ -47,12 +49,17 @@ MISCLASSIFIED_TABLE = "tables/misclassified_test.json"
 MISCLASSIFIED_ROWS = 200
 
 
-def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True) -> str:
+def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
+                  given: set[str] | None = None) -> str:
     """Train as configured inside an MLflow run, logging params, epochs, checkpoints, features,
-    plots and the model; register it when `register_as` is set. Returns the run id."""
+    plots and the model; register it when `register_as` is set. Returns the run id.
+
+    `given`: the parameters the user set explicitly, when known (a resume keeps the others)."""
     resume = None
     if config.resume_from:  # everything about the resumed run is checked before any work starts
-        resume, config = checked_resume(config)
+        resume, config = checked_resume(config, given)
+    if config.register_as:  # a bad name must fail now, not after the whole training
+        check_names(config.register_as, REGISTER_ALIAS, REGISTER_METRIC)
     device, rank, world_size = setup_distributed(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
     splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed, config.max_samples)
@@ -73,12 +80,10 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
         if state.stopped_early:
             echo(f"Early stopping after epoch {state.epoch}: no improvement in {config.early_stopping_monitor} "
                  f"in {config.early_stopping} epochs.")
-        log_training_results(trainer, run, datasets, echo)
+        finish(trainer, run, datasets, echo)
 
     if config.register_as:
-        from mnist_tracking.commands.register import register_run  # `register` needs no training code
-
-        register_run(run.info.run_id, name=config.register_as, echo=echo)
+        register_run(run.info.run_id, name=config.register_as, echo=echo, metric=REGISTER_METRIC, alias=REGISTER_ALIAS)
     return run.info.run_id
 
 
@@ -204,6 +209,7 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
     mlflow.set_tags({
         "mlflow.runName": name,  # under `mlflow run` the run it made has a random name
         KIND_TAG: Kind.TRAINING,
+        PROCESS_TAG: this_process(),
         "dataset": config.dataset,
         "optimizer": config.optimizer,
         "activation": config.activation,
@@ -270,6 +276,23 @@ def log_input_once_stored(dataset, context: str) -> None:
             # sqlite: "UNIQUE constraint failed"; PostgreSQL: "violates unique constraint"
             if "unique constraint" not in str(exc).lower() or attempt == DATASET_INSERT_TRIES - 1:
                 raise
+
+
+def finish(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -> None:
+    """The results after the last epoch; when logging them fails, the run ends FAILED with a
+    message that says how to finish it later (every epoch and checkpoint is in the store)."""
+    try:
+        log_training_results(trainer, run, datasets, echo)
+    except Exception as exc:  # the disk, the store: the epochs are safe, only the results are missing
+        run_id = run.info.run_id
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        hint = f"all {trainer.state.epoch} epochs are logged: finish it with --resume-from {run_id} (mlflow run: -P resume_from={run_id})"
+        try:
+            end_active_run(f"logging the results failed ({cause}); {hint}", "FAILED")
+        except Exception:  # noqa: BLE001 - the store may be what failed; the message still goes out
+            pass
+        raise UserError(f"run {run_id}: logging the results after the last epoch failed ({type(exc).__name__}: "
+                        f"{cause}); {hint}") from exc
 
 
 def log_training_results(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -> None:
