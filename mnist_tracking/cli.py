@@ -122,6 +122,9 @@ def main() -> None:
               help="A run id: continue its training from checkpoints/last.pt in a new run.")
 @click.option("--register-as", type=str, default="", show_default=True,
               help="When set, register the best model under this name.")
+@click.option("--snapshot-points", type=int, default=1000, show_default=True,
+              help="Size of the fixed, stratified val subsample whose features are recorded at epoch 0 and "
+                   "after every epoch (snapshots/epoch_NNN.npz, for `evolution`); 0 = off.")
 @user_errors
 def train(**params) -> None:
     """Train the ConvNet and log params, per-epoch metrics, checkpoints, features and the model.
