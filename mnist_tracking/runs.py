@@ -36,6 +36,7 @@ class Kind:
 
     TRAINING = "training"
     PROJECTION = "projection"
+    EVOLUTION = "evolution"
     SWEEP = "sweep"
     REGISTRATION = "registration"
 
