@@ -11,6 +11,7 @@ import numpy as np
 
 from mnist_tracking import embedding
 from mnist_tracking.alignment import align_chain, mean_displacement
+from mnist_tracking.reports import KNN_TARGET
 
 DIMS = 2  # the animated views and GIFs are 2-D
 # t-SNE of each later frame starts from the frame before it, as it is, and is optimised this many
@@ -22,7 +23,6 @@ TSNE_FOLLOW_ITERATIONS = 250
 # default, 0.01) over this many frames on either side (its default, 3).
 UMAP_ALIGNMENT_REGULARISATION = 1e-2
 UMAP_ALIGNMENT_WINDOW = 3
-KNN_TARGET = 0.9  # "the first epoch at which <method>_knn_acc passes 0.9" (the sweep's comparison)
 
 SCHEMES = {
     "pca": "each epoch's PCA of its standardised features, rotated (orthogonal Procrustes, with reflection, "

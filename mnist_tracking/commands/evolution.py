@@ -52,7 +52,7 @@ def snapshotted_training_run(run_id: str):
     run = get_run(run_id)
     name, kind = run.info.run_name, run.data.tags.get(KIND_TAG)
     if kind != Kind.TRAINING:
-        what = f"a {kind} run" if kind else "not an mnist-tracking run"
+        what = f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} run" if kind else "not an mnist-tracking run"
         source = run.data.tags.get(SOURCE_RUN_TAG)
         hint = f"pass its training run {source}" if source else "pass the id of a training run"
         raise UserError(f"run {run_id} ({name}) is {what}, not a training run; {hint}")
