@@ -43,11 +43,15 @@ def procrustes(coords: np.ndarray, reference: np.ndarray, scale: bool = True) ->
     return Alignment(rotation, factor, shift, rms / spread if spread > 0 else 0.0)
 
 
-def align_chain(layouts: list[np.ndarray], reference_index: int = -1) -> tuple[list[np.ndarray], list[float]]:
+def align_chain(
+    layouts: list[np.ndarray], reference_index: int = -1, scale: bool = True
+) -> tuple[list[np.ndarray], list[float]]:
     """Align a sequence of layouts of the same points so that each sits on its neighbour:
     starting from `layouts[reference_index]` (left as it is), each next one towards either end is
     mapped onto the already aligned one beside it. Returns the aligned layouts and each one's
-    residual against that neighbour (0.0 for the reference)."""
+    residual against that neighbour (0.0 for the reference). `scale=False`: rotation and shift
+    only, for layouts that may be unrelated (the least-squares scale of an unrelated layout onto
+    another is near 0: it would shrink to a point)."""
     n = len(layouts)
     start = reference_index % n
     aligned: list[np.ndarray | None] = [None] * n
@@ -56,7 +60,7 @@ def align_chain(layouts: list[np.ndarray], reference_index: int = -1) -> tuple[l
     for order in (range(start - 1, -1, -1), range(start + 1, n)):
         for i in order:
             neighbour = aligned[i + 1] if i < start else aligned[i - 1]
-            fit = procrustes(np.asarray(layouts[i], dtype=np.float64), neighbour)
+            fit = procrustes(np.asarray(layouts[i], dtype=np.float64), neighbour, scale=scale)
             aligned[i], residuals[i] = fit.apply(layouts[i]), fit.residual
     return aligned, residuals
 

@@ -130,6 +130,9 @@ def main() -> None:
               help="A run id: continue its training from checkpoints/last.pt in a new run.")
 @click.option("--register-as", type=str, default="", show_default=True,
               help="When set, register the best model under this name.")
+@click.option("--snapshot-points", type=int, default=1000, show_default=True,
+              help="Size of the fixed, stratified val subsample whose features are recorded at epoch 0 and "
+                   "after every epoch (snapshots/epoch_NNN.npz, for `evolution`); 0 = off.")
 @user_errors
 def train(**params) -> None:
     """Train the ConvNet and log params, per-epoch metrics, checkpoints, features and the model.
@@ -187,6 +190,30 @@ def project(**params) -> None:
 
     config = ProjectConfig(**params)
     project_and_log(config, echo=click.echo)
+
+
+# ---- evolution: a training's feature snapshots, epoch by epoch, on aligned layouts
+
+
+@main.command()
+@click.option("--run-id", type=str, required=True, help="The training run (with feature snapshots) to follow.")
+@click.option("--methods", type=str, default="pca,tsne", show_default=True, help="Comma list of pca, tsne, umap.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the methods.")
+@click.option("--data-dir", type=str, default="", show_default=True,
+              help="Folder with <DATASET>/raw/*-ubyte, for the thumbnails; empty = the training run's data_dir.")
+@user_errors
+def evolution(**params) -> None:
+    """Follow a training run's snapshot points epoch by epoch on one aligned layout per method.
+
+    Logs into a run named <training run>-evolution, nested under the training run:
+    evolution/<method>.html (play button and epoch slider; hover a point for its image),
+    evolution/<method>.gif, the frames as images (key evolution_<method>, step = epoch), and per
+    epoch <method>_knn_acc, _trustworthiness, _silhouette and _displacement (step = epoch).
+    """
+    from mnist_tracking.commands.evolution import evolve_and_log
+    from mnist_tracking.config import EvolutionConfig
+
+    evolve_and_log(EvolutionConfig(**params), echo=click.echo)
 
 
 # ---- register: put the best model in the Model Registry

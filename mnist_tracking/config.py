@@ -20,6 +20,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 MIN_BATCH_SIZE = 2  # images a training step needs (BatchNorm), in every process
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 PRECISIONS = ("auto", "fp32", "bf16")
+# 1,000 points x 512 features x float16 is 1.0 MB before compression: the issue's budget of about
+# 1 MB of snapshot per epoch holds for every activation (ReLU's zeros only make the compressed file
+# smaller), and 100 points per digit keep a 10-NN classifier and the 2-D layouts meaningful
+# (benchmarks/snapshots.py measures size and time).
+DEFAULT_SNAPSHOT_POINTS = 1000
 
 
 @dataclass
@@ -48,6 +53,7 @@ class TrainConfig:
     precision: str = "auto"
     resume_from: str = ""
     register_as: str = ""
+    snapshot_points: int = DEFAULT_SNAPSHOT_POINTS  # 0 = no feature snapshots
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -79,6 +85,7 @@ class TrainConfig:
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.early_stopping >= 0, f"early_stopping must be >= 0 (0 = off), got {self.early_stopping}")
         _check(self.max_samples >= 0, f"max_samples must be >= 0 (0 = all), got {self.max_samples}")
+        _check(self.snapshot_points >= 0, f"snapshot_points must be >= 0 (0 = off), got {self.snapshot_points}")
         self.register_as = str(self.register_as).strip()
 
     def to_dict(self) -> dict:
@@ -95,8 +102,9 @@ class TrainConfig:
 
 
 # Parameters added after runs were logged without them: the value that reproduces how such a
-# run trained (before `early_stopping_monitor`, early stopping watched the val accuracy).
-LEGACY_VALUES = {"early_stopping_monitor": "val_acc"}
+# run trained (before `early_stopping_monitor`, early stopping watched the val accuracy; before
+# `snapshot_points`, no snapshots were taken).
+LEGACY_VALUES = {"early_stopping_monitor": "val_acc", "snapshot_points": 0}
 
 # What a resumed run may change: how far to train and where. Everything else (lr, optimizer,
 # batch size, seed, data split, ...) is the resumed run's, so its training continues unchanged.
@@ -191,6 +199,28 @@ class ProjectConfig:
             "seed": self.seed,
             "data_dir": self.data_dir,
         }
+
+
+@dataclass
+class EvolutionConfig:
+    """The parameters of the `evolution` entry point, checked before the store is touched."""
+
+    run_id: str
+    methods: str = "pca,tsne"
+    seed: int = 42
+    data_dir: str = ""  # where the images are, for the thumbnails; "" = the training run's data_dir
+    method_list: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_id = str(self.run_id).strip()
+        if not self.run_id:
+            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
+        self.method_list = parse_methods(self.methods)
+        self.methods = ",".join(self.method_list)
+        self.data_dir = str(self.data_dir).strip()
+
+    def to_params(self) -> dict:
+        return {"run_id": self.run_id, "methods": self.methods, "seed": self.seed, "data_dir": self.data_dir}
 
 
 @dataclass

@@ -190,8 +190,9 @@ def exact_neighbors(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return np.hstack([own, indices]), np.hstack([np.zeros_like(own, dtype=distances.dtype), distances])
 
 
-def _cache_umap_compilation() -> None:
-    """Let numba cache on disk the umap-learn functions that do not ask for it themselves.
+def cache_umap_compilation(*extra_modules) -> None:
+    """Let numba cache on disk the umap-learn functions that do not ask for it themselves
+    (in its core modules and `extra_modules`, e.g. umap.aligned_umap).
 
     Those (the layout epoch, the fuzzy-set construction, ...) are compiled again in every new
     process; cached, a warm `project` with UMAP skips that (benchmarks/run.py measures it).
@@ -202,7 +203,7 @@ def _cache_umap_compilation() -> None:
     import umap.umap_
     import umap.utils
 
-    for module in (umap.layouts, umap.umap_, umap.utils):
+    for module in (umap.layouts, umap.umap_, umap.utils, *extra_modules):
         for function in vars(module).values():
             if isinstance(function, Dispatcher) and isinstance(function._cache, NullCache):
                 function.enable_caching()
@@ -216,7 +217,7 @@ def umap(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
     os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
     import umap as umap_learn  # the compile time of a cold cache is counted in the wall time
 
-    _cache_umap_compilation()
+    cache_umap_compilation()
     reduced, params = standardize_and_reduce(features, seed)
     neighbors = min(UMAP_NEIGHBORS, len(features) - 1)
     # Exact neighbours, as for t-SNE: umap-learn's own approximate search (pynndescent) is slower

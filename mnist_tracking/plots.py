@@ -55,18 +55,6 @@ def confusion_counts(counts: np.ndarray, title: str, size: tuple[float, float] =
     return fig
 
 
-def figure_image(fig: Figure):
-    """The figure rendered as a PIL RGB image (for mlflow.log_image, which takes images, not figures)."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    buffer.seek(0)
-    return Image.open(buffer).convert("RGB")
-
-
 # --------------------------------------------------------------------------- projections
 
 MISCLASSIFIED_COLOR = "black"
@@ -190,3 +178,97 @@ def comparison_grid(
                frameon=False, fontsize=8, title_fontsize=8)
     fig.suptitle(plain(title), fontsize=10)
     return fig
+
+
+# --------------------------------------------------------------------------- feature snapshots and their evolution
+
+SNAPSHOT_DPI = 80  # small per-epoch images: one per epoch in the run's image grid
+DISTANCE_BINS = 40
+
+
+def figure_image(fig: Figure) -> np.ndarray:
+    """A Figure rendered to an RGB array (h, w, 3) uint8, for `mlflow.log_image` and GIF frames."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def snapshot_separability(features: np.ndarray, labels: np.ndarray, epoch: int, knn_acc: float) -> Figure:
+    """How far apart the digits are in the 512-d features of one snapshot: the distances between
+    points of the same digit against those between different digits (in units of their median)."""
+    points = features.astype(np.float32)  # (n, 512)
+    squared = (points**2).sum(axis=1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * points @ points.T, 0))  # (n, n)
+    upper = np.triu_indices(len(points), k=1)
+    same = (labels[:, None] == labels[None, :])[upper]
+    pairs = distances[upper]
+    scale = float(np.median(pairs)) or 1.0
+    fig = Figure(figsize=(5, 3.2), dpi=SNAPSHOT_DPI, layout="constrained")
+    ax = fig.subplots()
+    bins = np.linspace(0, float(np.percentile(pairs / scale, 99.5)) or 1.0, DISTANCE_BINS)
+    ax.hist(pairs[~same] / scale, bins=bins, density=True, alpha=0.6, color="#7f7f7f", label="different digits")
+    ax.hist(pairs[same] / scale, bins=bins, density=True, alpha=0.6, color="#1f77b4", label="same digit")
+    ax.set_xlabel("distance in the 512-d features / median distance")
+    ax.set_yticks([])
+    ax.spines[["top", "right", "left"]].set_visible(False)
+    ax.legend(frameon=False, fontsize=8)
+    ax.set_title(f"epoch {epoch}: {len(points):,} val points, 10-NN acc {knn_acc:.3f}", fontsize=10)
+    return fig
+
+
+def evolution_frames(
+    layouts: np.ndarray, labels: np.ndarray, predictions: np.ndarray, epochs: Sequence[int], title: str,
+    scores: Sequence[float],
+) -> list[np.ndarray]:
+    """One RGB image (h, w, 3) uint8 per frame of aligned layouts (frames, n, 2): points by true
+    digit, misclassified ones (predictions (frames, n)) outlined, the same axes in every frame."""
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(5.2, 5.0), dpi=SNAPSHOT_DPI, layout="constrained")
+    ax = fig.subplots()
+    low, high = layouts.reshape(-1, 2).min(axis=0), layouts.reshape(-1, 2).max(axis=0)
+    pad = 0.03 * (high - low)
+    ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+    ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.spines[:].set_visible(False)
+    cmap = _digit_colormap()
+    colors = cmap(labels % NUM_CLASSES)
+    size = _marker_size(len(labels)) * 0.6
+    dots = ax.scatter(layouts[0, :, 0], layouts[0, :, 1], c=colors, s=size, linewidths=0)
+    wrong = ax.scatter([], [], s=size * 2, facecolors="none", edgecolors=MISCLASSIFIED_COLOR, linewidths=0.4)
+    handles = [Line2D([], [], ls="", marker="o", ms=5, mfc=cmap(d), mec="none", label=str(d)) for d in range(NUM_CLASSES)]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=NUM_CLASSES, frameon=False,
+              fontsize=7, handletextpad=0.1, columnspacing=0.6)
+    images = []
+    for frame, epoch in enumerate(epochs):
+        dots.set_offsets(layouts[frame])
+        misclassified = layouts[frame][predictions[frame] != labels]
+        wrong.set_offsets(misclassified if len(misclassified) else np.empty((0, 2)))
+        ax.set_title(f"{title}\nepoch {epoch}: kNN acc {scores[frame]:.3f}, "
+                     f"{len(misclassified):,} of {len(labels):,} misclassified", fontsize=8)
+        images.append(figure_image(fig))
+    return images
+
+
+GIF_FRAME_MS = 700  # each epoch's frame ...
+GIF_LAST_FRAME_MS = 2000  # ... and the last one longer, before the loop starts again
+
+
+def gif_bytes(images: Sequence[np.ndarray]) -> bytes:
+    """Frames (h, w, 3) uint8 as one looping animated GIF (browsers and MLflow's image viewer play it)."""
+    import io
+
+    from PIL import Image
+
+    # One adaptive palette for all frames: the colours are the ten digits', white and black.
+    pictures = [Image.fromarray(image).quantize(colors=64, method=Image.Quantize.MEDIANCUT) for image in images]
+    buffer = io.BytesIO()
+    durations = [GIF_FRAME_MS] * (len(pictures) - 1) + [GIF_LAST_FRAME_MS]
+    pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0,
+                     optimize=True)
+    return buffer.getvalue()

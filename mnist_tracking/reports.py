@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from mnist_tracking.study import SweepRow
 
 LOWER_IS_BETTER_SUFFIX = "_loss"
+KNN_TARGET = 0.9  # the sweep's comparison: the first epoch at which <method>_knn_acc of the evolution reaches it
 SUMMARY_COLUMNS = ("model", "best_val_acc", "val_loss", "lr", "optimizer", "activation", "best_epoch", "epochs_run", "test_acc")
 
 
@@ -123,11 +124,20 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
+def _first_epochs(row: SweepRow, methods: list[str]) -> str:
+    """"3 / 0": per method the first epoch whose aligned layout reached the kNN target ("never"); empty without evolution."""
+    if not row.evolution_run_id:
+        return ""
+    firsts = [row.first_separated_epoch.get(m) for m in methods]
+    return " / ".join("never" if epoch is None else str(epoch) for epoch in firsts)
+
+
 def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
     """The seed's summary table for every training of a sweep, plus test acc and projection scores (Markdown)."""
     method_columns = [f"{m} kNN acc / trust. / silh." for m in methods]
     header = ["training", "model", "best val acc", "val loss", "lr", "optimizer", "activation", "best epoch",
-              "epochs run", "test acc", "wall time", *method_columns, "seed's report"]
+              "epochs run", "test acc", "wall time", *method_columns,
+              f"first epoch with kNN acc >= {KNN_TARGET:g} ({' / '.join(methods)})", "seed's report"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         metrics, params = row.metrics, row.params
@@ -148,7 +158,7 @@ def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
             f"{float(params['lr']):g}" if "lr" in params else "", params.get("optimizer", ""),
             params.get("activation", ""), "" if best_epoch is None else str(int(best_epoch)),
             "" if row.epochs_run is None else str(row.epochs_run), _percent(metrics.get("test_acc")),
-            _duration(row.seconds), *scores, row.seed_reported,
+            _duration(row.seconds), *scores, _first_epochs(row, methods), row.seed_reported,
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ class Kind:
 
     TRAINING = "training"
     PROJECTION = "projection"
+    EVOLUTION = "evolution"
     SWEEP = "sweep"
     REGISTRATION = "registration"
 

@@ -66,6 +66,9 @@ class SweepRow:
     epochs_run: int | None = None
     projection_run_id: str = ""  # empty: not projected
     projection: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> knn_acc, trustworthiness, silhouette
+    evolution_run_id: str = ""  # empty: no evolution run (no snapshots, or it failed)
+    # method -> the first epoch at which its aligned layout's kNN accuracy reached evolution.KNN_TARGET (None: never)
+    first_separated_epoch: dict[str, int | None] = field(default_factory=dict)
 
     @classmethod
     def of(cls, training: Training, **values) -> "SweepRow":

@@ -312,6 +312,29 @@ def test_resume_continues_like_an_uninterrupted_run(three_runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_resume_carries_the_snapshots_over_and_continues_them(three_runs, tmp_path):
+    import numpy as np
+
+    def snapshot(run_id, epoch):
+        path = MlflowClient().download_artifacts(run_id, f"snapshots/epoch_{epoch:03d}.npz", str(tmp_path / run_id))
+        with np.load(path, allow_pickle=False) as arrays:
+            return {k: arrays[k] for k in arrays.files}
+
+    resumed, origin, full = three_runs["resumed"], three_runs["first_two"], three_runs["full"]
+    assert steps(resumed, "snapshot_knn_acc") == [0, 1, 2, 3]
+    assert [a.path for a in MlflowClient().list_artifacts(resumed, "snapshots")] == [
+        f"snapshots/epoch_{e:03d}.npz" for e in range(4)]
+    for epoch in range(3):  # carried over from the run it resumes
+        for name, values in snapshot(origin, epoch).items():
+            np.testing.assert_array_equal(snapshot(resumed, epoch)[name], values)
+    for name, values in snapshot(full, 3).items():  # and continued as the uninterrupted run took it
+        np.testing.assert_array_equal(snapshot(resumed, 3)[name], values)
+    knn = {run_id: [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "snapshot_knn_acc"),
+                                            key=lambda m: m.step)] for run_id in (resumed, full)}
+    assert knn[resumed] == pytest.approx(knn[full])
+
+
+@pytest.mark.slow
 def test_resume_refuses_what_would_not_continue_the_same_training(three_runs):
     origin = three_runs["first_two"]
     result = invoke("train", "--resume-from", origin, "--epochs", "2")

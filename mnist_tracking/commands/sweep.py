@@ -9,9 +9,11 @@ from mlflow.tracking import MlflowClient
 
 from mnist_tracking import plots
 from mnist_tracking import study as studies
+from mnist_tracking.commands.evolution import evolve_and_log
 from mnist_tracking.commands.project import METHOD_TITLES, load_coordinates, project_and_log
 from mnist_tracking.commands.train import train_and_log
-from mnist_tracking.config import ProjectConfig, SweepConfig
+from mnist_tracking.config import EvolutionConfig, ProjectConfig, SweepConfig
+from mnist_tracking.evolution import first_epoch_reaching
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.reports import comparison_table
@@ -82,7 +84,7 @@ def new_child(parent_id: str, training: Training, config: SweepConfig, echo: Cal
         return SweepRow.of(training, status="FAILED", reason=reason,
                            run_id=record_failed_child(parent_id, before, training, reason))
     MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
-    return project_child(trained_row(training, get_run(run_id)), config, echo)
+    return evolve_child(project_child(trained_row(training, get_run(run_id)), config, echo), config, echo)
 
 
 def reused_child(parent_id: str, training: Training, config: SweepConfig, run, projection,
@@ -93,8 +95,13 @@ def reused_child(parent_id: str, training: Training, config: SweepConfig, run, p
     echo(f"Reusing finished run {run.info.run_id} ({run.info.run_name})")
     row = trained_row(training, run)
     if projection is not None and all(f"{m}_knn_acc" in projection.data.metrics for m in config.method_list):
-        return projected_row(row, projection.info.run_id, config)
-    return project_child(row, config, echo)
+        row = projected_row(row, projection.info.run_id, config)
+    else:
+        row = project_child(row, config, echo)
+    evolution = latest_projection_of(run, Kind.EVOLUTION)
+    if evolution is not None and all(f"{m}_knn_acc" in evolution.data.metrics for m in config.method_list):
+        return evolved_row(row, evolution.info.run_id, config)
+    return evolve_child(row, config, echo)
 
 
 def trained_row(training: Training, run) -> SweepRow:
@@ -122,6 +129,26 @@ def projected_row(row: SweepRow, projection_id: str, config: SweepConfig) -> Swe
     metrics = get_run(projection_id).data.metrics
     row.projection_run_id = projection_id
     row.projection = {m: {k: metrics[f"{m}_{k}"] for k in PROJECTION_SCORES} for m in config.method_list}
+    return row
+
+
+def evolve_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]) -> SweepRow:
+    """Follow a sweep's training epoch by epoch (a nested evolution run); a failure leaves the row without it."""
+    try:
+        evolution_id = evolve_and_log(EvolutionConfig(run_id=row.run_id, methods=config.methods), echo=echo)
+    except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not followed
+        echo(f"Error: the evolution of {row.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return row
+    return evolved_row(row, evolution_id, config)
+
+
+def evolved_row(row: SweepRow, evolution_id: str, config: SweepConfig) -> SweepRow:
+    client = MlflowClient()
+    row.evolution_run_id = evolution_id
+    row.first_separated_epoch = {
+        m: first_epoch_reaching([(h.step, h.value) for h in client.get_metric_history(evolution_id, f"{m}_knn_acc")])
+        for m in config.method_list
+    }
     return row
 
 
@@ -182,12 +209,12 @@ def resumable_sweep(config: SweepConfig, planned: list[Training]) -> tuple:
     return old, found, stale
 
 
-def latest_projection_of(training_run):
-    """The newest finished projection run nested under a training run, or None."""
+def latest_projection_of(training_run, kind: str = Kind.PROJECTION):
+    """The newest finished projection (or evolution) run nested under a training run, or None."""
     projections = MlflowClient().search_runs(
         [training_run.info.experiment_id],
         filter_string=(f"tags.`{PARENT_RUN_TAG}` = '{training_run.info.run_id}' and tags.`{KIND_TAG}` = "
-                       f"'{Kind.PROJECTION}' and attributes.status = 'FINISHED'"),
+                       f"'{kind}' and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"], max_results=1,
     )
     return projections[0] if projections else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -13,11 +14,11 @@ import mlflow
 import numpy as np
 import torch
 
-from mnist_tracking import plots
+from mnist_tracking import plots, snapshots
 from mnist_tracking.commands.register import check_names, register_run
 from mnist_tracking.commands.resume import checked_resume
 from mnist_tracking.config import TrainConfig
-from mnist_tracking.data import PIXEL_MAX, Splits, load_splits
+from mnist_tracking.data import PIXEL_MAX, Split, Splits, load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.model import MODEL_NAME, ServedConvNet
@@ -26,6 +27,8 @@ from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PROCESS_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, end_active_run, environment,
     log_arrays, log_new_params, log_torch, mark_experiment, this_process, ui_hint, ui_url,
 )
+from mnist_tracking.commands.feature_snapshots import judge_snapshot, log_snapshot, logged_snapshots
+from mnist_tracking.snapshots import Snapshot
 from mnist_tracking.training import (
     EPOCH_METRICS, Diverged, EpochResult, Trainer, TrainState, evaluate, feature_arrays, resolve_device,
     resolve_precision, setup_distributed, teardown_distributed,
@@ -70,13 +73,17 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
         return train_without_logging(trainer)
 
     name = config.run_name() + ("-resumed" if resume is not None else "")
+    points = snapshots.snapshot_points(splits.val, config.snapshot_points, config.seed) if config.snapshot_points else None
     with Interrupts() as interrupts, training_run(name, interrupts, lambda: trainer.state.epoch) as run:
         datasets = log_training_start(run, name, trainer, world_size, echo)
+        on_epoch = EpochLogger(interrupts, echo, points)
         if resume is not None:
             with interrupts.critical():
                 log_resumed_state(trainer, config.resume_from)
             echo(f"Resuming run {config.resume_from} after epoch {trainer.state.epoch} of {config.epochs}")
-        state = fit(trainer, EpochLogger(interrupts, echo), progress)
+        else:
+            on_epoch.initial_snapshot(trainer)  # epoch 0: the initialised network, before any step
+        state = fit(trainer, on_epoch, progress)
         if state.stopped_early:
             echo(f"Early stopping after epoch {state.epoch}: no improvement in {config.early_stopping_monitor} "
                  f"in {config.early_stopping} epochs.")
@@ -91,16 +98,23 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
 
 
 class EpochLogger:
-    """The trainer's epoch callback: logs the epoch's metrics, `best.pt` when it improved and
-    `last.pt`, all or nothing (a signal waits until they are in the store), then the val
-    confusion matrix as an image and the epoch's line."""
+    """The trainer's epoch callback: logs the epoch's metrics, its feature snapshot (when `points`
+    are given), `best.pt` when it improved and `last.pt`, all or nothing (a signal waits until they
+    are in the store), then the val confusion matrix as an image and the epoch's line."""
 
-    def __init__(self, interrupts: Interrupts | None = None, echo: Callable[[str], None] = print):
-        self.interrupts, self.echo = interrupts, echo
+    def __init__(self, interrupts: Interrupts | None = None, echo: Callable[[str], None] = print,
+                 points: Split | None = None):
+        self.interrupts, self.echo, self.points = interrupts, echo, points
+
+    def _critical(self):
+        return self.interrupts.critical() if self.interrupts else contextlib.nullcontext()
 
     def __call__(self, result: EpochResult, trainer: Trainer) -> None:
-        with self.interrupts.critical() if self.interrupts else contextlib.nullcontext():
+        snapshot = self.take_snapshot(trainer, result.epoch)  # computed before, logged with the metrics
+        with self._critical():
             mlflow.log_metrics(result.metrics(), step=result.epoch)
+            if snapshot is not None:
+                log_snapshot(*snapshot)
             if result.improved:  # logged at once, so a killed run still has its best weights
                 log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
             log_torch(trainer.checkpoint(), "checkpoints", "last.pt")
@@ -115,6 +129,23 @@ class EpochLogger:
         )
         if result.lr_reduced_to is not None:
             self.echo(f"Epoch {result.epoch}: reducing learning rate of group 0 to {result.lr_reduced_to:.4e}.")
+
+
+    def initial_snapshot(self, trainer: Trainer) -> None:
+        """Log the snapshot of epoch 0, the initialised network, before any training step."""
+        snapshot = self.take_snapshot(trainer, 0)
+        if snapshot is not None:
+            with self._critical():
+                log_snapshot(*snapshot)
+
+    def take_snapshot(self, trainer: Trainer, epoch: int) -> tuple[Snapshot, float, np.ndarray, float] | None:
+        """(snapshot, its kNN accuracy, its separability image, seconds it all took), or None when off."""
+        if self.points is None:
+            return None
+        started = time.perf_counter()
+        snapshot = snapshots.take(trainer.model, self.points, epoch, trainer.device, trainer.precision)
+        knn_acc, image = judge_snapshot(snapshot, trainer.config.seed)
+        return snapshot, knn_acc, image, time.perf_counter() - started
 
 
 def fit(trainer: Trainer, on_epoch: EpochLogger, progress: bool) -> TrainState:
@@ -392,6 +423,10 @@ def log_resumed_state(trainer: Trainer, resume_from: str) -> None:
     mlflow.set_tags({RESUMED_FROM_TAG: resume_from, RESUMED_AT_TAG: str(state.epoch)})
     for past in state.history:
         mlflow.log_metrics({k: past[k] for k in EPOCH_METRICS}, step=past["epoch"])
+    for snapshot in logged_snapshots(resume_from, last_epoch=state.epoch):
+        knn_acc, image = judge_snapshot(snapshot, trainer.config.seed)
+        log_snapshot(snapshot, knn_acc, image)  # no seconds: it was taken by the resumed run
     if state.best_epoch:
         log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
     log_torch(trainer.checkpoint(), "checkpoints", "last.pt")
+

@@ -1,0 +1,151 @@
+"""Aligned 2-D layouts of a training's feature snapshots, one frame per epoch, and how good each frame is (pure)."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from mnist_tracking import embedding
+from mnist_tracking.alignment import align_chain, mean_displacement
+from mnist_tracking.reports import KNN_TARGET
+
+DIMS = 2  # the animated views and GIFs are 2-D
+# t-SNE of each later frame starts from the frame before it, as it is, and is optimised this many
+# iterations without early exaggeration (a third of a full run: 250 + 500): a frame whose features
+# did not change is already at its optimum and stays put, one whose did moves to its own optimum
+# (benchmarks/evolution.py checks each frame's kNN accuracy against an independent t-SNE).
+TSNE_FOLLOW_ITERATIONS = 250
+# AlignedUMAP ties each point to itself in the neighbouring frames with this weight (umap-learn's
+# default, 0.01) over this many frames on either side (its default, 3).
+UMAP_ALIGNMENT_REGULARISATION = 1e-2
+UMAP_ALIGNMENT_WINDOW = 3
+
+SCHEMES = {
+    "pca": "each epoch's PCA of its standardised features, rotated (orthogonal Procrustes, with reflection, "
+           "scale and shift) onto the next epoch's, from the last epoch backwards",
+    "tsne": "openTSNE of epoch 0 from its PCA (the usual 750 iterations), each later epoch started from the "
+            "layout of the epoch before it (250 iterations, no early exaggeration), then rotated onto it (Procrustes)",
+    "umap": "umap-learn's AlignedUMAP over all epochs at once, each point related to itself in the neighbouring epochs",
+}
+
+
+@dataclass
+class Evolution:
+    """Aligned layouts (frames, n, 2) of one method, each frame's mean displacement from the one
+    before it (frames,) (0 for the first), the settings that made them and the wall time."""
+
+    method: str
+    layouts: np.ndarray
+    displacements: np.ndarray
+    params: dict
+    seconds: float
+
+
+def displacements(layouts: np.ndarray) -> np.ndarray:
+    """(frames,): the mean displacement of every frame from the previous one (alignment.mean_displacement), 0 first."""
+    return np.array([0.0] + [mean_displacement(a, b) for a, b in zip(layouts[:-1], layouts[1:])])
+
+
+def evolve(method: str, features: np.ndarray, seed: int) -> Evolution:
+    """Aligned 2-D layouts of snapshots features (frames, n, d), one per frame, with the method's scheme."""
+    started = time.perf_counter()
+    layouts, params = {"pca": _pca_chain, "tsne": _tsne_chain, "umap": _aligned_umap}[method](features, seed)
+    layouts = np.asarray(layouts, dtype=np.float64)
+    return Evolution(method, layouts, displacements(layouts), {"scheme": SCHEMES[method], **params},
+                     time.perf_counter() - started)
+
+
+def independent(method: str, features: np.ndarray, seed: int) -> np.ndarray:
+    """Each frame embedded on its own (frames, n, 2), as `project` would: what alignment is measured against."""
+    return np.stack([embedding.embed(method, frame, DIMS, embedding_perplexity(frame), seed).coords
+                     for frame in features])
+
+
+def embedding_perplexity(frame: np.ndarray) -> float:
+    return embedding.effective_perplexity(30.0, len(frame))
+
+
+def frame_quality(features: np.ndarray, layouts: np.ndarray, labels: np.ndarray, seed: int) -> list[dict]:
+    """Per frame: trustworthiness, knn_acc and silhouette of its layout (embedding.quality)."""
+    return [embedding.quality(f.astype(np.float32), coords, labels, seed)[0] for f, coords in zip(features, layouts)]
+
+
+def first_epoch_reaching(values: list[tuple[int, float]], target: float = KNN_TARGET) -> int | None:
+    """The first epoch of (epoch, value) pairs whose value is at least `target`; None when none is."""
+    return next((epoch for epoch, value in sorted(values) if value >= target), None)
+
+
+# --------------------------------------------------------------------------- the schemes
+
+
+def _pca_chain(features: np.ndarray, seed: int) -> tuple[list[np.ndarray], dict]:
+    """PCA per frame; from the last frame backwards, each rotated onto the (aligned) later one."""
+    layouts = [embedding.pca(frame, DIMS, seed).coords for frame in features]
+    # rotation (with reflection) and shift; no scale: that of an early, unrelated frame would shrink it to a point
+    aligned, residuals = align_chain(layouts, reference_index=-1, scale=False)
+    return aligned, {"standardize": True, "max_procrustes_residual": round(max(residuals), 4)}
+
+
+def _tsne_chain(features: np.ndarray, seed: int) -> tuple[list[np.ndarray], dict]:
+    """openTSNE per frame, forwards: frame 0 from PCA, each later one from the frame before it.
+
+    Forwards, not from the last epoch backwards: the clusters of a trained network would otherwise
+    be the start of the untrained frames, which must show what their own features hold
+    (benchmarks/evolution.py checks each frame's kNN accuracy against an independent t-SNE).
+    """
+    import logging
+
+    import openTSNE
+
+    # openTSNE warns that a start wider than std 1e-4 may converge poorly: true before early
+    # exaggeration, which a frame started from a converged layout skips on purpose.
+    logging.getLogger("openTSNE.tsne").setLevel(logging.ERROR)
+    layouts, previous = [], None
+    perplexity = embedding_perplexity(features[0])
+    learning_rate = max(features.shape[1] / embedding.TSNE_EXAGGERATION, embedding.TSNE_MIN_LEARNING_RATE)
+    for frame in features:
+        reduced, _ = embedding.standardize_and_reduce(frame, seed)
+        following = {} if previous is None else dict(early_exaggeration_iter=0, n_iter=TSNE_FOLLOW_ITERATIONS)
+        model = openTSNE.TSNE(
+            n_components=DIMS, perplexity=perplexity, initialization="pca" if previous is None else previous,
+            learning_rate=learning_rate, **following,
+            early_exaggeration=embedding.TSNE_EXAGGERATION, negative_gradient_method="bh",
+            neighbors=embedding.TSNE_NEIGHBORS, n_jobs=embedding.TSNE_JOBS, random_state=seed,
+        )
+        previous = np.asarray(model.fit(reduced))
+        layouts.append(previous)
+    # rotation and shift only, no point moves alone; no scale: t-SNE maps grow as clusters form
+    aligned, _ = align_chain(layouts, reference_index=0, scale=False)
+    return aligned, {"implementation": f"openTSNE {openTSNE.__version__}", "perplexity": round(perplexity, 4),
+                     "learning_rate": round(learning_rate, 2), "gradient": "bh",
+                     "follow_iterations": TSNE_FOLLOW_ITERATIONS}
+
+
+def _aligned_umap(features: np.ndarray, seed: int) -> tuple[list[np.ndarray], dict]:
+    """umap-learn's AlignedUMAP of every frame's standardised, PCA-reduced features at once."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(embedding.numba_cache_dir()))
+    import umap as umap_learn
+    import umap.aligned_umap
+
+    embedding.cache_umap_compilation(umap.aligned_umap)
+    reduced = [embedding.standardize_and_reduce(frame, seed)[0] for frame in features]
+    n = len(reduced[0])
+    neighbors = min(embedding.UMAP_NEIGHBORS, n - 1)
+    identity = {i: i for i in range(n)}  # point i of one frame is point i of the next
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)  # a fixed random_state: single-threaded
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        model = umap_learn.AlignedUMAP(
+            n_neighbors=neighbors, min_dist=embedding.UMAP_MIN_DIST, n_components=DIMS, random_state=seed,
+            alignment_regularisation=UMAP_ALIGNMENT_REGULARISATION, alignment_window_size=UMAP_ALIGNMENT_WINDOW,
+        )
+        model.fit(reduced, relations=[identity] * (len(reduced) - 1))
+    return [np.asarray(e) for e in model.embeddings_], {
+        "implementation": f"umap-learn {umap_learn.__version__}", "n_neighbors": neighbors,
+        "min_dist": embedding.UMAP_MIN_DIST, "alignment_regularisation": UMAP_ALIGNMENT_REGULARISATION,
+        "alignment_window_size": UMAP_ALIGNMENT_WINDOW,
+    }

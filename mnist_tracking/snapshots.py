@@ -1,0 +1,80 @@
+"""Feature snapshots: a fixed val subsample's penultimate features and predictions, taken each epoch (pure)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mnist_tracking.data import Split
+from mnist_tracking.embedding import knn_accuracy, stratified_subsample
+from mnist_tracking.training import evaluate
+
+FEATURE_DTYPE = np.float16  # the features' values keep 3 significant digits: enough to draw and to compare
+FOLDER = "snapshots"  # snapshots/epoch_000.npz, epoch_001.npz, ...: one file per epoch, written once
+ARRAYS = ("features", "predictions", "labels", "indices")
+FILE_PATTERN = re.compile(r"epoch_(\d+)\.npz$")
+
+
+def file_name(epoch: int) -> str:
+    """`epoch_007.npz`: zero-padded, so listings sort in epoch order."""
+    return f"epoch_{epoch:03d}.npz"
+
+
+def epoch_of(file: str) -> int | None:
+    """The epoch of a snapshot file name (or path), None for another file."""
+    found = FILE_PATTERN.search(file)
+    return int(found.group(1)) if found else None
+
+
+@dataclass
+class Snapshot:
+    """One epoch's record of the fixed points: features (n, 512) float16, predictions, labels, indices (n,) int64."""
+
+    epoch: int
+    features: np.ndarray
+    predictions: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray  # into the training file (the val split is held out of it)
+    seconds: float = 0.0  # the forward pass that took it
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, epoch: int, arrays: dict[str, np.ndarray]) -> "Snapshot":
+        return cls(epoch, *(np.asarray(arrays[name]) for name in ARRAYS))
+
+
+def snapshot_points(split: Split, n_points: int, seed: int) -> Split:
+    """The fixed, seeded, stratified subsample of `split` (at most its size) that every snapshot records."""
+    keep = torch.from_numpy(stratified_subsample(split.labels.numpy(), n_points, seed))
+    return Split(split.images[keep].contiguous(), split.labels[keep], split.indices[keep])
+
+
+def take(model, points: Split, epoch: int, device: torch.device, precision: str) -> Snapshot:
+    """Evaluate `model` on the snapshot points (no gradients, no RNG drawn: training is unchanged)."""
+    started = time.perf_counter()
+    result = evaluate(model, points.to(device), device, precision, with_features=True)
+    return Snapshot(
+        epoch=epoch,
+        features=result.features.astype(FEATURE_DTYPE),  # (n, 512)
+        predictions=result.predictions.astype(np.int64),
+        labels=points.labels.numpy().astype(np.int64),
+        indices=points.indices.numpy().astype(np.int64),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def separability(snapshot: Snapshot, seed: int) -> float:
+    """Cross-validated 10-NN accuracy of the true digit in the 512-d features as stored (float16)."""
+    return knn_accuracy(snapshot.features.astype(np.float32), snapshot.labels, seed)[0]
+
+
+def same_points(snapshots: list[Snapshot]) -> bool:
+    """Whether every snapshot records the same points in the same order."""
+    first = snapshots[0]
+    return all(np.array_equal(s.indices, first.indices) and np.array_equal(s.labels, first.labels) for s in snapshots)
