@@ -85,7 +85,8 @@ def project_epoch(data_dir: str, n_images: int, precision: str = "auto") -> floa
     """Our loop (data.load_splits + training.train_one_epoch), with the default settings."""
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, resolve_device, resolve_precision, train_one_epoch
+    from mnist_tracking.training import Trainer, train_one_epoch
+    from mnist_tracking.devices import resolve_device, resolve_precision
 
     started = time.perf_counter()  # data handling included
     config = TrainConfig(data_dir=data_dir, device="cpu", precision=precision)
@@ -109,7 +110,8 @@ def main_epoch(data_dir: str, n_images: int, tracked: bool) -> float:
 
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, resolve_device, resolve_precision
+    from mnist_tracking.training import Trainer
+    from mnist_tracking.devices import resolve_device, resolve_precision
     from mnist_tracking.commands.train import EpochLogger
 
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=1, max_samples=n_images)
@@ -153,7 +155,8 @@ def test_accuracy(data_dir: str, precision: str, epochs: int) -> float:
     """Test accuracy of the default configuration after `epochs` epochs at this precision."""
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, evaluate, resolve_device, resolve_precision
+    from mnist_tracking.training import Trainer, evaluate
+    from mnist_tracking.devices import resolve_device, resolve_precision
 
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=epochs, precision=precision, early_stopping=0)
     splits = load_splits("mnist", data_dir, config.val_fraction, config.seed)
@@ -301,7 +304,7 @@ def main() -> None:
                note="baseline column is the 1 s budget")
 
     if "accuracy" in only:
-        from mnist_tracking.training import resolve_device, resolve_precision
+        from mnist_tracking.devices import resolve_device, resolve_precision
 
         resolved = resolve_precision("auto", resolve_device("cpu"))
         if resolved == "fp32":

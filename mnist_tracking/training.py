@@ -14,6 +14,7 @@ from torch import nn
 
 from mnist_tracking.config import MIN_BATCH_SIZE, TrainConfig
 from mnist_tracking.data import Split, Splits, batches
+from mnist_tracking.devices import world
 from mnist_tracking.errors import UserError
 from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.model import ConvNet
@@ -30,81 +31,6 @@ DIVERGENCE_CHECK_EVERY = 50
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; an explicit device must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }[name]
-    if not available:
-        raise UserError(f"device {name!r} is not available on this machine: use --device auto or cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 in hardware (AVX-512 BF16 or AMX); else bf16 is emulated."""
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX2", "AVX512"
-    if capability not in ("AVX512", "AMX"):
-        return False
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` is bf16 where the hardware computes it natively, fp32 everywhere else."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return "fp32"
-
-
-def setup_distributed(device: torch.device) -> tuple[torch.device, int, int]:
-    """Join the process group when torchrun started us; returns (device, rank, world_size).
-
-    Without torchrun (no WORLD_SIZE in the environment) this is (device, 0, 1) and does nothing.
-    """
-    import os
-
-    import torch.distributed as dist
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return device, 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return device, dist.get_rank(), dist.get_world_size()
-
-
-def teardown_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -313,7 +239,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # weight init and dropout
         self.model = ConvNet(config.activation, mean=splits.mean, std=splits.std)
         self.model.to(device, memory_format=torch.channels_last)
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.train_model: nn.Module = self.model
         self.batch_size = config.batch_size
         if self.world_size > 1:

@@ -63,7 +63,7 @@ def test_help_answers_fast_without_heavy_imports():
 # The pure layers: computing, drawing and reading files, never talking to MLflow (runs.py and
 # commands/ do that). Their imports are followed through the package, lazy ones inside functions too.
 PURE_MODULES = ("model", "data", "training", "embedding", "plots", "views", "projector", "study", "config",
-                "reports", "interrupts", "digits", "errors", "snapshots", "evolution", "alignment")
+                "reports", "interrupts", "digits", "errors", "snapshots", "evolution", "alignment", "devices")
 
 
 def imported_modules(module: str) -> set[str]:

@@ -8,9 +8,8 @@ from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.config import resumed_config
-from mnist_tracking.training import (
-    Diverged, Trainer, TrainState, evaluate, record_epoch, resolve_device, resolve_precision,
-)
+from mnist_tracking.training import Diverged, Trainer, TrainState, evaluate, record_epoch
+from mnist_tracking.devices import resolve_device, resolve_precision
 
 
 def fit(data_dir, **overrides):

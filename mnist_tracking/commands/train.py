@@ -30,9 +30,9 @@ from mnist_tracking.runs import (
 from mnist_tracking.commands.feature_snapshots import judge_snapshot, log_snapshot, logged_snapshots
 from mnist_tracking.snapshots import Snapshot
 from mnist_tracking.training import (
-    EPOCH_METRICS, Diverged, EpochResult, Trainer, TrainState, evaluate, feature_arrays, resolve_device,
-    resolve_precision, setup_distributed, teardown_distributed,
+    EPOCH_METRICS, Diverged, EpochResult, Trainer, TrainState, evaluate, feature_arrays,
 )
+from mnist_tracking.devices import resolve_device, resolve_precision, setup_distributed, teardown_distributed
 
 # System metrics (CPU, memory, disk, network as `system/...` metrics) of a training run: sampled
 # every this many seconds, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise (MLflow's
