@@ -222,5 +222,6 @@ def test_misclassified_test_digits_are_a_table_with_thumbnails(trained_run, tmp_
 
 def test_each_epoch_logs_its_val_confusion_matrix_for_the_step_slider(trained_run):
     images = [a.path for a in MlflowClient().list_artifacts(trained_run, "images")]
-    steps = sorted({int(p.split("step_")[1].split("_")[0]) for p in images if "val_confusion_matrix" in p})
+    # MLflow names them images/<key>+step+<step>+timestamp+<ms>+<uuid>.png (and a compressed copy)
+    steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if "val_confusion_matrix+" in p})
     assert steps == list(range(1, FAST["epochs"] + 1)), images
