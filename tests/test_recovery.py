@@ -156,7 +156,8 @@ def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(data_dir, 
 
 def copy_of_model(trained_run: str, accuracy: float, experiment_id: str) -> str:
     """A FINISHED training run with `best_val_acc` = accuracy and a copy of `trained_run`'s logged model."""
-    [source] = mlflow.search_logged_models(filter_string=f"source_run_id = '{trained_run}'", output_format="list")
+    [source] = mlflow.search_logged_models(experiment_ids=[MlflowClient().get_run(trained_run).info.experiment_id],
+                                           filter_string=f"source_run_id = '{trained_run}'", output_format="list")
     with mlflow.start_run(experiment_id=experiment_id) as run:
         mlflow.set_tag(KIND_TAG, "training")
         mlflow.log_metric("best_val_acc", accuracy)

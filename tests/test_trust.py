@@ -135,7 +135,8 @@ def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, 
     client, name = MlflowClient(), f"nan-holder-{trained_run[:6]}"
     nan_run = fake_training({"best_val_acc": math.nan})
     client.create_registered_model(name)
-    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{trained_run}'", output_format="list")
+    [model] = mlflow.search_logged_models(experiment_ids=[MlflowClient().get_run(trained_run).info.experiment_id],
+                                          filter_string=f"source_run_id = '{trained_run}'", output_format="list")
     held = client.create_model_version(name, f"models:/{model.model_id}", run_id=nan_run)
     client.set_registered_model_alias(name, "champion", held.version)
     registration = register_run(trained_run, name, echo=lambda line: None)

@@ -370,3 +370,57 @@ def test_registered_model_pages_show_the_version_alias_and_source_run(ui, browse
         "the version does not link to its run")
     assert any(name in link.text for link in links), [link.text for link in links]
     browser.shot("7-model-version")
+
+
+def test_models_tab_shows_the_model_with_only_its_quality_metrics(ui, browser):
+    browser.open(f"/#/experiments/{ui['experiment_id']}/models{Q}", "model", "best_val_acc", "test_acc")
+    page = browser.wait_for("best_val_loss", "test_loss")
+    assert "system/" not in page, "the logged model carries system metrics"
+    assert "epochs_run" not in page and "train_loss" not in page
+    browser.shot("8-models-tab")
+
+
+def test_misclassified_digits_render_as_a_table_with_thumbnails(ui, browser):
+    from selenium.webdriver.common.by import By
+
+    run = ui["run"]
+    artifact = "tables/misclassified_test.json"
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/artifacts/{artifact}{Q}",
+                 "true digit", "prediction", "confidence")
+    thumbnails = browser.wait_until(
+        lambda: [i for i in browser.driver.find_elements(By.TAG_NAME, "img")
+                 if browser.driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", i)],
+        "no thumbnail loaded in the table")
+    assert thumbnails
+    browser.shot("9-misclassified-table")
+
+
+def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.open(f"/#/experiments/{ui['experiment_id']}{Q}", ui["run_name"])
+    driver = browser.driver
+    driver.find_element(By.XPATH, "//button[normalize-space(.)='Columns']").click()
+    search = browser.wait_until(
+        lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "input[placeholder='Search columns']") if e.is_displayed()],
+        "no column search box")[0]
+    search.send_keys("pca_knn_acc")
+    entries = browser.wait_until(
+        lambda: [e for e in driver.find_elements(By.XPATH, "//*[contains(@class,'tree-title')][normalize-space(.)='pca_knn_acc']")
+                 if e.is_displayed()], "no column pca_knn_acc to choose")
+    entries[0].click()
+    search.send_keys(Keys.ESCAPE)
+    knn = ui["run"].data.metrics["pca_knn_acc"]  # the training run's own copy of its projection's score
+
+    def shown():
+        for cell in driver.find_elements(By.CSS_SELECTOR, '[role=gridcell][col-id="metrics.`pca_knn_acc`"]'):
+            try:
+                if abs(float(cell.text.strip()) - knn) < 1e-3:
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    browser.wait_until(shown, f"the training run's pca_knn_acc ({knn}) is not in its column")
+    browser.shot("10-runs-table-knn")
