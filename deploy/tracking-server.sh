@@ -8,6 +8,9 @@
 #
 # DIR (default .tracking-server) holds pgdata/, artifacts/, logs and the generated database
 # password. Ports: MLFLOW_PORT (default 5000) and PG_PORT (default 5433).
+# AUTH=1: MLflow's basic-auth app (users and permissions in DIR/basic_auth.db); the admin's
+# password is generated into DIR/admin-password on the first start (MLflow 3 ships none and
+# refuses to start the app without one); clients set MLFLOW_TRACKING_USERNAME/_PASSWORD.
 # PostgreSQL refuses to run as root: as root, its processes run as the `postgres` user.
 set -euo pipefail
 
@@ -41,8 +44,17 @@ start() {
   fi
 
   mkdir -p "$dir/artifacts"
+  local auth=()
+  if [ "${AUTH:-0}" = 1 ]; then
+    [ -f "$dir/admin-password" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$dir/admin-password")
+    printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/basic_auth.db\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
+      "$dir" > "$dir/basic_auth.ini"
+    auth=(--app-name basic-auth)
+    export MLFLOW_AUTH_CONFIG_PATH="$dir/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD
+    MLFLOW_AUTH_ADMIN_PASSWORD=$(cat "$dir/admin-password")
+  fi
   # setsid: the server gets its own process group, so `stop` ends it with all its workers.
-  setsid mlflow server \
+  setsid mlflow server "${auth[@]}" \
     --backend-store-uri "postgresql+psycopg://mlflow:$password@127.0.0.1:$pg_port/mlflow" \
     --artifacts-destination "$dir/artifacts" --serve-artifacts \
     --host 127.0.0.1 --port "$mlflow_port" --workers "${MLFLOW_WORKERS:-2}" \
@@ -51,6 +63,9 @@ start() {
   echo "$mlflow_port" > "$dir/mlflow.port"
   for _ in $(seq 1 300); do  # a first start migrates the schema: can take minutes on a busy machine
     if curl -fsS "http://127.0.0.1:$mlflow_port/health" >/dev/null 2>&1; then
+      if [ "${AUTH:-0}" = 1 ]; then
+        echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\$(cat $dir/admin-password)"
+      fi
       echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port"
       return 0
     fi

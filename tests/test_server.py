@@ -106,3 +106,40 @@ def test_parallel_trainings_keep_every_metric(server, data_dir, tmp_path):
         assert run.info.status == "FINISHED"
         counts = {name: len(client.get_metric_history(run.info.run_id, name)) for name in EPOCH_METRICS}
         assert counts == {name: epochs for name in EPOCH_METRICS}, (seed, counts)
+
+
+def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(data_dir, tmp_path, monkeypatch):
+    """AUTH=1: MLflow's basic-auth app with a generated admin password (MLflow 3.17 starts it only
+    with one); anonymous requests get 401, the admin's credentials train as usual."""
+    if not have_postgres():
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="mnist-tracking-auth-"))
+    env = {**os.environ, "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()), "AUTH": "1"}
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], env=env, capture_output=True, text=True,
+                             timeout=300)
+    try:
+        assert started.returncode == 0, started.stderr + (folder / "mlflow.log").read_text()[-2000:]
+        uri = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
+        password = (folder / "admin-password").read_text().strip()
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert refused.value.code == 401
+
+        anonymous = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
+        _, err = anonymous.communicate(timeout=600)
+        assert anonymous.returncode != 0 and "Traceback" not in err, err[-2000:]
+        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert line.startswith("Error: tracking store error") and "401" in line, line
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # train() passes os.environ on
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        admin = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
+        _, err = admin.communicate(timeout=600)
+        assert admin.returncode == 0, err[-2000:]
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
