@@ -14,6 +14,11 @@ import click
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
+# A tracking server that stops answering: MLflow retries each call 7 times with backoff factor 2
+# and a 120 s timeout, so one call can hang for many minutes and a training for far longer.
+# Bounded here: 4 retries waiting 1, 2, 4, 8 s, and 30 s for an answer.
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 DEFAULT_SOURCES = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
@@ -99,6 +104,8 @@ def main() -> None:
     """
     # We print our own UI links, with ?workflowType=machine_learning; MLflow's lack it.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    for name, value in BOUNDED_HTTP.items():  # unless the user chose otherwise
+        os.environ.setdefault(name, value)
 
 
 @main.command()

@@ -242,13 +242,24 @@ def log_new_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in existing})
 
 
+def torch_bytes(obj: dict) -> bytes:
+    """torch.save of a dict of tensors and primitives (weights_only-loadable), in memory."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def log_bytes(content: bytes, artifact_path: str, filename: str) -> None:
+    """Log bytes as the artifact `artifact_path/filename` (a full disk fails in Python's write,
+    as an OSError naming the file)."""
+    with temporary_folder() as tmp:
+        (tmp / filename).write_bytes(content)
+        mlflow.log_artifact(str(tmp / filename), artifact_path)
+
+
 def log_torch(obj: dict, artifact_path: str, filename: str) -> None:
     """torch.save a dict of tensors and primitives (weights_only-loadable) as a run artifact."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # in memory: a full disk then fails in Python's write, as an OSError naming the file
-    with temporary_folder() as tmp:
-        (tmp / filename).write_bytes(buffer.getvalue())
-        mlflow.log_artifact(str(tmp / filename), artifact_path)
+    log_bytes(torch_bytes(obj), artifact_path, filename)
 
 
 def log_files(files: dict[str, bytes], artifact_path: str) -> None:

@@ -64,6 +64,7 @@ def tracking_store(tmp_path_factory) -> str:
         # Subprocesses (the CLI, `mlflow run`) import this checkout's package too.
         patch.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
         patch.chdir(store)  # the default artifact root, ./mlruns, lands here too
+        patch.setenv("MNIST_TRACKING_CHECKPOINT_CACHE", str(store / "checkpoint-cache"))  # not the user's ~/.cache
         try:
             import mlflow
         except ImportError:  # the GPU machine of benchmarks/gpu_check.py: pure-layer tests only

@@ -4,6 +4,8 @@ the config that continues it."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -15,6 +17,10 @@ from mnist_tracking.runs import (
 )
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
+# A copy of each training run's latest last.pt outside the store, so that a store or server that
+# stops answering mid-training loses no finished epoch: $MNIST_TRACKING_CHECKPOINT_CACHE, else
+# $XDG_CACHE_HOME (or ~/.cache)/mnist-tracking/checkpoints/<run id>/last.pt; removed once the run finished.
+CACHE_VARIABLE = "MNIST_TRACKING_CHECKPOINT_CACHE"
 CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
 
 
@@ -42,31 +48,66 @@ def resumable_run(run_id: str):
     return run
 
 
+def local_checkpoint(run_id: str) -> Path:
+    """Where this machine keeps its copy of a run's latest last.pt."""
+    base = os.environ.get(CACHE_VARIABLE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mnist-tracking", "checkpoints")
+    return Path(base) / run_id / "last.pt"
+
+
+def save_local_checkpoint(run_id: str, checkpoint: bytes) -> Path:
+    """Write the local copy whole or not at all (a temporary file renamed over the old one)."""
+    path = local_checkpoint(run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_bytes(checkpoint)
+    partial.replace(path)
+    return path
+
+
+def drop_local_checkpoint(run_id: str) -> None:
+    """The run finished: its store holds everything, the local copy goes."""
+    shutil.rmtree(local_checkpoint(run_id).parent, ignore_errors=True)
+
+
 def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:
-    """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU."""
+    """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU:
+    the store's, or this machine's local copy when that one holds a later epoch (the store
+    stopped answering before it had it)."""
     run = get_run(run_id)
     kind = run.data.tags.get(KIND_TAG)
     if kind != Kind.TRAINING:
         what = f"a {kind} run, not a" if kind else "not a"
         raise UserError(f"run {run_id} is {what} training run; pass the id of a training run")
-    if not has_artifact(run_id, artifact):
+    local = local_checkpoint(run_id) if artifact == LAST_CHECKPOINT else None
+    in_store = has_artifact(run_id, artifact)
+    if not in_store and not (local and local.is_file()):
         raise UserError(
             f"run {run_id} has no {artifact} (it ended before its first epoch was complete); "
             f"train a new run instead"
         )
-    with temporary_folder() as tmp:
-        path = download_artifact(run_id, artifact, tmp)
-        try:
-            # weights_only: tensors and plain containers only; a pickled object is refused, not run.
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
-            # torch's own message starts with how to load it anyway; the refused global says why.
-            first = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
-            raise UserError(
-                f"refusing to load {artifact} of run {run_id}: it is not a plain tensor checkpoint "
-                f"({first}); only checkpoints written by mnist-tracking can be resumed"
-            ) from exc
+    candidates = []
+    if in_store:
+        with temporary_folder() as tmp:
+            candidates.append(read_checkpoint(download_artifact(run_id, artifact, tmp), run_id, artifact))
+    if local and local.is_file():
+        candidates.append(read_checkpoint(str(local), run_id, f"the local copy {local}"))
+    return max(candidates, key=lambda checkpoint: checkpoint["epoch"])
+
+
+def read_checkpoint(path: str, run_id: str, artifact: str) -> dict:
+    """torch.load(weights_only=True) of a checkpoint file; UserError if it is not one of ours."""
+    try:
+        # weights_only: tensors and plain containers only; a pickled object is refused, not run.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        # torch's own message starts with how to load it anyway; the refused global says why.
+        first = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0]).split(". ")[0]
+        raise UserError(
+            f"refusing to load {artifact} of run {run_id}: it is not a plain tensor checkpoint "
+            f"({first}); only checkpoints written by mnist-tracking can be resumed"
+        ) from exc
     if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in CHECKPOINT_KEYS):
         raise UserError(f"{artifact} of run {run_id} is not a training checkpoint of mnist-tracking; train a new run instead")
     return checkpoint
