@@ -141,7 +141,7 @@ def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, 
     client.set_registered_model_alias(name, "champion", held.version)
     registration = register_run(trained_run, name, echo=lambda line: None)
     assert registration.has_alias and "not a valid value" in registration.alias_reason
-    assert client.get_model_version_by_alias(name, "champion").version == str(registration.version)
+    assert int(client.get_model_version_by_alias(name, "champion").version) == registration.version
 
 
 # --------------------------------------------------------------------------- 9. serving trusts the store
