@@ -38,6 +38,7 @@ class Kind:
     PROJECTION = "projection"
     SWEEP = "sweep"
     REGISTRATION = "registration"
+    COMPARISON = "comparison"
 
 
 # --------------------------------------------------------------------------- finding and ending runs

@@ -24,6 +24,7 @@ PROJECTION_SUFFIX = "-projection"
 METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 TENSORBOARD_FOLDER = "projections/tensorboard"
 FEATURE_ARRAYS = ("features", "labels", "predictions", "indices")
+OPTIONAL_ARRAYS = ("probabilities",)  # (N, 10) softmax output; runs logged before it was added lack it
 
 
 def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) -> str:
@@ -80,13 +81,15 @@ def source_training_run(run_id: str, split: str):
 
 
 def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
-    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split."""
+    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split, and
+    probabilities (N, 10) float32 when the run logged them."""
     with temporary_folder() as tmp:
         path = download_artifact(run_id, f"features/{split}.npz", tmp)
         try:
             # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
             with np.load(path, allow_pickle=False) as arrays:
-                return {name: arrays[name] for name in FEATURE_ARRAYS}
+                optional = [name for name in OPTIONAL_ARRAYS if name in arrays.files]
+                return {name: arrays[name] for name in (*FEATURE_ARRAYS, *optional)}
         except (ValueError, KeyError, OSError) as exc:
             raise UserError(
                 f"refusing to load features/{split}.npz of run {run_id}: it is not a plain array file "
