@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -291,3 +292,75 @@ def test_mlflow_run_compare_end_to_end(tmp_path, trained_run, second_run, fresh_
     failed = [r for r in MlflowClient().search_runs([fresh_experiment]) if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["status_reason"].startswith("run_ids needs two or more")
     assert failed[0].data.tags.get("mnist_tracking.kind") == "comparison"
+
+
+# --------------------------------------------------------------------------- in a browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+# Where a point is drawn, in CSS pixels from the plot's top left: plotly's axis offsets and scales.
+POINT_POSITION = """
+var plot = document.getElementById(arguments[0]), trace = plot._fullData[arguments[1]];
+var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
+var box = plot.getBoundingClientRect();
+return [xa._offset + xa.l2p(trace.x[arguments[2]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[2]]) - box.height / 2];
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_hovering_a_point_rings_the_same_image_in_every_map(tmp_path):
+    import os
+
+    if not all(os.access(p, os.X_OK) for p in (CHROMIUM, CHROMEDRIVER)):
+        message = "no chromium / chromium-driver (apt-get install chromium chromium-driver)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    from mnist_tracking import views
+
+    thumbs = np.zeros((60, 28, 28), dtype=np.uint8)
+    page, layouts, labels, predictions = linked_page(runs=2, sprite=views.sprite_png(thumbs))
+    (tmp_path / "linked.html").write_text(page)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,800",
+                     "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # nothing may be fetched
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get((tmp_path / "linked.html").as_uri())
+        deadline = time.monotonic() + 120
+        while not driver.execute_script(f"var p = document.getElementById('{linked_view.PLOT_ID}'); "
+                                        "return !!(p && p._fullLayout && p._fullData);"):
+            assert time.monotonic() < deadline, "the plot was not drawn"
+            time.sleep(0.5)
+        data = driver.execute_script(f"return document.getElementById('{linked_view.PLOT_ID}')._fullData.map("
+                                     "function (t) { return [t.name, t.xaxis, Array.from(t.customdata || [])]; });")
+        curve = next(i for i, (name, axis, rows) in enumerate(data) if axis == "x" and rows and name.startswith("3 "))
+        row = data[curve][2][1]
+        plot = driver.find_element(By.ID, linked_view.PLOT_ID)
+        dx, dy = driver.execute_script(POINT_POSITION, linked_view.PLOT_ID, curve, 1)
+        ActionChains(driver).move_to_element_with_offset(plot, int(round(dx)), int(round(dy))).perform()
+        deadline = time.monotonic() + 30
+        while driver.execute_script(f"return document.getElementById('{linked_view.PLOT_ID}')"
+                                    ".getAttribute('data-highlighted-row')") is None:
+            assert time.monotonic() < deadline, "hovering the point highlighted nothing"
+            time.sleep(0.2)
+        hovered = int(driver.execute_script(f"return document.getElementById('{linked_view.PLOT_ID}')"
+                                            ".getAttribute('data-highlighted-row')"))
+        assert hovered == row
+        rings = driver.execute_script(f"return document.getElementById('{linked_view.PLOT_ID}').data.filter("
+                                      f"function (t) {{ return t.name == '{linked_view.HIGHLIGHT_NAME}'; }})"
+                                      ".map(function (t) { return [t.x[0], t.y[0]]; });")
+        assert len(rings) == 2  # the same image, ringed in both maps at its own place there
+        for ring, coords in zip(rings, layouts):
+            np.testing.assert_allclose(ring, np.round(coords[row], 3), atol=1e-9)
+        card = driver.find_element(By.ID, views.THUMB_ID)
+        assert card.is_displayed() and f"#{1000 + row}: true {labels[row]}" in card.text
+        assert f"(2): {predictions[1][row]}" in card.text
+    finally:
+        driver.quit()
