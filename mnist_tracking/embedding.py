@@ -136,9 +136,10 @@ def tsne(
     `init` (n, dims): start from this finished layout (another run's map of the same points, so that
     this one lands in its frame) instead of the PCA of the input, kept at its scale and without the
     early-exaggeration phase, whose job (forming clusters from a start that has none) that layout
-    has done: the optimisation continues it with these features' affinities. Started from the PCA
-    and exaggerated again, identical features moved 0.58 of the map's spread away from the layout
-    they started from; continued, 0.03 (300 points in ten clusters).
+    has done: the optimisation continues it with these features' affinities. On 300 points in ten
+    clusters, a noisy copy of the features continued this way ends 0.07 of the map's spread from
+    the layout it started from (Procrustes residual); started from that layout shrunk to openTSNE's
+    starting spread with early exaggeration, 0.58; an independent t-SNE, 0.79.
     """
     started = time.perf_counter()
     reduced, params = standardize_and_reduce(features, seed)
