@@ -197,17 +197,30 @@ def point_columns(runs: list[dict[str, np.ndarray]], pairs: list[Pair]) -> dict[
 
 def table_rows(pairs: list[Pair], most_moved: int = TABLE_MOVED, most_changed: int = TABLE_CHANGED) -> np.ndarray:
     """Positions (sorted) of the images the what-moved table shows: per pair the `most_moved`
-    whose neighbourhood changed most and up to `most_changed` whose answer changed (fixed and
-    broken before wrong-to-wrong, each by neighbourhood change); an image chosen twice is one row."""
+    whose neighbourhood changed most and up to `most_changed` whose answer changed (see
+    `changed_in_turns`); an image chosen twice is one row."""
     chosen: set[int] = set()
     for pair in pairs:
         by_moved = np.lexsort((np.arange(len(pair.moved)), -pair.moved))  # most moved first, ties by position
         chosen.update(by_moved[:most_moved].tolist())
-        changed = by_moved[pair.answers[by_moved] != SAME]
-        wrong_to_wrong = pair.answers[changed] == CHANGED
-        changed = np.concatenate([changed[~wrong_to_wrong], changed[wrong_to_wrong]])  # fixed / broken first
-        chosen.update(changed[:most_changed].tolist())
+        chosen.update(changed_in_turns(pair.answers, by_moved)[:most_changed].tolist())
     return np.array(sorted(chosen), dtype=np.int64)
+
+
+def changed_in_turns(answers: np.ndarray, by_moved: np.ndarray) -> np.ndarray:
+    """Positions of the images whose answer changed, the kinds (broken, fixed, changed) taking
+    turns, each kind's most moved first: any prefix shares its rows fairly among the kinds, so the
+    24 answers a better training broke are not buried under its 8,000 fixed ones.
+
+    by_moved: all positions, the most moved first."""
+    turns, kinds = [], []
+    for kind_order, kind in enumerate((BROKEN, FIXED, CHANGED)):
+        mine = by_moved[answers[by_moved] == kind]
+        turns.append(np.arange(len(mine)))  # this kind's own rank
+        kinds.append(np.column_stack([mine, np.full(len(mine), kind_order)]))
+    every = np.vstack(kinds) if kinds else np.empty((0, 2), dtype=np.int64)
+    order = np.lexsort((every[:, 1], np.concatenate(turns)))  # by rank, then broken / fixed / changed
+    return every[order, 0].astype(np.int64)
 
 
 def table_images(thumbnails: np.ndarray, scale: int = THUMB_SCALE) -> list:

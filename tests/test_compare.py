@@ -95,14 +95,19 @@ def test_the_table_holds_the_most_moved_and_the_changed_answers_within_its_bound
     rng = np.random.default_rng(0)
     moved = rng.random(n)
     answers = np.full(n, SAME, dtype=object)
-    answers[:300] = CHANGED  # wrong to wrong: after the fixed and broken ones
+    answers[:300] = CHANGED  # wrong to wrong
     answers[300:400] = FIXED
     pair = comparison.Pair(1, 2, moved, answers)
     rows = comparison.table_rows([pair], most_moved=50, most_changed=120)
     by_moved = np.argsort(-moved, kind="stable")
-    wrong_to_wrong = [r for r in by_moved if answers[r] == CHANGED][:20]  # after the 100 fixed ones
-    expected = set(by_moved[:50].tolist()) | set(range(300, 400)) | set(wrong_to_wrong)
+    # The kinds take turns: the 60 most moved of the fixed ones, and of the wrong-to-wrong ones.
+    fixed = [r for r in by_moved if answers[r] == FIXED][:60]
+    wrong_to_wrong = [r for r in by_moved if answers[r] == CHANGED][:60]
+    expected = set(by_moved[:50].tolist()) | set(fixed) | set(wrong_to_wrong)
     assert rows.tolist() == sorted(expected) and len(rows) <= 170
+    # A rare kind is complete: 3 broken answers among 400 changed ones all make the table.
+    answers[[5, 6, 7]] = BROKEN
+    assert {5, 6, 7} <= set(comparison.table_rows([comparison.Pair(1, 2, moved, answers)], 0, 30).tolist())
 
 
 # --------------------------------------------------------------------------- the linked view
