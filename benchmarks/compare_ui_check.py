@@ -82,7 +82,10 @@ def main() -> None:
         # 1. the table, inline, with thumbnails
         driver.get(f"{run_page}/comparison/what_moved.json{Q}")
         text = lambda: driver.execute_script("return document.body.innerText")  # noqa: E731
-        wait(lambda: "true digit" in text() and "answer 1-2" in text(), "the table's columns")
+        wait(lambda: "true digit" in text() and "prediction 1" in text(), "the table's columns")
+        for button in driver.find_elements(By.CSS_SELECTOR, "[data-component-id='mlflow.assistant.chat_panel.close']"):
+            if button.is_displayed():  # MLflow opens its assistant panel on a first visit
+                button.click()
         images = wait(lambda: [i for i in driver.find_elements(By.TAG_NAME, "img")
                                if "table_images" in (i.get_attribute("src") or "") and
                                driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)],

@@ -196,15 +196,17 @@ def point_columns(runs: list[dict[str, np.ndarray]], pairs: list[Pair]) -> dict[
 
 
 def table_rows(pairs: list[Pair], most_moved: int = TABLE_MOVED, most_changed: int = TABLE_CHANGED) -> np.ndarray:
-    """Positions (sorted) of the images the what-moved table shows: per pair the `most_moved`
-    whose neighbourhood changed most and up to `most_changed` whose answer changed (see
-    `changed_in_turns`); an image chosen twice is one row."""
+    """Positions of the images the what-moved table shows, the most moved (in any pair) first:
+    per pair the `most_moved` whose neighbourhood changed most and up to `most_changed` whose
+    answer changed (see `changed_in_turns`); an image chosen twice is one row."""
     chosen: set[int] = set()
     for pair in pairs:
         by_moved = np.lexsort((np.arange(len(pair.moved)), -pair.moved))  # most moved first, ties by position
         chosen.update(by_moved[:most_moved].tolist())
         chosen.update(changed_in_turns(pair.answers, by_moved)[:most_changed].tolist())
-    return np.array(sorted(chosen), dtype=np.int64)
+    rows = np.array(sorted(chosen), dtype=np.int64)
+    most = np.max([pair.moved[rows] for pair in pairs], axis=0) if len(rows) else np.zeros(0)
+    return rows[np.lexsort((rows, -most))]  # ties by position
 
 
 def changed_in_turns(answers: np.ndarray, by_moved: np.ndarray) -> np.ndarray:
