@@ -197,7 +197,9 @@ def compare(**params) -> None:
     """
     from mnist_tracking.commands.compare import compare_and_log
     from mnist_tracking.config import CompareConfig
+    from mnist_tracking.runs import Kind, tag_mlflow_run_command_run
 
+    tag_mlflow_run_command_run(Kind.COMPARISON)  # a refused comparison is still a comparison run
     compare_and_log(CompareConfig(**params), echo=click.echo)
 
 

@@ -85,6 +85,14 @@ def end_mlflow_run_command_run(reason: str, status: str = "FAILED") -> None:
             pass
 
 
+def tag_mlflow_run_command_run(kind: str) -> None:
+    """Tag the run `mlflow run` created (MLFLOW_RUN_ID) with the kind it is meant to be, before
+    any check can refuse the command and end it FAILED."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        MlflowClient().set_tag(run_id, KIND_TAG, kind)
+
+
 def mark_experiment(experiment_id: str) -> None:
     """Tag the experiment as model development, so the UI opens it in the training view."""
     client = MlflowClient()

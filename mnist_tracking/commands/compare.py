@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import mlflow
 import numpy as np
-from mlflow.tracking import MlflowClient
 
 from mnist_tracking import comparison, linked_view, plots, views
 from mnist_tracking.commands.project import METHOD_TITLES, load_features, point_images
@@ -47,9 +46,6 @@ def compare_and_log(config: CompareConfig, echo: Callable[[str], None] = print) 
     Logs into the active `mlflow run` run (MLFLOW_RUN_ID) or a new one, in the first training
     run's experiment unless one is chosen (MLFLOW_EXPERIMENT_ID / _NAME).
     """
-    pending = os.environ.get("MLFLOW_RUN_ID")  # the run `mlflow run` made: a comparison, even if refused below
-    if pending:
-        MlflowClient().set_tag(pending, KIND_TAG, Kind.COMPARISON)
     runs = compared_runs(config.run_id_list, config.split)
     sample, shared = common_sample(runs, config)
     with comparison_run(runs, config) as run:
