@@ -221,6 +221,33 @@ def evolution(**params) -> None:
     from mnist_tracking.config import EvolutionConfig
 
     evolve_and_log(EvolutionConfig(**params), echo=click.echo)
+# ---- compare: several trainings on one aligned map, and what moved
+
+
+@main.command()
+@click.option("--run-ids", type=str, required=True,
+              help="Comma list of two or more finished training runs on one dataset; maps are aligned to the first.")
+@click.option("--split", type=str, default="test", show_default=True,
+              help="test or val (val: the images held out by every run).")
+@click.option("--methods", type=str, default="pca,tsne", show_default=True, help="Comma list of pca, tsne, umap.")
+@click.option("--max-points", type=int, default=10000, show_default=True,
+              help="Stratified, seeded subsample of the shared images above this many.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the subsample and the methods.")
+@click.option("--data-dir", type=str, default="", show_default=True,
+              help="Folder with <DATASET>/raw/*-ubyte, for the thumbnails; empty = the first run's data_dir.")
+@user_errors
+def compare(**params) -> None:
+    """Compare training runs on one aligned map: what moved, and which digits changed their answer.
+
+    Logs into a run named compare-<n>-runs (tag mnist_tracking.kind=comparison): per method
+    comparison/<method>.png and .html (the runs' maps side by side, aligned to the first run;
+    hovering a point rings the same image in every map), metrics <method>_residual_<k>; the table
+    comparison/what_moved.json (thumbnails; per pair the most moved images and changed answers)
+    with every image in what_moved.csv; metrics pair_<a>_<b>_moved_fraction, _fixed, _broken, _changed.
+    """
+    from mnist_tracking.commands.compare import compare_and_log
+    from mnist_tracking.config import CompareConfig
+    compare_and_log(CompareConfig(**params), echo=click.echo)
 
 
 # ---- register: put the best model in the Model Registry

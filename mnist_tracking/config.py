@@ -221,6 +221,40 @@ class EvolutionConfig:
 
     def to_params(self) -> dict:
         return {"run_id": self.run_id, "methods": self.methods, "seed": self.seed, "data_dir": self.data_dir}
+class CompareConfig:
+    """The parameters of the `compare` entry point, checked before the store is touched."""
+
+    run_ids: str  # comma list of two or more training run ids, in the order the maps and pairs use
+    split: str = "test"
+    methods: str = "pca,tsne"
+    max_points: int = 10000
+    seed: int = 42
+    data_dir: str = ""  # where the images are, for the thumbnails; "" = the first run's data_dir
+    run_id_list: tuple[str, ...] = field(init=False)
+    method_list: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.run_id_list = tuple(r.strip() for r in str(self.run_ids).split(",") if r.strip())
+        if len(self.run_id_list) < 2:
+            raise UserError(
+                f"run_ids needs two or more training run ids separated by commas, got {len(self.run_id_list)} "
+                f"({self.run_ids!r}); pass for example -P run_ids=<id1>,<id2> (--run-ids <id1>,<id2>)"
+            )
+        twice = sorted({r for r in self.run_id_list if self.run_id_list.count(r) > 1})
+        if twice:
+            raise UserError(f"run_ids lists {', '.join(twice)} more than once; name each training run once")
+        self.run_ids = ",".join(self.run_id_list)
+        self.split = str(self.split).strip().lower()
+        if self.split not in SPLITS:
+            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        self.method_list = parse_methods(self.methods)
+        self.methods = ",".join(self.method_list)
+        if self.max_points < MIN_POINTS:
+            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
+        self.data_dir = str(self.data_dir).strip()
+
+    def to_params(self) -> dict:
+        return {name: getattr(self, name) for name in ("run_ids", "split", "methods", "max_points", "seed", "data_dir")}
 
 
 @dataclass

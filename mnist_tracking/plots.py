@@ -150,10 +150,13 @@ def embedding_overview(
 def comparison_grid(
     rows: Sequence[tuple[str, Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]]]],
     title: str,
+    shared_columns: bool = False,
 ) -> Figure:
     """One row per training, one column per method, shared colours and one legend.
 
     rows: (row title, [(panel title, coords (n, >=2), labels (n,), predictions (n,)), ...]).
+    shared_columns: the maps of a column are aligned to each other (`compare`): draw them on the
+    same axis limits.
     """
     n_rows = len(rows)
     n_cols = max(len(panels) for _, panels in rows)
@@ -169,6 +172,10 @@ def comparison_grid(
             ax.set_title(plain(name), fontsize=9)
             if col == 0:
                 ax.set_ylabel(plain(row_title), fontsize=9)
+    if shared_columns:
+        for col in range(n_cols):
+            cells = [(ax, panels[col][1]) for ax, (_, panels) in zip(axes[:, col], rows) if len(panels) > col]
+            _share_limits([ax for ax, _ in cells], [coords for _, coords in cells])
     # The legend's counts of misclassified points differ by row; the colours do not.
     all_labels = np.concatenate([p[2] for _, panels in rows for p in panels[:1]])
     handles = _legend_handles(all_labels, all_labels)[:-1]
@@ -272,3 +279,41 @@ def gif_bytes(images: Sequence[np.ndarray]) -> bytes:
     pictures[0].save(buffer, format="GIF", save_all=True, append_images=pictures[1:], duration=durations, loop=0,
                      optimize=True)
     return buffer.getvalue()
+SHARED_MARGIN = 0.04  # share of the span left free around aligned maps
+
+
+def _share_limits(axes: Sequence, layouts: Sequence[np.ndarray]) -> None:
+    """The same x and y limits (those of all layouts (n, >=2) together) and equal scales on every
+    axes: aligned maps of the same points are read in one frame."""
+    both = np.vstack([coords[:, :2] for coords in layouts])
+    low, high = both.min(axis=0), both.max(axis=0)
+    pad = (high - low) * SHARED_MARGIN
+    for ax in axes:
+        ax.set_xlim(low[0] - pad[0], high[0] + pad[0])
+        ax.set_ylim(low[1] - pad[1], high[1] + pad[1])
+        ax.set_aspect("equal", adjustable="box")
+
+
+def aligned_maps(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
+    labels: np.ndarray,
+    title: str,
+) -> Figure:
+    """Several runs' aligned maps of the same points side by side, on one frame (same limits),
+    coloured by true digit, misclassified points outlined.
+
+    panels: (panel title, coords (n, 2), predictions (n,)) per run; labels (n,) are shared.
+    """
+    n = len(panels)
+    fig = Figure(figsize=(4.6 * n + 1.4, 5.0), dpi=DPI, layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, n))
+    for ax, (name, coords, predictions) in zip(axes, panels):
+        _draw_embedding(ax, coords, labels, predictions)
+        ax.set_title(name, fontsize=9)
+    _share_limits(axes, [coords for _, coords, _ in panels])
+    handles = _legend_handles(labels, labels)[:-1] + _legend_handles(np.zeros(1), np.ones(1))[-1:]
+    handles[-1].set_label("misclassified")
+    fig.legend(handles=handles, title="true digit", loc="outside right center",
+               frameon=False, fontsize=8, title_fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig

@@ -162,3 +162,34 @@ def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def columns_csv(columns: dict[str, list]) -> str:
+    """CSV text of a table given as {column name: values (one per row)}, header first."""
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*columns.values()))
+    return buffer.getvalue()
+
+
+def changed_answers_table(pair_metrics: dict[str, dict[str, float]], run_labels: list[str], n_points: int) -> str:
+    """Per pair of compared runs (Markdown): the answers fixed, broken and changed between them and
+    the share of images whose 512-d neighbourhood changed by more than half.
+
+    pair_metrics: pair name "a_b" (runs numbered from 1) -> its `Pair.metrics()` without the prefix;
+    run_labels: per run, how the table names it.
+    """
+    header = ["pair: from → to", "fixed (wrong, then right)", "broken (right, then wrong)",
+              "changed (wrong, differently)", "neighbourhood changed by more than half"]
+    lines = [f"Answers that changed between the runs, on the {n_points:,} images compared "
+             "(pair a → b: metrics pair_a_b_*):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics in pair_metrics.items():
+        first, second = (int(number) for number in name.split("_"))
+        cells = [f"{first} → {second}: {run_labels[first - 1]} → {run_labels[second - 1]}", str(int(metrics["fixed"])),
+                 str(int(metrics["broken"])), str(int(metrics["changed"])), f"{metrics['moved_fraction']:.1%}"]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -43,6 +43,7 @@ class Kind:
     EVOLUTION = "evolution"
     SWEEP = "sweep"
     REGISTRATION = "registration"
+    COMPARISON = "comparison"
 
 
 # --------------------------------------------------------------------------- finding and ending runs
@@ -101,7 +102,8 @@ def end_mlflow_run_command_run(reason: str, status: str = "FAILED", command: str
         pass
 
 
-COMMAND_KINDS = {"train": Kind.TRAINING, "project": Kind.PROJECTION, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP}
+COMMAND_KINDS = {"train": Kind.TRAINING, "project": Kind.PROJECTION, "evolution": Kind.EVOLUTION,
+                 "compare": Kind.COMPARISON, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP}
 REFERRING_PARAMS = ("run_id", "resume_from", "resume")  # the parameters that name another run
 
 

@@ -29,7 +29,8 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
 
 @pytest.mark.parametrize(
     "entry_point, command",
-    [("main", "train"), ("project", "project"), ("evolution", "evolution"), ("register", "register"), ("sweep", "sweep")],
+    [("main", "train"), ("project", "project"), ("evolution", "evolution"), ("compare", "compare"), ("register", "register"),
+     ("sweep", "sweep")],
 )
 def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
     spec = mlproject()["entry_points"][entry_point]
@@ -63,7 +64,8 @@ def test_help_answers_fast_without_heavy_imports():
 # The pure layers: computing, drawing and reading files, never talking to MLflow (runs.py and
 # commands/ do that). Their imports are followed through the package, lazy ones inside functions too.
 PURE_MODULES = ("model", "data", "training", "embedding", "plots", "views", "projector", "study", "config",
-                "reports", "interrupts", "digits", "errors", "snapshots", "evolution", "alignment", "devices")
+                "reports", "interrupts", "digits", "errors", "snapshots", "evolution", "alignment", "devices",
+                "comparison", "linked_view")
 
 
 def imported_modules(module: str) -> set[str]:
@@ -104,7 +106,7 @@ def entry_point_defaults() -> dict[str, tuple[str, dict]]:
     import inspect
 
     from mnist_tracking.commands.register import register
-    from mnist_tracking.config import EvolutionConfig, ProjectConfig, SweepConfig, TrainConfig
+    from mnist_tracking.config import CompareConfig, EvolutionConfig, ProjectConfig, SweepConfig, TrainConfig
 
     def of_dataclass(cls) -> dict:
         return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
@@ -113,13 +115,14 @@ def entry_point_defaults() -> dict[str, tuple[str, dict]]:
         "main": ("train", of_dataclass(TrainConfig)),
         "project": ("project", of_dataclass(ProjectConfig)),
         "evolution": ("evolution", of_dataclass(EvolutionConfig)),
+        "compare": ("compare", of_dataclass(CompareConfig)),
         "register": ("register", {name: p.default for name, p in inspect.signature(register).parameters.items()
                                   if name != "echo"}),
         "sweep": ("sweep", of_dataclass(SweepConfig)),
     }
 
 
-@pytest.mark.parametrize("entry_point", ["main", "project", "evolution", "register", "sweep"])
+@pytest.mark.parametrize("entry_point", ["main", "project", "evolution", "compare", "register", "sweep"])
 def test_defaults_agree_in_mlproject_the_cli_and_the_code(entry_point):
     command, code_defaults = entry_point_defaults()[entry_point]
     spec = mlproject()["entry_points"][entry_point]["parameters"]

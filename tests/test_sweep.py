@@ -91,6 +91,15 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
         assert row.split(" | ")[10].endswith(" s")  # the training's wall time
     assert parent.data.tags["mlflow.note.content"].count("| (") == 3  # the description shows the table
 
+    # The comparison is `compare`'s, aligned, on the parent: linked views, the table, changed answers.
+    assert {"comparison/pca.html", "comparison/pca.png", "comparison/what_moved.json",
+            "comparison/what_moved.csv"} <= artifact_names(parent_id, "comparison")
+    assert parent.data.tags["compared_run_ids"] == ",".join(r.info.run_id for r in children)
+    metrics = parent.data.metrics
+    assert {"pair_1_2_fixed", "pair_1_3_broken", "pair_2_3_moved_fraction", "pca_residual_3"} <= set(metrics)
+    answers = [line for line in text.splitlines() if line.startswith(f"| 1 → 3: {SEED_TRAININGS[0].label} → ")]
+    assert len(answers) == 1 and f"| {int(metrics['pair_1_3_fixed'])} | {int(metrics['pair_1_3_broken'])} |" in answers[0]
+
 
 def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_dir, fresh_experiment):
     # A real failure: lr=1e6 diverges within a few batches.

@@ -31,6 +31,7 @@ FEATURE_ARRAYS = ("features", "labels", "predictions", "indices")
 # feature file that unpacks to more is not one `train` wrote (a 97 kB file can unpack to GBs).
 MAX_FEATURE_FILE_BYTES = 70_000 * (512 * 4 + 10 * 4 + 3 * 8)
 PROJECTION_SCORES_TAG = "projection_scores_from"  # on a training run: the projection its <method>_* metrics came from
+OPTIONAL_ARRAYS = ("probabilities",)  # (N, 10) softmax output; runs logged before it was added lack it
 
 
 def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) -> str:
@@ -89,8 +90,9 @@ def source_training_run(run_id: str, split: str):
 
 
 def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
-    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split, checked
-    in size, schema and values before any work (a UserError says what is wrong)."""
+    """features (N, 512) float32, labels, predictions, indices (N,) int64 of a run's split, and
+    probabilities (N, 10) float32 when the run logged them; checked in size, schema and values
+    before any work (a UserError says what is wrong)."""
     artifact = f"features/{split}.npz"
     with temporary_folder() as tmp:
         path = download_artifact(run_id, artifact, tmp)
@@ -101,7 +103,8 @@ def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
                                  f"{MAX_FEATURE_FILE_BYTES / 1e6:,.0f} MB the largest split's features take")
             # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
             with np.load(path, allow_pickle=False) as arrays:
-                return checked_feature_arrays({name: arrays[name] for name in FEATURE_ARRAYS if name in arrays.files})
+                present = [name for name in (*FEATURE_ARRAYS, *OPTIONAL_ARRAYS) if name in arrays.files]
+                return checked_feature_arrays({name: arrays[name] for name in present})
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
             raise UserError(
                 f"refusing to load {artifact} of run {run_id}: "
@@ -135,8 +138,15 @@ def checked_feature_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
         raise ValueError("indices must be >= 0")
     if not np.isfinite(features).all():
         raise ValueError(f"features hold {int((~np.isfinite(features)).sum()):,} NaN or infinite values")
-    return {"features": features.astype(np.float32, copy=False),
-            **{name: arrays[name].astype(np.int64, copy=False) for name in ("labels", "predictions", "indices")}}
+    checked = {"features": features.astype(np.float32, copy=False),
+               **{name: arrays[name].astype(np.int64, copy=False) for name in ("labels", "predictions", "indices")}}
+    if "probabilities" in arrays:
+        probabilities = arrays["probabilities"]
+        if probabilities.shape != (n, NUM_CLASSES) or probabilities.dtype.kind != "f" or not np.isfinite(probabilities).all():
+            raise ValueError(f"probabilities must be {n} x {NUM_CLASSES} finite numbers, got {probabilities.dtype} "
+                             f"{probabilities.shape}")
+        checked["probabilities"] = probabilities.astype(np.float32, copy=False)
+    return checked
 
 
 def load_sample(config: ProjectConfig) -> tuple[dict[str, np.ndarray], int]:

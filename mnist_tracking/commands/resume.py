@@ -1,19 +1,24 @@
-"""Resuming a training (`main --resume-from`): the old run's checkpoint, read without unpickling, and
-the config that continues it."""
+"""Resuming a training (`main --resume-from`): the old run's checkpoint (the store's or this machine's
+later copy), read without unpickling, the config that continues it, and what a lost store leaves safe."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.config import TrainConfig, resumed_config
 from mnist_tracking.errors import UserError
+from mnist_tracking.training import Trainer
 from mnist_tracking.runs import (
-    KIND_TAG, Kind, download_artifact, end_run, get_run, has_artifact, process_is_gone, running_where, temporary_folder,
+    KIND_TAG, Kind, download_artifact, end_run, get_run, has_artifact, log_bytes, process_is_gone, running_where,
+    temporary_folder, torch_bytes,
 )
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
@@ -133,3 +138,32 @@ def check_prelogged_params(config: TrainConfig) -> None:
         raise UserError(
             f"resuming run {config.resume_from} under mlflow run needs its parameters: pass {' '.join(wrong)}"
         )
+
+
+def log_last_checkpoint(trainer: Trainer) -> None:
+    """last.pt to this machine's cache first, then to the store: a store that stops answering
+    loses no finished epoch (resume reads whichever copy is later)."""
+    checkpoint = torch_bytes(trainer.checkpoint())
+    save_local_checkpoint(mlflow.active_run().info.run_id, checkpoint)
+    log_bytes(checkpoint, "checkpoints", "last.pt")
+
+
+@contextmanager
+def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
+    """When the tracking store stops answering during a training (a server that went away), end
+    with one line saying which epoch's checkpoint is safe where, and how to continue. The caller
+    puts the run's id in the dict it gets."""
+    safe: dict = {}
+    try:
+        yield safe
+    except Exception as exc:
+        store_error = type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy"))
+        if not store_error or "run_id" not in safe or not trainer.state.epoch:
+            raise
+        run_id, done = safe["run_id"], trainer.state.epoch
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"the tracking store stopped answering during run {run_id} ({type(exc).__name__}: {cause[:300]}); "
+            f"epoch {done}'s checkpoint is safe in {local_checkpoint(run_id)}: once the store answers again, "
+            f"continue with --resume-from {run_id}"
+        ) from exc

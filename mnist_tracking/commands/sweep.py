@@ -9,14 +9,18 @@ from mlflow.tracking import MlflowClient
 
 from mnist_tracking import plots
 from mnist_tracking import study as studies
+from mnist_tracking.commands.compare import (
+    COMPARED_RUNS_TAG, Compared, common_sample, compared_runs, n_points, pair_metrics,
+)
+from mnist_tracking.commands.compare import log_comparison as log_comparison_outputs
 from mnist_tracking.commands.evolution import evolve_and_log
 from mnist_tracking.commands.project import METHOD_TITLES, load_coordinates, project_and_log
 from mnist_tracking.commands.train import train_and_log
-from mnist_tracking.config import EvolutionConfig, ProjectConfig, SweepConfig
+from mnist_tracking.config import CompareConfig, EvolutionConfig, ProjectConfig, SweepConfig
 from mnist_tracking.evolution import first_epoch_reaching
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
-from mnist_tracking.reports import comparison_table
+from mnist_tracking.reports import changed_answers_table, comparison_table
 from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, RESUMED_FROM_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run, get_run,
     log_new_params, mark_experiment, ui_hint, ui_url,
@@ -62,7 +66,7 @@ def sweep_and_log(
         except KeyboardInterrupt as exc:
             end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
             raise
-        log_comparison(rows, config.method_list)
+        log_comparison(rows, config.method_list, compare_trainings(rows, config, echo))
         echo("\n" + comparison_table(rows, list(config.method_list)))
         echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
         fail_if_any_failed(rows, parent_id)
@@ -234,22 +238,59 @@ def take_over(old, stale: list[str], parent_id: str, echo: Callable[[str], None]
 # --------------------------------------------------------------------------- the comparison
 
 
-def log_comparison(rows: list[SweepRow], methods: tuple[str, ...]) -> None:
-    """comparison.png (one row per training, one column per method) and comparison.md on the active run."""
+def compare_trainings(rows: list[SweepRow], config: SweepConfig, echo: Callable[[str], None]) -> Compared | None:
+    """`compare` of the finished trainings, logged into the active (parent) run: the aligned maps,
+    linked views under comparison/, the what-moved table and pair metrics. None when fewer than two
+    finished, or when the comparison failed (the figure then falls back to independent layouts)."""
+    finished = [row for row in rows if row.status == "FINISHED"]
+    if len(finished) < 2:
+        return None
+    echo(f"\n=== comparing the {len(finished)} finished trainings on aligned maps")
+    try:
+        compare_config = CompareConfig(run_ids=",".join(row.run_id for row in finished), methods=config.methods)
+        runs = compared_runs(compare_config.run_id_list, compare_config.split)
+        sample, shared = common_sample(runs, compare_config)
+        mlflow.set_tag(COMPARED_RUNS_TAG, compare_config.run_ids)
+        return log_comparison_outputs(runs, sample, shared, compare_config, echo)
+    except Exception as exc:  # noqa: BLE001 - the trainings are kept; the figure uses their own layouts
+        echo(f"Error: comparing the trainings failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return None
+
+
+def comparison_panels(row: SweepRow, methods: tuple[str, ...], compared: Compared | None) -> list[tuple]:
+    """A training's panels of comparison.png: its aligned maps when it was compared, else its
+    projection run's own layouts (none when it was not projected)."""
+    run_ids = [run.info.run_id for run in compared.runs] if compared else []
+    if row.run_id in run_ids:
+        k = run_ids.index(row.run_id)
+        arrays = compared.sample[k]
+        return [(f"{METHOD_TITLES[m]}, aligned: kNN acc {compared.layouts[m].knn_acc[k]:.3f}",
+                 compared.layouts[m].coords[k], arrays["labels"], arrays["predictions"]) for m in methods]
+    panels = []
+    for method in methods if row.projection_run_id else ():
+        points = load_coordinates(row.projection_run_id, method)
+        knn = row.projection[method]["knn_acc"]
+        panels.append((f"{METHOD_TITLES[method]}: kNN acc {knn:.3f}", points["coords"], points["labels"],
+                       points["predictions"]))
+    return panels
+
+
+def log_comparison(rows: list[SweepRow], methods: tuple[str, ...], compared: Compared | None = None) -> None:
+    """comparison.png (one row per training, one column per method; aligned maps when `compared`)
+    and comparison.md (with the changed answers when `compared`) on the active run."""
     grid = []
     for row in rows:
         val_acc = row.metrics.get("best_val_acc")
         head = row.label + (f"\nval acc {val_acc:.2%}" if val_acc is not None else f"\n{row.status}")
-        panels = []
-        for method in methods if row.projection_run_id else ():
-            points = load_coordinates(row.projection_run_id, method)
-            knn = row.projection[method]["knn_acc"]
-            panels.append((f"{METHOD_TITLES[method]}: kNN acc {knn:.3f}", points["coords"], points["labels"],
-                           points["predictions"]))
-        grid.append((head, panels))
-    figure = plots.comparison_grid(grid, "The seed's trainings: learned features of the test set")
+        grid.append((head, comparison_panels(row, methods, compared)))
+    title = "The seed's trainings: learned features of the test set" + (
+        ", each column aligned to its first map" if compared else "")
+    figure = plots.comparison_grid(grid, title, shared_columns=compared is not None)
     mlflow.log_figure(figure, "comparison.png")
     table = comparison_table(rows, list(methods))
+    if compared:
+        labels = [next(r.label for r in rows if r.run_id == run.info.run_id) for run in compared.runs]
+        table += "\n" + changed_answers_table(pair_metrics(compared.pairs), labels, n_points(compared))
     mlflow.log_text(table, "comparison.md")
     mlflow.set_tag(NOTE_TAG, f"**{SWEEP_RUN_NAME}**: the seed's trainings side by side\n\n{table}")
 

@@ -16,7 +16,9 @@ import torch
 
 from mnist_tracking import plots, snapshots
 from mnist_tracking.commands.register import check_names, register_run
-from mnist_tracking.commands.resume import checked_resume, drop_local_checkpoint, local_checkpoint, save_local_checkpoint
+from mnist_tracking.commands.resume import (
+    checked_resume, drop_local_checkpoint, log_last_checkpoint, store_errors_say_what_is_safe,
+)
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Split, Splits, load_splits
 from mnist_tracking.errors import UserError
@@ -25,7 +27,7 @@ from mnist_tracking.model import MODEL_NAME, ServedConvNet
 from mnist_tracking.reports import misclassified_table, summary_table
 from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PROCESS_TAG, RESUMED_AT_TAG, RESUMED_FROM_TAG, Kind, end_active_run, environment,
-    log_arrays, log_bytes, log_new_params, log_torch, mark_experiment, this_process, torch_bytes, ui_hint, ui_url,
+    log_arrays, log_new_params, log_torch, mark_experiment, this_process, ui_hint, ui_url,
 )
 from mnist_tracking.commands.feature_snapshots import judge_snapshot, log_snapshot, logged_snapshots
 from mnist_tracking.snapshots import Snapshot
@@ -96,27 +98,6 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
     return run.info.run_id
 
 
-@contextmanager
-def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
-    """When the tracking store stops answering during a training (a server that went away), end
-    with one line saying which epoch's checkpoint is safe where, and how to continue. The caller
-    puts the run's id in the dict it gets."""
-    safe: dict = {}
-    try:
-        yield safe
-    except Exception as exc:
-        store_error = type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy"))
-        if not store_error or "run_id" not in safe or not trainer.state.epoch:
-            raise
-        run_id, done = safe["run_id"], trainer.state.epoch
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"the tracking store stopped answering during run {run_id} ({type(exc).__name__}: {cause[:300]}); "
-            f"epoch {done}'s checkpoint is safe in {local_checkpoint(run_id)}: once the store answers again, "
-            f"continue with --resume-from {run_id}"
-        ) from exc
-
-
 # --------------------------------------------------------------------------- each epoch
 
 
@@ -169,14 +150,6 @@ class EpochLogger:
         snapshot = snapshots.take(trainer.model, self.points, epoch, trainer.device, trainer.precision)
         knn_acc, image = judge_snapshot(snapshot, trainer.config.seed)
         return snapshot, knn_acc, image, time.perf_counter() - started
-
-
-def log_last_checkpoint(trainer: Trainer) -> None:
-    """last.pt to this machine's cache first, then to the store: a store that stops answering
-    loses no finished epoch (resume reads whichever copy is later)."""
-    checkpoint = torch_bytes(trainer.checkpoint())
-    save_local_checkpoint(mlflow.active_run().info.run_id, checkpoint)
-    log_bytes(checkpoint, "checkpoints", "last.pt")
 
 
 def fit(trainer: Trainer, on_epoch: EpochLogger, progress: bool) -> TrainState:

@@ -1,0 +1,205 @@
+"""Several runs' aligned maps side by side in one self-contained HTML page, hover linked across them (pure functions)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+
+import numpy as np
+
+from mnist_tracking import views
+from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
+
+PLOT_ID = "comparison"  # the id of the plot's <div>
+DATA_ID = "linked-points"  # the id of the <script type="application/json"> holding every map's points
+HIGHLIGHT_NAME = "highlight"  # the name of each map's one-point trace that rings the hovered image
+HIGHLIGHT_SIZE = 18  # px: a ring around the hovered image, drawn in every map
+CHANGED_RIGHT, CHANGED_WRONG, UNCHANGED = "#2ca02c", views.WRONG_COLOR, "#dddddd"
+COORD_DECIMALS = 3  # the linked points' coordinates in the page (maps span tens of units)
+
+COLOR_MODES = (  # (mode, button text, legend title)
+    ("label", "colour: true digit", "true digit"),
+    ("prediction", "colour: each run's prediction", "true digit (colour: prediction)"),
+    ("correct", "colour: correct / wrong", "true digit (red: misclassified)"),
+    ("changed", "colour: changed its answer", "true digit (changed answer: green right, red wrong)"),
+)
+
+
+def changed_colors(labels: np.ndarray, predictions: list[np.ndarray]) -> list[list[str]]:
+    """Per run, colours (n,) for "changed its answer": images right in one run and wrong in
+    another are green where right and red where wrong; every other image light grey."""
+    right = np.array([p == labels for p in predictions])  # (runs, n)
+    changed = right.any(axis=0) & ~right.all(axis=0)
+    return [np.where(changed, np.where(r, CHANGED_RIGHT, CHANGED_WRONG), UNCHANGED).tolist() for r in right]
+
+
+def mode_colors(mode: str, labels: np.ndarray, predictions: list[np.ndarray]) -> list[list[str]]:
+    """Per run, the colours (n,) of its points in a colour mode of COLOR_MODES."""
+    if mode == "changed":
+        return changed_colors(labels, predictions)
+    return [views.point_colors(labels, p, mode) for p in predictions]
+
+
+def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray, predictions: list[np.ndarray],
+           title: str):
+    """A plotly Figure: one map per run (layouts: per run (n, 2), row i the same image in all),
+    zoom and pan linked, one legend entry per digit for all maps, colour mode buttons, and per map
+    a HIGHLIGHT_NAME trace (empty until a point is hovered).
+
+    Each point's customdata is its row, which the hover script looks up in every map.
+    """
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    n, runs = len(labels), len(layouts)
+    fig = make_subplots(rows=1, cols=runs, subplot_titles=run_titles, horizontal_spacing=0.015)
+    rows = np.arange(n, dtype=np.int32)
+    size = views._marker_size(n, 2)
+    digit_traces: list[tuple[int, np.ndarray]] = []  # (run, members (n,) bool) per trace, in order
+    for run, coords in enumerate(layouts):
+        for digit in range(NUM_CLASSES):
+            mine = labels == digit
+            if not mine.any():
+                continue
+            xy = coords[mine].astype(np.float32)
+            fig.add_trace(go.Scattergl(
+                x=xy[:, 0], y=xy[:, 1], mode="markers", name=f"{digit} ({int(mine.sum()):,})", legendgroup=str(digit),
+                showlegend=run == 0, customdata=rows[mine], hoverinfo="none",  # the hover card shows the point
+                marker=dict(size=size, color=DIGIT_COLORS[digit], opacity=0.75),
+            ), row=1, col=run + 1)
+            digit_traces.append((run, mine))
+    highlights = []
+    for run in range(runs):
+        fig.add_trace(go.Scatter(
+            x=[], y=[], mode="markers", name=HIGHLIGHT_NAME, showlegend=False, hoverinfo="skip",
+            marker=dict(size=HIGHLIGHT_SIZE, symbol="circle-open", color="black", line=dict(width=2.5)),
+        ), row=1, col=run + 1)
+        highlights.append(len(fig.data) - 1)
+    buttons = []
+    for mode, text, legend_title in COLOR_MODES:
+        per_run = [np.array(c, dtype=object) for c in mode_colors(mode, labels, predictions)]
+        colors = [per_run[run][mine].tolist() for run, mine in digit_traces]
+        if mode == "label":  # one colour per trace, as drawn first
+            colors = [DIGIT_COLORS[int(labels[mine][0])] for _, mine in digit_traces]
+        buttons.append(dict(label=text, method="update", args=[
+            {"marker.color": colors}, {"legend.title.text": legend_title}, list(range(len(digit_traces)))]))
+    fig.update_layout(
+        title=dict(text=f"{title}<br><sup>{n:,} images in every map, each map aligned to the first; hover a point: "
+                        f"the same image is ringed in every map</sup>",
+                   x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container", font=dict(size=13)),
+        template="plotly_white", hovermode="closest", dragmode="pan",
+        legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
+        margin=dict(l=10, r=10, t=views.TOP_MARGIN + 20, b=10),
+        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True, x=0.0,
+                          xanchor="left", y=1.06, yanchor="bottom", pad=dict(b=6), font=dict(size=11))],
+    )
+    # Aligned maps share one frame: the same axis ranges, zoomed and panned together, equal scales.
+    fig.update_xaxes(showticklabels=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, zeroline=False)
+    for col in range(2, runs + 1):
+        fig.update_xaxes(matches="x", row=1, col=col)
+        fig.update_yaxes(matches="y", row=1, col=col)
+    fig.update_layout(yaxis=dict(scaleanchor="x", scaleratio=1))
+    return fig, highlights
+
+
+# Runs after the plot is drawn. On hover: ring the same image (row) in every map, and show a card
+# with its thumbnail (cut from the embedded sprite), index, true digit and each run's answer.
+HOVER_SCRIPT = """
+(function () {
+  var plot = document.getElementById("%(plot_id)s");
+  var points = JSON.parse(document.getElementById("%(data_id)s").textContent);
+  var highlights = %(highlights)s, cols = %(cols)d, side = %(side)d, scale = %(scale)d;
+  var card = document.createElement("div");
+  card.id = "%(thumb_id)s";
+  card.style.cssText = "position:fixed;display:none;pointer-events:none;z-index:1000;background:#fff;" +
+    "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:left";
+  var canvas = document.createElement("canvas");
+  canvas.width = canvas.height = side * scale;
+  canvas.style.display = points.sprite ? "block" : "none";
+  canvas.style.margin = "0 auto";
+  var caption = document.createElement("div");
+  card.appendChild(canvas);
+  card.appendChild(caption);
+  document.body.appendChild(card);
+  var context = canvas.getContext("2d");
+  context.imageSmoothingEnabled = false;
+  var sprite = new Image();
+  if (points.sprite) { sprite.src = points.sprite; }
+  var pointer = {x: 0, y: 0};
+  document.addEventListener("mousemove", function (e) { pointer.x = e.clientX; pointer.y = e.clientY; }, true);
+  function answer(run, row) {
+    var p = points.predictions[run][row], c = points.confidences[run];
+    return points.runs[run] + ": " + p + (c ? " (" + Math.round(c[row] * 100) + "%%)" : "") +
+      (p == points.labels[row] ? "" : " \\u2717");
+  }
+  plot.on("plotly_hover", function (event) {
+    var row = event.points[0].customdata;
+    Plotly.restyle(plot, {x: points.x.map(function (xs) { return [xs[row]]; }),
+                          y: points.y.map(function (ys) { return [ys[row]]; })}, highlights);
+    plot.setAttribute("data-highlighted-row", row);
+    if (points.sprite) {
+      context.fillRect(0, 0, side * scale, side * scale);
+      context.drawImage(sprite, (row %% cols) * side, Math.floor(row / cols) * side, side, side,
+                        0, 0, side * scale, side * scale);
+    }
+    var lines = ["#" + points.indices[row] + ": true " + points.labels[row]];
+    for (var run = 0; run < points.runs.length; run++) { lines.push(answer(run, row)); }
+    caption.innerText = lines.join("\\n");
+    card.style.display = "block";
+    var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
+    if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
+    card.style.left = Math.max(0, left) + "px";
+    card.style.top = Math.max(0, top) + "px";
+  });
+  plot.on("plotly_unhover", function () { card.style.display = "none"; });
+})();
+"""
+
+
+def linked_points(layouts: list[np.ndarray], run_names: list[str], labels: np.ndarray, indices: np.ndarray,
+                  predictions: list[np.ndarray], confidences: list[np.ndarray | None], sprite: bytes | None) -> str:
+    """The JSON the hover script reads: per run its points' x, y (row order), predictions and
+    confidences (null for a run without probabilities), the labels, indices and the sprite."""
+    return json.dumps({
+        "runs": run_names,
+        "x": [np.round(c[:, 0].astype(np.float64), COORD_DECIMALS).tolist() for c in layouts],
+        "y": [np.round(c[:, 1].astype(np.float64), COORD_DECIMALS).tolist() for c in layouts],
+        "labels": labels.tolist(), "indices": indices.tolist(),
+        "predictions": [p.tolist() for p in predictions],
+        "confidences": [None if c is None else np.round(c.astype(np.float64), 3).tolist() for c in confidences],
+        "sprite": "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else "",
+    }, separators=(",", ":")).replace("</", "<\\/")  # never closes its <script> early
+
+
+def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: list[str], labels: np.ndarray,
+                indices: np.ndarray, predictions: list[np.ndarray], confidences: list[np.ndarray | None],
+                title: str, sprite: bytes | None = None) -> str:
+    """A self-contained page (plotly.js inline, no network) of several runs' aligned maps of the
+    same images (layouts: per run (n, 2)), hover linked: see `figure` and HOVER_SCRIPT.
+
+    run_names: short names on the hover card ("1", "2" or run names); run_titles: above each map.
+    sprite: PNG bytes of `views.sprite(thumbnails)` in row order, or None (no images on hover).
+    """
+    fig, highlights = figure(layouts, run_titles, labels, predictions, title)
+    if sprite is None:
+        fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
+    script = HOVER_SCRIPT % dict(
+        plot_id=PLOT_ID, data_id=DATA_ID, thumb_id=views.THUMB_ID, highlights=json.dumps(highlights),
+        cols=max(1, math.ceil(math.sqrt(len(labels)))), side=views.THUMB_SIDE, scale=views.HOVER_SCALE,
+    )
+    div = fig.to_html(include_plotlyjs=True, full_html=False, div_id=PLOT_ID, post_script=script,
+                      default_width="100%", default_height="100%",
+                      config={"displaylogo": False, "responsive": True, "scrollZoom": True})
+    data = linked_points(layouts, run_names, labels, indices, predictions, confidences, sprite)
+    block = f'<script type="application/json" id="{DATA_ID}">{data}</script>\n{div}'
+    return views.PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=block)
+
+
+def changed_count(predictions: list[np.ndarray], labels: np.ndarray) -> int:
+    """How many images are right in one run and wrong in another."""
+    right = np.array([p == labels for p in predictions])
+    return int((right.any(axis=0) & ~right.all(axis=0)).sum())
+
