@@ -76,7 +76,7 @@ class TrainConfig:
         # BatchNorm normalises over the batch: it cannot train on one image.
         _check(self.batch_size >= MIN_BATCH_SIZE, f"batch_size must be at least {MIN_BATCH_SIZE} (BatchNorm cannot "
                f"train on one image a batch), got {self.batch_size}")
-        _check(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        _check_seed(self.seed)
         _check(
             0 < self.val_fraction < 1,
             f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}",
@@ -171,21 +171,16 @@ class ProjectConfig:
     method_list: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.run_id = str(self.run_id).strip()
-        if not self.run_id:
-            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
-        self.split = str(self.split).strip().lower()
-        if self.split not in SPLITS:
-            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        self.run_id = _required_run_id(self.run_id)
+        self.split = _split(self.split)
         self.method_list = parse_methods(self.methods)
         self.methods = ",".join(self.method_list)
-        if self.max_points < MIN_POINTS:
-            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
+        _check_max_points(self.max_points)
         if self.dims not in DIMS:
             raise UserError(f"dims must be 2 or 3, got {self.dims}")
         if not self.perplexity > 0:
             raise UserError(f"perplexity must be > 0, got {self.perplexity}")
-        _check(0 <= self.seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        _check_seed(self.seed)
         self.data_dir = str(self.data_dir).strip()
 
     def to_params(self) -> dict:
@@ -212,15 +207,17 @@ class EvolutionConfig:
     method_list: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.run_id = str(self.run_id).strip()
-        if not self.run_id:
-            raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
+        self.run_id = _required_run_id(self.run_id)
         self.method_list = parse_methods(self.methods)
         self.methods = ",".join(self.method_list)
+        _check_seed(self.seed)
         self.data_dir = str(self.data_dir).strip()
 
     def to_params(self) -> dict:
         return {"run_id": self.run_id, "methods": self.methods, "seed": self.seed, "data_dir": self.data_dir}
+
+
+@dataclass
 class CompareConfig:
     """The parameters of the `compare` entry point, checked before the store is touched."""
 
@@ -244,13 +241,11 @@ class CompareConfig:
         if twice:
             raise UserError(f"run_ids lists {', '.join(twice)} more than once; name each training run once")
         self.run_ids = ",".join(self.run_id_list)
-        self.split = str(self.split).strip().lower()
-        if self.split not in SPLITS:
-            raise UserError(f"unknown split {self.split!r}: choose one of {', '.join(SPLITS)}")
+        self.split = _split(self.split)
         self.method_list = parse_methods(self.methods)
         self.methods = ",".join(self.method_list)
-        if self.max_points < MIN_POINTS:
-            raise UserError(f"max_points must be at least {MIN_POINTS}, got {self.max_points}")
+        _check_max_points(self.max_points)
+        _check_seed(self.seed)
         self.data_dir = str(self.data_dir).strip()
 
     def to_params(self) -> dict:
@@ -304,3 +299,23 @@ def _same_path(a: str, b: str) -> bool:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def _check_seed(seed: int) -> None:
+    _check(0 <= seed <= MAX_SEED, f"seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
+def _check_max_points(max_points: int) -> None:
+    _check(max_points >= MIN_POINTS, f"max_points must be at least {MIN_POINTS}, got {max_points}")
+
+
+def _required_run_id(run_id) -> str:
+    run_id = str(run_id).strip()
+    _check(bool(run_id), "run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
+    return run_id
+
+
+def _split(split) -> str:
+    split = str(split).strip().lower()
+    _check(split in SPLITS, f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    return split
