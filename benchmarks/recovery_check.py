@@ -62,13 +62,15 @@ def main() -> None:
     def train(*extra: str, stop_when=None, stop=None) -> tuple[int, str, str]:
         print("$", " ".join(["mnist-tracking train", *extra] if extra[:1] == ("--resume-from",) else
                             ["mnist-tracking train ...", *extra]), flush=True)
+        before = {r.info.run_id for r in client.search_runs(["0"])}
         process = subprocess.Popen([*base, *extra] if extra[:1] != ("--resume-from",) else
                                    [sys.executable, "-m", "mnist_tracking", "train", *extra],
                                    cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         run_id = ""
         while stop_when and process.poll() is None:
-            runs = client.search_runs(["0"], order_by=["attributes.start_time DESC"], max_results=1) if not run_id else None
-            run_id = run_id or (runs[0].info.run_id if runs else "")
+            if not run_id:  # this training's run: the one that was not there before
+                new = [r.info.run_id for r in client.search_runs(["0"]) if r.info.run_id not in before]
+                run_id = new[0] if new else ""
             if run_id and stop_when(run_id):
                 stop(process)
                 break

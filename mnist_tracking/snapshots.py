@@ -59,9 +59,11 @@ def take(model, points: Split, epoch: int, device: torch.device, precision: str)
     """Evaluate `model` on the snapshot points (no gradients, no RNG drawn: training is unchanged)."""
     started = time.perf_counter()
     result = evaluate(model, points.to(device), device, precision, with_features=True)
+    features = result.features  # (n, 512) float32
+    fits = np.isfinite(features).all() and np.abs(features).max(initial=0) <= np.finfo(FEATURE_DTYPE).max
     return Snapshot(
         epoch=epoch,
-        features=result.features.astype(FEATURE_DTYPE),  # (n, 512)
+        features=features.astype(FEATURE_DTYPE) if fits else features,  # float32 where float16 would overflow
         predictions=result.predictions.astype(np.int64),
         labels=points.labels.numpy().astype(np.int64),
         indices=points.indices.numpy().astype(np.int64),
@@ -70,8 +72,12 @@ def take(model, points: Split, epoch: int, device: torch.device, precision: str)
 
 
 def separability(snapshot: Snapshot, seed: int) -> float:
-    """Cross-validated 10-NN accuracy of the true digit in the 512-d features as stored (float16)."""
-    return knn_accuracy(snapshot.features.astype(np.float32), snapshot.labels, seed)[0]
+    """Cross-validated 10-NN accuracy of the true digit in the 512-d features as stored (float16);
+    NaN when a diverging network's features are not finite (no distances to compare)."""
+    features = snapshot.features.astype(np.float32)
+    if not np.isfinite(features).all():
+        return float("nan")
+    return knn_accuracy(features, snapshot.labels, seed)[0]
 
 
 def same_points(snapshots: list[Snapshot]) -> bool:

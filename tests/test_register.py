@@ -116,9 +116,9 @@ def test_register_as_registers_the_training_run(data_dir, fresh_experiment):
 
 @pytest.fixture
 def no_model_run(fresh_experiment):
-    """A finished run with metrics but no logged model, as a stand-in for any non-training run."""
+    """A finished training run with metrics but no logged model (one whose model was never logged)."""
     client = MlflowClient()
-    run_id = client.create_run(fresh_experiment).info.run_id
+    run_id = client.create_run(fresh_experiment, tags={KIND_TAG: "training"}).info.run_id
     client.log_metric(run_id, "best_val_acc", 0.5)
     client.set_terminated(run_id)
     return run_id

@@ -64,7 +64,7 @@ def module_experiment():
         (["--precision", "fp16"], "unknown precision 'fp16': choose one of auto, fp32, bf16"),
         (["--lr", "-1"], "lr must be a number > 0"),
         (["--lr", "nan"], "lr must be a number > 0"),
-        (["--batch-size", "0"], "batch_size must be at least 1"),
+        (["--batch-size", "0"], "batch_size must be at least 2"),
         (["--val-fraction", "0"], "val_fraction must be between 0 and 1"),
         (["--lr", "abc"], "Invalid value for '--lr': 'abc' is not a valid float; see"),
         (["--epochs", "two"], "Invalid value for '--epochs': 'two' is not a valid integer"),

@@ -15,21 +15,25 @@ KNN_METRIC = "snapshot_knn_acc"
 SECONDS_METRIC = "snapshot_seconds"
 
 
-def judge_snapshot(snapshot: Snapshot, seed: int) -> tuple[float, np.ndarray]:
-    """A snapshot's kNN accuracy in its 512-d features and its separability figure as an RGB array."""
+def judge_snapshot(snapshot: Snapshot, seed: int) -> tuple[float, np.ndarray | None]:
+    """A snapshot's kNN accuracy in its 512-d features and its separability figure as an RGB array
+    (None, with a NaN accuracy, when the features are not finite: a diverging network)."""
     knn_acc = snapshots.separability(snapshot, seed)
+    if np.isnan(knn_acc):
+        return knn_acc, None
     figure = plots.snapshot_separability(snapshot.features, snapshot.labels, snapshot.epoch, knn_acc)
     return knn_acc, plots.figure_image(figure)
 
 
-def log_snapshot(snapshot: Snapshot, knn_acc: float, image: np.ndarray, seconds: float | None = None) -> None:
+def log_snapshot(snapshot: Snapshot, knn_acc: float, image: np.ndarray | None, seconds: float | None = None) -> None:
     """One epoch's snapshot: `snapshots/epoch_NNN.npz`, `snapshot_knn_acc` (and `snapshot_seconds`, the
     time taking and judging it took, when given) and the separability image, at step=epoch."""
     epoch = snapshot.epoch
     log_arrays(snapshot.arrays(), f"{snapshots.FOLDER}/{snapshots.file_name(epoch)}")
     timing = {SECONDS_METRIC: seconds} if seconds is not None else {}
     mlflow.log_metrics({KNN_METRIC: knn_acc, **timing}, step=epoch)
-    mlflow.log_image(image, key=SNAPSHOT_IMAGE_KEY, step=epoch, synchronous=True)
+    if image is not None:
+        mlflow.log_image(image, key=SNAPSHOT_IMAGE_KEY, step=epoch, synchronous=True)
 
 
 def logged_snapshots(run_id: str, last_epoch: int | None = None) -> list[Snapshot]:

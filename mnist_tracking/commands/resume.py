@@ -140,12 +140,18 @@ def check_prelogged_params(config: TrainConfig) -> None:
         )
 
 
-def log_last_checkpoint(trainer: Trainer) -> None:
-    """last.pt to this machine's cache first, then to the store: a store that stops answering
-    loses no finished epoch (resume reads whichever copy is later)."""
+def keep_last_checkpoint(trainer: Trainer) -> bytes:
+    """The epoch's last.pt, written to this machine's cache before anything of the epoch goes to
+    the store: a store that stops answering, or a kill -9 between the epoch's metrics and its
+    checkpoint, loses no finished epoch (resume reads whichever copy is later). Returns its bytes."""
     checkpoint = torch_bytes(trainer.checkpoint())
     save_local_checkpoint(mlflow.active_run().info.run_id, checkpoint)
-    log_bytes(checkpoint, "checkpoints", "last.pt")
+    return checkpoint
+
+
+def log_last_checkpoint(trainer: Trainer, checkpoint: bytes | None = None) -> None:
+    """last.pt to the store (kept locally first unless `checkpoint` already was)."""
+    log_bytes(checkpoint if checkpoint is not None else keep_last_checkpoint(trainer), "checkpoints", "last.pt")
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import torch
 from mnist_tracking import plots, snapshots
 from mnist_tracking.commands.register import check_names, register_run
 from mnist_tracking.commands.resume import (
-    checked_resume, drop_local_checkpoint, log_last_checkpoint, store_errors_say_what_is_safe,
+    checked_resume, drop_local_checkpoint, keep_last_checkpoint, log_last_checkpoint, store_errors_say_what_is_safe,
 )
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Split, Splits, load_splits
@@ -116,12 +116,13 @@ class EpochLogger:
     def __call__(self, result: EpochResult, trainer: Trainer) -> None:
         snapshot = self.take_snapshot(trainer, result.epoch)  # computed before, logged with the metrics
         with self._critical():
+            checkpoint = keep_last_checkpoint(trainer)
             mlflow.log_metrics(result.metrics(), step=result.epoch)
             if snapshot is not None:
                 log_snapshot(*snapshot)
             if result.improved:  # logged at once, so a killed run still has its best weights
                 log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
-            log_last_checkpoint(trainer)
+            log_last_checkpoint(trainer, checkpoint)
         if result.val_confusion is not None:  # the run page's image grid slides through the epochs
             figure = plots.confusion_counts(result.val_confusion, f"validation, epoch {result.epoch}: "
                                             f"accuracy {result.val_acc:.2%}", size=CONFUSION_PER_EPOCH_SIZE)
