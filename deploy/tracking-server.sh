@@ -10,7 +10,8 @@
 # password. Ports: MLFLOW_PORT (default 5000) and PG_PORT (default 5433).
 # AUTH=1: MLflow's basic-auth app (users and permissions in DIR/basic_auth.db); the admin's
 # password is generated into DIR/admin-password on the first start (MLflow 3 ships none and
-# refuses to start the app without one); clients set MLFLOW_TRACKING_USERNAME/_PASSWORD.
+# refuses to start the app without one), the app's CSRF key into DIR/flask-secret; needs
+# `pip install -e ".[auth]"`; clients set MLFLOW_TRACKING_USERNAME/_PASSWORD.
 # PostgreSQL refuses to run as root: as root, its processes run as the `postgres` user.
 set -euo pipefail
 
@@ -47,11 +48,14 @@ start() {
   local auth=()
   if [ "${AUTH:-0}" = 1 ]; then
     [ -f "$dir/admin-password" ] || (umask 077; head -c 24 /dev/urandom | base64 | tr -d '/+=' > "$dir/admin-password")
+    # the app's CSRF protection signs with this key; every worker must share it
+    [ -f "$dir/flask-secret" ] || (umask 077; head -c 32 /dev/urandom | base64 | tr -d '/+=' > "$dir/flask-secret")
     printf '[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///%s/basic_auth.db\nadmin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n' \
       "$dir" > "$dir/basic_auth.ini"
     auth=(--app-name basic-auth)
-    export MLFLOW_AUTH_CONFIG_PATH="$dir/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD
+    export MLFLOW_AUTH_CONFIG_PATH="$dir/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
     MLFLOW_AUTH_ADMIN_PASSWORD=$(cat "$dir/admin-password")
+    MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$dir/flask-secret")
   fi
   # setsid: the server gets its own process group, so `stop` ends it with all its workers.
   setsid mlflow server "${auth[@]}" \
