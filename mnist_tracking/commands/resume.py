@@ -164,9 +164,11 @@ def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
         yield safe
     except Exception as exc:
         store_error = type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy"))
-        if not store_error or "run_id" not in safe or not trainer.state.epoch:
+        local = local_checkpoint(safe.get("run_id", ""))
+        if not store_error or "run_id" not in safe or not local.is_file():
             raise
-        run_id, done = safe["run_id"], trainer.state.epoch
+        # The epoch the local copy holds (not the trainer's: the store may have failed before it was written)
+        run_id, done = safe["run_id"], read_checkpoint(str(local), safe["run_id"], str(local))["epoch"]
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
             f"the tracking store stopped answering during run {run_id} ({type(exc).__name__}: {cause[:300]}); "
