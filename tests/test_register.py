@@ -116,9 +116,11 @@ def test_register_as_registers_the_training_run(data_dir, fresh_experiment):
 
 @pytest.fixture
 def no_model_run(fresh_experiment):
-    """A finished training run with metrics but no logged model (one whose model was never logged)."""
+    """A finished training run with metrics but no logged model (one whose model was never logged),
+    in an experiment of its own: the fresh one stays without training runs."""
     client = MlflowClient()
-    run_id = client.create_run(fresh_experiment, tags={KIND_TAG: "training"}).info.run_id
+    elsewhere = client.create_experiment(f"no-model-{fresh_experiment}-{os.urandom(3).hex()}")
+    run_id = client.create_run(elsewhere, tags={KIND_TAG: "training"}).info.run_id
     client.log_metric(run_id, "best_val_acc", 0.5)
     client.set_terminated(run_id)
     return run_id

@@ -76,11 +76,13 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
 
     name = config.run_name() + ("-resumed" if resume is not None else "")
     points = snapshots.snapshot_points(splits.val, config.snapshot_points, config.seed) if config.snapshot_points else None
+    on_epoch = EpochLogger(echo=echo, points=points, logged_epoch=trainer.state.epoch)
+    # An interrupt reports the last epoch that is whole in the store, not the trainer's count.
     with store_errors_say_what_is_safe(trainer) as safe, Interrupts() as interrupts, \
-            training_run(name, interrupts, lambda: trainer.state.epoch) as run:
+            training_run(name, interrupts, lambda: on_epoch.logged_epoch) as run:
         safe["run_id"] = run.info.run_id
+        on_epoch.interrupts = interrupts
         datasets = log_training_start(run, name, trainer, world_size, echo)
-        on_epoch = EpochLogger(interrupts, echo, points)
         if resume is not None:
             with interrupts.critical():
                 log_resumed_state(trainer, config.resume_from)
@@ -107,15 +109,16 @@ class EpochLogger:
     are in the store), then the val confusion matrix as an image and the epoch's line."""
 
     def __init__(self, interrupts: Interrupts | None = None, echo: Callable[[str], None] = print,
-                 points: Split | None = None):
+                 points: Split | None = None, logged_epoch: int = 0):
         self.interrupts, self.echo, self.points = interrupts, echo, points
+        self.logged_epoch = logged_epoch  # the last epoch whose metrics and checkpoints are all in the store
 
     def _critical(self):
         return self.interrupts.critical() if self.interrupts else contextlib.nullcontext()
 
     def __call__(self, result: EpochResult, trainer: Trainer) -> None:
-        snapshot = self.take_snapshot(trainer, result.epoch)  # computed before, logged with the metrics
-        with self._critical():
+        with self._critical():  # the snapshot too: a signal while it is computed waits for the whole epoch
+            snapshot = self.take_snapshot(trainer, result.epoch)
             checkpoint = keep_last_checkpoint(trainer)
             mlflow.log_metrics(result.metrics(), step=result.epoch)
             if snapshot is not None:
@@ -123,6 +126,7 @@ class EpochLogger:
             if result.improved:  # logged at once, so a killed run still has its best weights
                 log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
             log_last_checkpoint(trainer, checkpoint)
+            self.logged_epoch = result.epoch
         if result.val_confusion is not None:  # the run page's image grid slides through the epochs
             figure = plots.confusion_counts(result.val_confusion, f"validation, epoch {result.epoch}: "
                                             f"accuracy {result.val_acc:.2%}", size=CONFUSION_PER_EPOCH_SIZE)
