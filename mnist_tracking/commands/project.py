@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tracking import embedding, plots, projector, views
 from mnist_tracking.config import ProjectConfig
 from mnist_tracking.digits import NUM_CLASSES
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.reports import coordinates_csv, describe_training_run, read_coordinates_csv
 from mnist_tracking.runs import (
     KIND_TAG, PARENT_RUN_TAG, SOURCE_RUN_TAG, Kind, download_artifact, get_run, has_artifact, log_files,
@@ -108,7 +108,7 @@ def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
         except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
             raise UserError(
                 f"refusing to load {artifact} of run {run_id}: "
-                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; train the run again"
+                f"{first_line(exc)}; train the run again"
             ) from exc
 
 

@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.config import TrainConfig, resumed_config
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.training import Trainer
 from mnist_tracking.runs import (
     KIND_TAG, Kind, download_artifact, end_run, get_run, has_artifact, log_bytes, process_is_gone, running_where,
@@ -169,7 +169,7 @@ def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
             raise
         # The epoch the local copy holds (not the trainer's: the store may have failed before it was written)
         run_id, done = safe["run_id"], read_checkpoint(str(local), safe["run_id"], str(local))["epoch"]
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        cause = first_line(exc)
         raise UserError(
             f"the tracking store stopped answering during run {run_id} ({type(exc).__name__}: {cause[:300]}); "
             f"epoch {done}'s checkpoint is safe in {local_checkpoint(run_id)}: once the store answers again, "

@@ -19,7 +19,7 @@ from mnist_tracking.commands.train import train_and_log
 from mnist_tracking.config import CompareConfig, EvolutionConfig, ProjectConfig, SweepConfig
 from mnist_tracking.evolution import first_epoch_reaching
 from mnist_tracking.data import load_splits
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.reports import changed_answers_table, comparison_table
 from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, RESUMED_FROM_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run, get_run,
@@ -83,7 +83,7 @@ def new_child(parent_id: str, training: Training, config: SweepConfig, echo: Cal
     try:
         run_id = train_and_log(training.config, echo=echo, progress=progress)
     except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         echo(f"Error: {training.label} failed: {reason}")
         return SweepRow.of(training, status="FAILED", reason=reason,
                            run_id=record_failed_child(parent_id, before, training, reason))
@@ -124,7 +124,7 @@ def project_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None
     try:
         projection_id = project_and_log(ProjectConfig(run_id=row.run_id, methods=config.methods), echo=echo)
     except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
-        echo(f"Error: projecting {row.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        echo(f"Error: projecting {row.label} failed: {first_line(exc)}")
         return row
     return projected_row(row, projection_id, config)
 
@@ -141,7 +141,7 @@ def evolve_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]
     try:
         evolution_id = evolve_and_log(EvolutionConfig(run_id=row.run_id, methods=config.methods), echo=echo)
     except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not followed
-        echo(f"Error: the evolution of {row.label} failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        echo(f"Error: the evolution of {row.label} failed: {first_line(exc)}")
         return row
     return evolved_row(row, evolution_id, config)
 
@@ -253,7 +253,7 @@ def compare_trainings(rows: list[SweepRow], config: SweepConfig, echo: Callable[
         mlflow.set_tag(COMPARED_RUNS_TAG, compare_config.run_ids)
         return log_comparison_outputs(runs, sample, shared, compare_config, echo)
     except Exception as exc:  # noqa: BLE001 - the trainings are kept; the figure uses their own layouts
-        echo(f"Error: comparing the trainings failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        echo(f"Error: comparing the trainings failed: {first_line(exc)}")
         return None
 
 

@@ -21,7 +21,7 @@ from mnist_tracking.commands.resume import (
 )
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Split, Splits, load_splits
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.model import MODEL_NAME, ServedConvNet
 from mnist_tracking.reports import misclassified_table, summary_table
@@ -326,7 +326,7 @@ def finish(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -
         drop_local_checkpoint(run.info.run_id)  # the store holds everything now
     except Exception as exc:  # the disk, the store: the epochs are safe, only the results are missing
         run_id = run.info.run_id
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        cause = first_line(exc)
         hint = f"all {trainer.state.epoch} epochs are logged: finish it with --resume-from {run_id} (mlflow run: -P resume_from={run_id})"
         try:
             end_active_run(f"logging the results failed ({cause}); {hint}", "FAILED")
