@@ -76,13 +76,12 @@ def main() -> None:
                 if run.info.run_id not in before:
                     client.set_tag(run.info.run_id, RECIPE_TAG, name)
 
+    # the table holds every finished (recipe, seed) of the store, not only the ones trained now
     runs = finished_runs(client, experiment.experiment_id)
     rows = []
     for name in names:
-        for seed in seeds:
-            run = runs.get((name, seed))
-            if run is None:
-                continue
+        for seed in sorted(s for (n, s) in runs if n == name):
+            run = runs[(name, seed)]
             m, p = run.data.metrics, run.data.params
             rows.append({
                 "recipe": name, "seed": seed, "run_id": run.info.run_id,

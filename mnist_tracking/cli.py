@@ -117,12 +117,12 @@ def main() -> None:
 @click.option("--activation", type=str, default="relu", show_default=True,
               help="relu, leaky_relu, elu, gelu, selu, tanh or sigmoid.")
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Training batch size.")
-@click.option("--scheduler", type=str, default="plateau", show_default=True,
-              help="none, plateau (ReduceLROnPlateau on val loss) or cosine (lr to 0 over --epochs).")
+@click.option("--scheduler", type=str, default="cosine", show_default=True,
+              help="cosine (lr to 0 over --epochs), plateau (ReduceLROnPlateau on val loss) or none.")
 @click.option("--early-stopping", type=int, default=5, show_default=True,
               help="Stop after this many epochs without val improvement; 0 = off.")
-@click.option("--early-stopping-monitor", type=str, default="val_acc", show_default=True,
-              help="What counts as val improvement: val_acc, val_loss or val_acc_or_loss.")
+@click.option("--early-stopping-monitor", type=str, default="val_acc_or_loss", show_default=True,
+              help="What counts as val improvement: val_acc_or_loss (either), val_acc or val_loss.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Share of the training set held out.")
 @click.option("--seed", type=int, default=42, show_default=True, help="One seed for split, init, shuffling, dropout.")
 @click.option("--dataset", type=str, default="mnist", show_default=True, help="mnist, fashion-mnist or kmnist.")

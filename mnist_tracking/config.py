@@ -41,9 +41,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     activation: str = "relu"
     batch_size: int = 128
-    scheduler: str = "plateau"
+    scheduler: str = "cosine"
     early_stopping: int = 5
-    early_stopping_monitor: str = "val_acc"
+    early_stopping_monitor: str = "val_acc_or_loss"
     val_fraction: float = 0.2
     seed: int = 42
     dataset: str = "mnist"

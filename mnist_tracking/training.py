@@ -354,9 +354,29 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint.get("scheduler") is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                _stretch_cosine(self.scheduler, self.config.epochs)
         self.state = TrainState(**checkpoint["train_state"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
         self.shuffle.set_state(checkpoint["rng"]["shuffle"])
+
+
+def _stretch_cosine(scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, epochs: int) -> None:
+    """A cosine schedule resumed with another number of `epochs`: from the epoch reached, the lr
+    follows the half cosine over the new total, as a run started with it would have at that epoch.
+
+    Kept as it was, the schedule would not end at the new last epoch: past its old end the cosine
+    rises again, and its step formula (a ratio of the current lr) keeps an lr that reached 0 at 0.
+    """
+    if scheduler.T_max == epochs:
+        return  # the same schedule: an interrupted run continues exactly
+    scheduler.T_max = epochs
+    done = scheduler.last_epoch
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * done / epochs)) / 2
+           for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
 def _divergence(loss: torch.Tensor, step: int, check_every: int) -> str:

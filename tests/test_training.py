@@ -12,12 +12,25 @@ from mnist_tracking.training import Diverged, Trainer, TrainState, evaluate, rec
 from mnist_tracking.devices import resolve_device, resolve_precision
 
 
-def fit(data_dir, **overrides):
+class Stop(Exception):
+    """Ends a fit after a given epoch, as an interruption would."""
+
+
+def fit(data_dir, stop_after: int | None = None, **overrides):
     config = TrainConfig(data_dir=str(data_dir), **{**FAST, **overrides})
     splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed)
     trainer = Trainer(config, splits, torch.device("cpu"), "fp32")
     results = []
-    state = trainer.fit(on_epoch=lambda result, _: results.append(result))
+
+    def on_epoch(result, _):
+        results.append(result)
+        if result.epoch == stop_after:
+            raise Stop
+
+    try:
+        state = trainer.fit(on_epoch=on_epoch)
+    except Stop:
+        state = trainer.state
     return trainer, state, results
 
 
@@ -48,7 +61,7 @@ def test_early_stopping_stops_after_patience(data_dir):
 
 
 def test_plateau_scheduler_reduces_lr(data_dir):
-    config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 6, "lr": 0.01, "early_stopping": 0})
+    config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 6, "lr": 0.01, "scheduler": "plateau", "early_stopping": 0})
     splits = load_splits("mnist", data_dir, 0.2, seed=0)
     # Training on shuffled labels: the network memorises noise and the val loss rises.
     splits.train.labels = splits.train.labels[torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(0))]
@@ -71,17 +84,44 @@ def test_every_optimizer_trains(data_dir, optimizer):
     assert math.isfinite(state.best_val_loss)
 
 
-def test_resume_continues_exactly(data_dir):
-    full, full_state, _ = fit(data_dir, epochs=3, seed=3)
-    first, _, _ = fit(data_dir, epochs=2, seed=3)
-    checkpoint = first.checkpoint()
-    config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 3, "seed": 3})
+def resumed_fit(data_dir, first_epochs: int, epochs: int, interrupted: bool, **overrides):
+    """A run of `epochs` resumed from one that trained `first_epochs`: a run of `epochs` interrupted
+    there, or a finished run of `first_epochs`."""
+    first, _, _ = fit(data_dir, epochs=epochs if interrupted else first_epochs,
+                      stop_after=first_epochs if interrupted else None, **overrides)
+    checkpoint = first.checkpoint()  # before the next Trainer seeds torch's RNG, whose state it holds
+    config = TrainConfig(data_dir=str(data_dir), **{**FAST, **overrides, "epochs": epochs})
     resumed = Trainer(config, first.splits, torch.device("cpu"), "fp32")
     resumed.load_checkpoint(checkpoint)
-    state = resumed.fit()
-    for a, b in zip(state.history, full_state.history):
+    return resumed.fit()
+
+
+def assert_same_history(history, expected):
+    assert len(history) == len(expected)
+    for a, b in zip(history, expected):
         for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("scheduler", ["plateau", "cosine"])
+def test_an_interrupted_run_resumes_exactly(data_dir, scheduler):
+    _, full_state, _ = fit(data_dir, epochs=3, seed=3, scheduler=scheduler)
+    assert_same_history(resumed_fit(data_dir, 2, 3, True, seed=3, scheduler=scheduler).history, full_state.history)
+
+
+def test_a_finished_plateau_run_resumed_with_more_epochs_continues_exactly(data_dir):
+    _, full_state, _ = fit(data_dir, epochs=3, seed=3, scheduler="plateau")
+    state = resumed_fit(data_dir, 2, 3, False, seed=3, scheduler="plateau")
+    assert_same_history(state.history, full_state.history)
+
+
+def test_a_cosine_run_resumed_with_more_epochs_follows_the_cosine_of_the_new_total(data_dir):
+    # 2 epochs of a 2-epoch cosine end at lr 0; kept as it was, the schedule would stay at 0 (or
+    # rise past its end). Stretched to 4 epochs, epochs 3 and 4 get the 4-epoch cosine's lr.
+    state = resumed_fit(data_dir, 2, 4, False, lr=0.04, seed=3, scheduler="cosine", early_stopping=0)
+    lrs = [entry["lr"] for entry in state.history]
+    assert lrs[:2] == pytest.approx([0.04, 0.02])  # the 2-epoch cosine the first run trained with
+    assert lrs[2:] == pytest.approx([0.04 * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)])
 
 
 def test_config_choices_are_case_insensitive_and_checked():

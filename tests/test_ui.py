@@ -316,7 +316,7 @@ def test_run_page_shows_description_params_metrics_data_tags_and_links(ui, brows
         "best_val_acc", "epochs_run", "ConvNet",
         # every param, with its value
         *run.data.params.keys(),
-        "sgd", "relu", "plateau", "0.01",
+        "sgd", "relu", "cosine", "val_acc_or_loss", "0.01",
         # metrics, per epoch and system
         *EPOCH_METRICS, *SYSTEM_METRICS,
         # the data, the tags, the nested projection run, the registered model
