@@ -110,6 +110,10 @@ def compare(method: str, features: np.ndarray, labels: np.ndarray, aligned, qual
         "displacement_aligned": round(float(aligned.displacements[1:].mean()), 4),
         "displacement_independent": round(float(evolution.displacements(independent)[1:].mean()), 4),
         "displacement_independent_procrustes": round(float(evolution.displacements(np.stack(rotated))[1:].mean()), 4),
+        # per frame (from the one before it; 0 for the first), for docs/evolution-alignment.png
+        "displacements_aligned": [round(float(d), 4) for d in aligned.displacements],
+        "displacements_independent": [round(float(d), 4) for d in evolution.displacements(independent)],
+        "displacements_independent_procrustes": [round(float(d), 4) for d in evolution.displacements(np.stack(rotated))],
         "knn_aligned": [round(q["knn_acc"], 4) for q in quality],
         "knn_independent": [round(q["knn_acc"], 4) for q in independent_quality],
         "knn_delta_max_abs": round(float(np.max(np.abs(deltas))), 4),
@@ -121,8 +125,9 @@ def main() -> None:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--frames", type=int, default=21)
-    parser.add_argument("--methods", default="pca,tsne")
-    parser.add_argument("--umap", action="store_true", help="also time UMAP twice: cold (empty numba cache) and warm")
+    parser.add_argument("--methods", default="pca,tsne", help="comma list; empty: none (with --umap: UMAP only)")
+    parser.add_argument("--umap", action="store_true",
+                        help="also time UMAP twice in this process: its first run compiles what the numba cache lacks (point XDG_CACHE_HOME at an empty folder for a cold one), the second is warm")
     parser.add_argument("--out", default="benchmarks/evolution.json")
     args = parser.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
@@ -140,15 +145,18 @@ def main() -> None:
               "sizes": sizes(args.run_id), "overhead": overhead(args.run_id), "methods": {}}
     print(json.dumps({k: v for k, v in report.items() if k != "methods"}, indent=1), flush=True)
     total = 0.0
-    for method in args.methods.split(","):
+    methods = [m for m in args.methods.split(",") if m]
+    for method in methods:
         timing = timed(method, features, labels, predictions, indices)
         total += timing["total_s"]
         alignment = compare(method, real.astype(np.float32), labels, *_on_real(method, real, labels, timing, features))
         report["methods"][method] = {**{k: v for k, v in timing.items() if k not in ("result", "quality")},
                                      "alignment_on_real_snapshots": alignment}
         print(method, json.dumps(report["methods"][method]), flush=True)
-    report["total_s_" + "_".join(args.methods.split(","))] = round(total, 1)
+    if methods:
+        report["total_s_" + "_".join(methods)] = round(total, 1)
     if args.umap:
+        report["numba_cache"] = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
         for run in ("first", "second"):
             timing = timed("umap", features, labels, predictions, indices)
             report["methods"][f"umap_{run}_process_run"] = {k: v for k, v in timing.items() if k not in ("result", "quality")}

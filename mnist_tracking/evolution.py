@@ -31,8 +31,8 @@ UMAP_ALIGNMENT_REGULARISATION = 1e-2
 UMAP_ALIGNMENT_WINDOW = 3
 
 SCHEMES = {
-    "pca": "each epoch's PCA of its standardised features, rotated (orthogonal Procrustes, with reflection, "
-           "scale and shift) onto the next epoch's, from the last epoch backwards",
+    "pca": "each epoch's PCA of its standardised features, rotated and shifted (orthogonal Procrustes, with "
+           "reflection, no scaling) onto the next epoch's, from the last epoch backwards",
     "tsne": "openTSNE of epoch 0 from its PCA (the usual 750 iterations), each later epoch started from the "
             "layout of the epoch before it (no early exaggeration, until its KL divergence settles), then rotated "
             "onto it (Procrustes)",
