@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -429,3 +430,58 @@ def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
 
     browser.wait_until(shown, f"the training run's pca_knn_acc ({knn}) is not in its column")
     browser.shot("10-runs-table-knn")
+
+
+def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, browser):
+    # What a user does on the run's Model metrics tab: Add chart > Image grid > the image key, then
+    # the step slider walks through the epochs, one logged image per step.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    run = ui["run"]
+    driver = browser.driver
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/model-metrics{Q}", "Model metrics", "best_val_acc")
+    driver.find_element(By.XPATH, "//button[normalize-space(.)='Add chart']").click()
+    browser.wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-type-image]"),
+                       "no Image grid in the Add chart menu")[0].click()
+    dialog = browser.wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "[role=dialog]"), "no chart dialog")[0]
+    browser.wait_until(lambda: [b for b in dialog.find_elements(By.CSS_SELECTOR, "button[role=combobox]")
+                                if b.text.strip() == "Images"], "no Images choice in the chart dialog")[0].click()
+    browser.wait_until(lambda: [o for o in driver.find_elements(By.CSS_SELECTOR, "[role=option]")
+                                if o.text.strip() == "val_confusion_matrix"], "no val_confusion_matrix image key")[0].click()
+    ActionChains(driver).send_keys(Keys.ESCAPE).perform()
+    slider = browser.wait_until(lambda: [s for s in driver.find_elements(By.CSS_SELECTOR, "[role=dialog] [role=slider]")
+                                         if s.get_attribute("aria-valuemax") == str(FAST["epochs"])],
+                                f"no step slider up to epoch {FAST['epochs']}")[0]
+    assert slider.get_attribute("aria-valuemin") == "1"  # the first epoch's matrix; the test one has no step
+
+    def shown_step():
+        for image in driver.find_elements(By.CSS_SELECTOR, "[role=dialog] img"):
+            source = urllib.parse.unquote(image.get_attribute("src") or "")
+            if "images/val_confusion_matrix+step+" in source and driver.execute_script(
+                    "return arguments[0].complete && arguments[0].naturalWidth > 0", image):
+                return int(source.split("+step+")[1].split("+")[0])
+        return None
+
+    ActionChains(driver).click(slider).perform()  # focus it; the keys then move it one step each
+    for epoch in range(1, FAST["epochs"] + 1):
+        if int(slider.get_attribute("aria-valuenow")) < epoch:
+            ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
+        browser.wait_until(lambda: slider.get_attribute("aria-valuenow") == str(epoch) and shown_step() == epoch,
+                           f"the slider at epoch {epoch} does not show that epoch's val_confusion_matrix")
+        browser.shot(f"11-image-grid-epoch-{epoch}")
+
+
+def test_the_logged_model_page_lists_each_quality_metric_under_its_dataset(ui, browser):
+    # The run page's "Logged models" link leads here; MLflow 3.17 shows a metric's dataset on the
+    # model's page and in the Models tab (the run page's own table lists metrics without one).
+    run = ui["run"]
+    [model_id] = [output.model_id for output in run.outputs.model_outputs]
+    validation, testing = digest_of(run, "mnist-validation")[:8], digest_of(run, "mnist-testing")[:8]
+    page = browser.open(f"/#/experiments/{ui['experiment_id']}/models/{model_id}{Q}", "Dataset", "best_val_acc", "test_acc")
+    for metric, dataset in (("best_val_acc", f"mnist-validation (#{validation})"), ("best_val_loss", f"mnist-validation (#{validation})"),
+                            ("test_acc", f"mnist-testing (#{testing})"), ("test_loss", f"mnist-testing (#{testing})")):
+        assert f"{metric}\n{dataset}" in page, f"{metric} is not listed under {dataset}"
+    assert "system/" not in page
+    browser.shot("12-logged-model-metrics-by-dataset")
