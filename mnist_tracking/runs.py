@@ -108,7 +108,8 @@ REFERRING_PARAMS = ("run_id", "resume_from", "resume")  # the parameters that na
 
 
 def attempted_run_tags(command: str, params: dict, experiment_id: str) -> dict[str, str]:
-    """Name, kind and parent of a run made for `command` with `params` that did not go ahead."""
+    """Name, kind and parent of a run `mlflow run` made for `command` with `params`: one that did not go
+    ahead, or `register`'s, named after the run it refers to and nested under it."""
     tags = {KIND_TAG: COMMAND_KINDS.get(command, command)}
     referred = next((str(params[p]).strip() for p in REFERRING_PARAMS if str(params.get(p) or "").strip()), "")
     if not referred and params.get("run_ids"):

@@ -182,6 +182,9 @@ def test_mlflow_run_register_gives_version_1_to_the_better_run(runs, tmp_path):
     # The run `mlflow run` wrapped the command in says what it registered.
     [wrapper] = client.search_runs([runs["experiment_id"]], f"tags.`{KIND_TAG}` = 'registration'")
     assert wrapper.info.status == "FINISHED" and wrapper.data.tags["registered_model_name"] == name
+    good = client.get_run(runs["good"])  # named after the run it registered, and nested under it
+    assert wrapper.info.run_name == f"register-of-{good.info.run_name}"
+    assert wrapper.data.tags["mlflow.parentRunId"] == runs["good"] == wrapper.data.tags["source_run_id"]
 
 
 def post(url: str, body: bytes) -> tuple[int, dict]:

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tracking.errors import UserError
 from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.reports import beats, invalid_metric_value, lower_is_better
-from mnist_tracking.runs import KIND_TAG, NOTE_TAG, SOURCE_RUN_TAG, Kind, get_run, ui_model_url
+from mnist_tracking.runs import KIND_TAG, NOTE_TAG, SOURCE_RUN_TAG, Kind, attempted_run_tags, get_run, ui_model_url
 
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment 0, where runs land without a choice
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
@@ -372,8 +372,10 @@ def describe_mlflow_run_command_run(reg: Registration) -> None:
     if not run_id or run_id == reg.run_id:  # `main` with register_as: that is the training run itself
         return
     client = MlflowClient()
+    experiment_id = client.get_run(run_id).info.experiment_id
+    # named register-of-<run name>, and nested under that run when both share an experiment
     for key, value in {
-        KIND_TAG: Kind.REGISTRATION,
+        **attempted_run_tags("register", {"run_id": reg.run_id}, experiment_id),
         "registered_model_name": reg.name,
         "registered_model_version": str(reg.version),
         SOURCE_RUN_TAG: reg.run_id,
