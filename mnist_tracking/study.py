@@ -52,6 +52,20 @@ def trainings(config: SweepConfig, study: tuple[Training, ...] = SEED_TRAININGS)
     ]
 
 
+def scale_note(config: SweepConfig, study: tuple[Training, ...] = SEED_TRAININGS) -> str:
+    """What `epochs_scale` made of the study's epoch counts, for the comparison's readers (the labels
+    keep the seed's counts); "" at scale 1."""
+    if config.epochs_scale == 1:
+        return ""
+    parts = []
+    for t in trainings(config, study):
+        epochs = f"{t.config.epochs} epoch{'' if t.config.epochs == 1 else 's'}"
+        stop = f" at most, early stopping after {t.config.early_stopping}" if t.config.early_stopping else ""
+        parts.append(f"{t.label.split(' ')[0]} {epochs}{stop}")
+    return (f"epochs_scale={config.epochs_scale:g}: the seed's epoch counts are scaled (the labels keep the seed's): "
+            + "; ".join(parts) + ".")
+
+
 @dataclass
 class SweepRow:
     """One training of a sweep as the comparison shows it: its run, numbers and projection scores."""

@@ -40,6 +40,17 @@ def test_seed_trainings_are_the_seeds_settings():
     assert (three.lr, three.epochs, three.scheduler, three.early_stopping) == (0.01, 50, "plateau", 5)
 
 
+def test_the_comparison_says_what_epochs_scale_made_of_the_epoch_counts():
+    from mnist_tracking.config import SweepConfig
+    from mnist_tracking.study import scale_note
+
+    assert scale_note(SweepConfig(epochs_scale=1.0)) == ""
+    note = scale_note(SweepConfig(epochs_scale=0.5))
+    assert note.startswith("epochs_scale=0.5: ")
+    # (2) is labelled "20 epochs" and runs 10; (3) at most 25, stopping after 2 epochs without progress
+    assert "(1) 1 epoch;" in note and "(2) 10 epochs;" in note and "(3) 25 epochs at most, early stopping after 2." in note
+
+
 def test_epochs_scale_scales_every_epoch_count_but_never_below_one():
     planned = trainings(SweepConfig(data_dir="somewhere", max_samples=300, epochs_scale=0.1))
     assert [t.config.epochs for t in planned] == [1, 2, 5]

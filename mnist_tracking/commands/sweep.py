@@ -25,7 +25,7 @@ from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, RESUMED_FROM_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run, get_run,
     log_new_params, mark_experiment, ui_hint, ui_url,
 )
-from mnist_tracking.study import SweepRow, Training
+from mnist_tracking.study import SweepRow, Training, scale_note
 
 SWEEP_RUN_NAME = "seed-study"
 SWEEP_LABEL_TAG = "sweep_label"
@@ -66,7 +66,7 @@ def sweep_and_log(
         except KeyboardInterrupt as exc:
             end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
             raise
-        log_comparison(rows, config.method_list, compare_trainings(rows, config, echo))
+        log_comparison(rows, config.method_list, compare_trainings(rows, config, echo), scale_note(config))
         echo("\n" + comparison_table(rows, list(config.method_list)))
         echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
         fail_if_any_failed(rows, parent_id)
@@ -275,9 +275,10 @@ def comparison_panels(row: SweepRow, methods: tuple[str, ...], compared: Compare
     return panels
 
 
-def log_comparison(rows: list[SweepRow], methods: tuple[str, ...], compared: Compared | None = None) -> None:
+def log_comparison(rows: list[SweepRow], methods: tuple[str, ...], compared: Compared | None = None,
+                   note: str = "") -> None:
     """comparison.png (one row per training, one column per method; aligned maps when `compared`)
-    and comparison.md (with the changed answers when `compared`) on the active run."""
+    and comparison.md (`note` first, with the changed answers when `compared`) on the active run."""
     grid = []
     for row in rows:
         val_acc = row.metrics.get("best_val_acc")
@@ -287,7 +288,7 @@ def log_comparison(rows: list[SweepRow], methods: tuple[str, ...], compared: Com
         ", each column aligned to its first map" if compared else "")
     figure = plots.comparison_grid(grid, title, shared_columns=compared is not None)
     mlflow.log_figure(figure, "comparison.png")
-    table = comparison_table(rows, list(methods))
+    table = (note + "\n\n" if note else "") + comparison_table(rows, list(methods))
     if compared:
         labels = [next(r.label for r in rows if r.run_id == run.info.run_id) for run in compared.runs]
         table += "\n" + changed_answers_table(pair_metrics(compared.pairs), labels, n_points(compared))
