@@ -4,6 +4,11 @@ training, projection and registration, driven in headless Chromium (Selenium wit
 
 Every page is checked for what a user must find on it, and a screenshot of it is saved (the
 folder is printed; set MNIST_TRACKING_UI_SCREENSHOTS to keep them in a folder of your choice).
+
+The same checks browse a store of real runs (the README's screenshots) when given one:
+MNIST_TRACKING_UI_STORE (the folder of its mlflow.db), MNIST_TRACKING_UI_RUN (a training run,
+registered as mnist-convnet v1 with the alias champion, with a projection and an evolution run) and
+MNIST_TRACKING_UI_UNTRAINED (a barely trained run, for the misclassified table).
 """
 
 from __future__ import annotations
@@ -49,19 +54,14 @@ def need_browser() -> None:
 @pytest.fixture(scope="module")
 def ui(data_dir, tmp_path_factory):
     """A tracking server on its own sqlite store holding one training run (with system metrics), its
-    projection (nested under it) and the registered model: what a user browses after the quick start."""
+    projection (nested under it) and the registered model: what a user browses after the quick start.
+    With MNIST_TRACKING_UI_STORE, a server on that store of real runs instead."""
     need_browser()
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mnist_tracking.config import TrainConfig
-    from mnist_tracking.config import ProjectConfig
-    from mnist_tracking.commands.project import project_and_log
-    from mnist_tracking.commands.register import register_run
-    from mnist_tracking.commands.train import train_and_log
-
+    real = os.environ.get("MNIST_TRACKING_UI_STORE")
     folder = tmp_path_factory.mktemp("ui-store")
-    uri = f"sqlite:///{folder}/mlflow.db"
+    uri = f"sqlite:///{Path(real).resolve() if real else folder}/mlflow.db"
     MlflowClient(uri).search_experiments()  # creates the schema before the server opens the file
     port = free_port()
     started = time.monotonic()
@@ -73,34 +73,7 @@ def ui(data_dir, tmp_path_factory):
         start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
     )
     try:
-        with pytest.MonkeyPatch.context() as env:
-            previous = mlflow.get_tracking_uri()
-            env.setenv("MLFLOW_TRACKING_URI", uri)
-            env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny training still gets samples
-            env.delenv("MLFLOW_RUN_ID", raising=False)
-            mlflow.set_tracking_uri(uri)
-            try:
-                client = MlflowClient(uri)
-                experiment_id = client.create_experiment("browse-runs", artifact_location=(folder / "artifacts").as_uri())
-                env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
-                # An earlier test's set_experiment() leaves MLflow's active experiment set, and that
-                # wins over MLFLOW_EXPERIMENT_ID: the runs would land in "Default", not on the page.
-                mlflow.set_experiment(experiment_id=experiment_id)
-                quiet = lambda line: None  # noqa: E731
-                config = TrainConfig(data_dir=str(data_dir), **{**FAST, "max_samples": 200})  # 160 / 40 / 120
-                run_id = train_and_log(config, echo=quiet, progress=False)
-                projection_id = project_and_log(ProjectConfig(run_id=run_id, methods="pca"), echo=quiet)
-                register_run(run_id, MODEL_NAME, echo=quiet)
-                # A barely trained network, whose misclassified test digits fill a table (the run
-                # above gets the easy fake digits right).
-                untrained_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{
-                    **FAST, "max_samples": 200, "epochs": 1, "lr": 1e-6, "snapshot_points": 0}), echo=quiet, progress=False)
-                run = client.get_run(run_id)
-                projection = client.get_run(projection_id)
-            finally:
-                mlflow.set_experiment("Default")  # what conftest's fresh_experiment leaves, too
-                mlflow.set_tracking_uri(previous)  # (MLflow exports it; the context restores the variable)
-
+        runs = real_runs(uri) if real else fill_store(uri, folder, data_dir)
         filled = time.monotonic() - started
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + SERVER_TIMEOUT_S
@@ -116,9 +89,13 @@ def ui(data_dir, tmp_path_factory):
             assert time.monotonic() < deadline, f"mlflow server did not answer in {SERVER_TIMEOUT_S}s"
             time.sleep(1)
         print(f"\nUI store filled in {filled:.0f}s, server answering after {time.monotonic() - started:.0f}s")
+        run, projection = runs["run"], runs["projection"]
         yield {
-            "base": base, "experiment_id": experiment_id, "run": run, "projection": projection,
-            "run_name": run.info.run_name, "projection_name": projection.info.run_name, "untrained_id": untrained_id,
+            **runs, "base": base, "experiment_id": run.info.experiment_id,
+            "run_name": run.info.run_name, "projection_name": projection.info.run_name,
+            "epochs": int(run.data.metrics["epochs_run"]),
+            # the projection score the runs table shows for training runs: t-SNE's where there is one
+            "knn_metric": "tsne_knn_acc" if "tsne_knn_acc" in run.data.metrics else "pca_knn_acc",
         }
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -131,6 +108,65 @@ def ui(data_dir, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 continue
         log.close()
+
+
+def fill_store(uri: str, folder: Path, data_dir: Path) -> dict:
+    """A tiny training (with system metrics) and its pca projection, registered; a barely trained run."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_tracking.commands.evolution import evolve_and_log
+    from mnist_tracking.commands.project import project_and_log
+    from mnist_tracking.commands.register import register_run
+    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.config import EvolutionConfig, ProjectConfig, TrainConfig
+
+    with pytest.MonkeyPatch.context() as env:
+        previous = mlflow.get_tracking_uri()
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny training still gets samples
+        env.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            client = MlflowClient(uri)
+            experiment_id = client.create_experiment("browse-runs", artifact_location=(folder / "artifacts").as_uri())
+            env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+            # An earlier test's set_experiment() leaves MLflow's active experiment set, and that
+            # wins over MLFLOW_EXPERIMENT_ID: the runs would land in "Default", not on the page.
+            mlflow.set_experiment(experiment_id=experiment_id)
+            quiet = lambda line: None  # noqa: E731
+            config = TrainConfig(data_dir=str(data_dir), **{**FAST, "max_samples": 200})  # 160 / 40 / 120
+            run_id = train_and_log(config, echo=quiet, progress=False)
+            projection_id = project_and_log(ProjectConfig(run_id=run_id, methods="pca"), echo=quiet)
+            register_run(run_id, MODEL_NAME, echo=quiet)
+            evolution_id = evolve_and_log(EvolutionConfig(run_id=run_id, methods="pca"), echo=quiet)
+            # A barely trained network, whose misclassified test digits fill a table (the run
+            # above gets the easy fake digits right).
+            untrained_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{
+                **FAST, "max_samples": 200, "epochs": 1, "lr": 1e-6, "snapshot_points": 0}), echo=quiet, progress=False)
+            return {"run": client.get_run(run_id), "projection": client.get_run(projection_id), "untrained_id": untrained_id,
+                    "evolution": client.get_run(evolution_id)}
+        finally:
+            mlflow.set_experiment("Default")  # what conftest's fresh_experiment leaves, too
+            mlflow.set_tracking_uri(previous)  # (MLflow exports it; the context restores the variable)
+
+
+def real_runs(uri: str) -> dict:
+    """The runs MNIST_TRACKING_UI_RUN and MNIST_TRACKING_UI_UNTRAINED name, and the training run's latest
+    projection and evolution."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run(os.environ["MNIST_TRACKING_UI_RUN"])
+
+    def latest(kind: str):
+        [found] = client.search_runs(
+            [run.info.experiment_id], f"tags.source_run_id = '{run.info.run_id}' and tags.`mnist_tracking.kind` = '{kind}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        return found
+
+    return {"run": run, "projection": latest("projection"), "evolution": latest("evolution"),
+            "untrained_id": os.environ["MNIST_TRACKING_UI_UNTRAINED"]}
 
 
 @pytest.fixture(scope="module")
@@ -411,16 +447,17 @@ def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
     search = browser.wait_until(
         lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "input[placeholder='Search columns']") if e.is_displayed()],
         "no column search box")[0]
-    search.send_keys("pca_knn_acc")
+    metric = ui["knn_metric"]
+    search.send_keys(metric)
     entries = browser.wait_until(
-        lambda: [e for e in driver.find_elements(By.XPATH, "//*[contains(@class,'tree-title')][normalize-space(.)='pca_knn_acc']")
-                 if e.is_displayed()], "no column pca_knn_acc to choose")
+        lambda: [e for e in driver.find_elements(By.XPATH, f"//*[contains(@class,'tree-title')][normalize-space(.)='{metric}']")
+                 if e.is_displayed()], f"no column {metric} to choose")
     entries[0].click()
     search.send_keys(Keys.ESCAPE)
-    knn = ui["run"].data.metrics["pca_knn_acc"]  # the training run's own copy of its projection's score
+    knn = ui["run"].data.metrics[metric]  # the training run's own copy of its projection's score
 
     def shown():
-        for cell in driver.find_elements(By.CSS_SELECTOR, '[role=gridcell][col-id="metrics.`pca_knn_acc`"]'):
+        for cell in driver.find_elements(By.CSS_SELECTOR, f'[role=gridcell][col-id="metrics.`{metric}`"]'):
             try:
                 if abs(float(cell.text.strip()) - knn) < 1e-3:
                     return True
@@ -428,7 +465,7 @@ def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
                 continue
         return False
 
-    browser.wait_until(shown, f"the training run's pca_knn_acc ({knn}) is not in its column")
+    browser.wait_until(shown, f"the training run's {metric} ({knn}) is not in its column")
     browser.shot("10-runs-table-knn")
 
 
@@ -442,7 +479,11 @@ def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, br
     run = ui["run"]
     driver = browser.driver
     browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/model-metrics{Q}", "Model metrics", "best_val_acc")
-    driver.find_element(By.XPATH, "//button[normalize-space(.)='Add chart']").click()
+    search = driver.find_element(By.CSS_SELECTOR, "input[placeholder='Search metric charts']")
+    search.send_keys(Keys.CONTROL, "a")
+    search.send_keys(Keys.BACKSPACE)  # an earlier test's search is kept by the page
+    browser.wait_until(lambda: [b for b in driver.find_elements(By.XPATH, "//button[normalize-space(.)='Add chart']")
+                                if b.is_displayed()], "no Add chart button")[0].click()
     browser.wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "[data-testid=experiment-view-compare-runs-chart-type-image]"),
                        "no Image grid in the Add chart menu")[0].click()
     dialog = browser.wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "[role=dialog]"), "no chart dialog")[0]
@@ -452,8 +493,8 @@ def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, br
                                 if o.text.strip() == "val_confusion_matrix"], "no val_confusion_matrix image key")[0].click()
     ActionChains(driver).send_keys(Keys.ESCAPE).perform()
     slider = browser.wait_until(lambda: [s for s in driver.find_elements(By.CSS_SELECTOR, "[role=dialog] [role=slider]")
-                                         if s.get_attribute("aria-valuemax") == str(FAST["epochs"])],
-                                f"no step slider up to epoch {FAST['epochs']}")[0]
+                                         if s.get_attribute("aria-valuemax") == str(ui["epochs"])],
+                                f"no step slider up to epoch {ui['epochs']}")[0]
     assert slider.get_attribute("aria-valuemin") == "1"  # the first epoch's matrix; the test one has no step
 
     def shown_step():
@@ -465,12 +506,13 @@ def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, br
         return None
 
     ActionChains(driver).click(slider).perform()  # focus it; the keys then move it one step each
-    for epoch in range(1, FAST["epochs"] + 1):
+    for epoch in range(1, ui["epochs"] + 1):
         if int(slider.get_attribute("aria-valuenow")) < epoch:
             ActionChains(driver).send_keys(Keys.ARROW_RIGHT).perform()
         browser.wait_until(lambda: slider.get_attribute("aria-valuenow") == str(epoch) and shown_step() == epoch,
                            f"the slider at epoch {epoch} does not show that epoch's val_confusion_matrix")
-        browser.shot(f"11-image-grid-epoch-{epoch}")
+        if epoch in (1, ui["epochs"]):
+            browser.shot(f"11-image-grid-epoch-{epoch}")
 
 
 def test_the_logged_model_page_lists_each_quality_metric_under_its_dataset(ui, browser):
@@ -485,3 +527,38 @@ def test_the_logged_model_page_lists_each_quality_metric_under_its_dataset(ui, b
         assert f"{metric}\n{dataset}" in page, f"{metric} is not listed under {dataset}"
     assert "system/" not in page
     browser.shot("12-logged-model-metrics-by-dataset")
+
+
+def test_the_evolution_gif_plays_inline_and_its_html_view_plays_to_the_last_epoch(ui, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    evolution, driver = ui["evolution"], browser.driver
+    method = evolution.data.params["methods"].split(",")[0]
+    epochs = evolution.data.params["epochs"]  # "0-E"
+    last = epochs.split("-")[1]
+    page = f"/#/experiments/{ui['experiment_id']}/runs/{evolution.info.run_id}/artifacts/evolution"
+    browser.open(f"{page}/{method}.gif{Q}", f"{method}.gif")
+    # MLflow's artifact viewer shows a GIF with an <img>, which the browser animates
+    browser.wait_until(lambda: [i for i in driver.find_elements(By.TAG_NAME, "img")  # the GIF itself, not an icon
+                                if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 100", i)],
+                       f"evolution/{method}.gif is not shown as a loaded image")
+    browser.shot("13-evolution-gif")
+
+    browser.open(f"{page}/{method}.html{Q}", f"{method}.html")
+    frame = browser.wait_until(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "the view's frame")[0]
+    driver.switch_to.frame(frame)
+    try:
+        def current() -> str:  # the slider's "epoch N" (SVG text: read its textContent)
+            return " ".join(driver.execute_script(
+                "return Array.from(document.querySelectorAll('.slider-group > .slider-label')).map(e => e.textContent).join(' ')"
+            ).replace("\u00a0", " ").split())
+
+        browser.wait_until(lambda: current() == f"epoch {epochs.split('-')[0]}", "the view does not start at the first epoch")
+        [play] = [b for b in driver.find_elements(By.CSS_SELECTOR, ".updatemenu-button")
+                  if driver.execute_script("return arguments[0].textContent", b).strip() == "play"]
+        ActionChains(driver).click(play).perform()
+        browser.wait_until(lambda: current() == f"epoch {last}", f"play does not reach epoch {last}")
+    finally:
+        driver.switch_to.default_content()
+    browser.shot("14-evolution-html-played")
