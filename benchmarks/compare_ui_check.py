@@ -1,11 +1,12 @@
 """A comparison run as a user browses it in the MLflow UI, in headless Chromium: the what-moved table
-inline with its thumbnails, and the linked t-SNE view hovered inside the artifact viewer.
+inline with its thumbnails, and the linked t-SNE view hovered inside the artifact viewer; with
+--projection-run, also that projection's projections/tsne.html, hovered.
 
     MLFLOW_TRACKING_URI=sqlite:////path/mlflow.db python benchmarks/compare_ui_check.py --run-id <comparison run> \
-        [--experiment-id 0] [--shots docs]
+        [--experiment-id 0] [--shots docs] [--projection-run <projection run>]
 
 Starts `mlflow server` on that store (127.0.0.1, a free port), prints what it found, and saves
-the screenshots ui-compare-table.png and ui-compare-tsne-html.png into --shots.
+the screenshots ui-compare-table.png, ui-compare-tsne-html.png (and ui-tsne-html.png) into --shots.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--experiment-id", default="0")
     parser.add_argument("--shots", default="docs")
+    parser.add_argument("--projection-run", default="", help="also hover this projection run's projections/tsne.html")
     args = parser.parse_args()
     uri = os.environ["MLFLOW_TRACKING_URI"]
     port = 5077
@@ -123,11 +125,37 @@ def main() -> None:
         driver.switch_to.default_content()
         time.sleep(1)
         driver.save_screenshot(str(shots / "ui-compare-tsne-html.png"))
+        if args.projection_run:
+            hover_projection(driver, f"{base}/#/experiments/{args.experiment_id}/runs/{args.projection_run}/artifacts",
+                             shots)
         print("ok")
     finally:
         if driver is not None:
             driver.quit()
         os.killpg(server.pid, signal.SIGTERM)
+
+
+def hover_projection(driver, run_page: str, shots: Path) -> None:
+    """Hover a 3 in a projection's t-SNE view inside the artifact viewer: the card shows its image."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    driver.get("about:blank")
+    driver.get(f"{run_page}/projections/tsne.html{Q}")
+    frame = wait(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "the projection view's frame")[0]
+    driver.switch_to.frame(frame)
+    wait(lambda: driver.execute_script("var p = document.getElementById('embedding');"
+                                       "return !!(p && p._fullData && p._fullLayout);"), "the projection plot", 600)
+    names = driver.execute_script("return document.getElementById('embedding')._fullData.map(function (t) { return t.name; });")
+    curve = next(i for i, name in enumerate(names) if name.split(" ")[0] == "3")
+    dx, dy, _ = driver.execute_script(POINT_POSITION.replace('"comparison"', '"embedding"'), curve, 5)
+    plot = driver.find_element(By.ID, "embedding")
+    ActionChains(driver).move_to_element_with_offset(plot, int(round(dx)), int(round(dy))).perform()
+    card = wait(lambda: [c for c in driver.find_elements(By.ID, "thumbnail") if c.is_displayed() and c.text], "the hover card", 60)
+    print(f"projection view: hovered a 3; card: {card[0].text!r}")
+    driver.switch_to.default_content()
+    time.sleep(1)
+    driver.save_screenshot(str(shots / "ui-tsne-html.png"))
 
 
 if __name__ == "__main__":
