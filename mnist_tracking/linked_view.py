@@ -112,24 +112,7 @@ HOVER_SCRIPT = """
   var plot = document.getElementById("%(plot_id)s");
   var points = JSON.parse(document.getElementById("%(data_id)s").textContent);
   var highlights = %(highlights)s, cols = %(cols)d, side = %(side)d, scale = %(scale)d;
-  var card = document.createElement("div");
-  card.id = "%(thumb_id)s";
-  card.style.cssText = "position:fixed;display:none;pointer-events:none;z-index:1000;background:#fff;" +
-    "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:left";
-  var canvas = document.createElement("canvas");
-  canvas.width = canvas.height = side * scale;
-  canvas.style.display = points.sprite ? "block" : "none";
-  canvas.style.margin = "0 auto";
-  var caption = document.createElement("div");
-  card.appendChild(canvas);
-  card.appendChild(caption);
-  document.body.appendChild(card);
-  var context = canvas.getContext("2d");
-  context.imageSmoothingEnabled = false;
-  var sprite = new Image();
-  if (points.sprite) { sprite.src = points.sprite; }
-  var pointer = {x: 0, y: 0};
-  document.addEventListener("mousemove", function (e) { pointer.x = e.clientX; pointer.y = e.clientY; }, true);
+  var card = thumbnailCard("%(thumb_id)s", points.sprite, cols, side, scale, "left");
   function answer(run, row) {
     var p = points.predictions[run][row], c = points.confidences[run];
     return points.runs[run] + ": " + p + (c ? " (" + Math.round(c[row] * 100) + "%%)" : "") +
@@ -140,21 +123,11 @@ HOVER_SCRIPT = """
     Plotly.restyle(plot, {x: points.x.map(function (xs) { return [xs[row]]; }),
                           y: points.y.map(function (ys) { return [ys[row]]; })}, highlights);
     plot.setAttribute("data-highlighted-row", row);
-    if (points.sprite) {
-      context.fillRect(0, 0, side * scale, side * scale);
-      context.drawImage(sprite, (row %% cols) * side, Math.floor(row / cols) * side, side, side,
-                        0, 0, side * scale, side * scale);
-    }
     var lines = ["#" + points.indices[row] + ": true " + points.labels[row]];
     for (var run = 0; run < points.runs.length; run++) { lines.push(answer(run, row)); }
-    caption.innerText = lines.join("\\n");
-    card.style.display = "block";
-    var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
-    if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
-    card.style.left = Math.max(0, left) + "px";
-    card.style.top = Math.max(0, top) + "px";
+    card.show(row, lines.join("\\n"));
   });
-  plot.on("plotly_unhover", function () { card.style.display = "none"; });
+  plot.on("plotly_unhover", card.hide);
 })();
 """
 
@@ -186,7 +159,7 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
     fig, highlights = figure(layouts, run_titles, labels, predictions, title)
     if sprite is None:
         fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
-    script = HOVER_SCRIPT % dict(
+    script = views.CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, data_id=DATA_ID, thumb_id=views.THUMB_ID, highlights=json.dumps(highlights),
         cols=max(1, math.ceil(math.sqrt(len(labels)))), side=views.THUMB_SIDE, scale=views.HOVER_SCALE,
     )

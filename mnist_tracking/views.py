@@ -167,19 +167,19 @@ def figure(
 
 # --------------------------------------------------------------------------- the page
 
-# Runs after the plot is drawn: on hover, a card near the pointer shows the point's thumbnail,
-# cut from the one embedded sprite (a data: URL, so nothing is fetched) onto a canvas.
-HOVER_SCRIPT = """
-(function () {
-  var plot = document.getElementById("%(plot_id)s");
-  var spriteUrl = %(sprite_url)s, cols = %(cols)d, side = %(side)d, scale = %(scale)d;
+# The hover card of every page (projection, evolution and linked comparison views): a box near the
+# pointer with the point's thumbnail, cut from the one embedded sprite (a data: URL, so nothing is
+# fetched) onto a canvas, and a caption. thumbnailCard(...) -> {show(row, text), hide()}.
+CARD_SCRIPT = """
+function thumbnailCard(id, spriteUrl, cols, side, scale, align) {
   var card = document.createElement("div");
-  card.id = "%(thumb_id)s";
+  card.id = id;
   card.style.cssText = "position:fixed;display:none;pointer-events:none;z-index:1000;background:#fff;" +
-    "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:center";
+    "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:" + align;
   var canvas = document.createElement("canvas");
   canvas.width = canvas.height = side * scale;
   canvas.style.display = spriteUrl ? "block" : "none";
+  canvas.style.margin = "0 auto";
   var caption = document.createElement("div");
   card.appendChild(canvas);
   card.appendChild(caption);
@@ -190,22 +190,37 @@ HOVER_SCRIPT = """
   if (spriteUrl) { sprite.src = spriteUrl; }
   var pointer = {x: 0, y: 0};  // the capture phase sees the moves plotly stops from bubbling
   document.addEventListener("mousemove", function (e) { pointer.x = e.clientX; pointer.y = e.clientY; }, true);
+  return {
+    show: function (row, text) {  // row: the point's cell in the sprite
+      if (spriteUrl) {
+        context.fillRect(0, 0, side * scale, side * scale);
+        context.drawImage(sprite, (row % cols) * side, Math.floor(row / cols) * side, side, side,
+                          0, 0, side * scale, side * scale);
+      }
+      caption.innerText = text;
+      card.style.display = "block";
+      var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
+      if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
+      card.style.left = Math.max(0, left) + "px";
+      card.style.top = Math.max(0, top) + "px";
+    },
+    hide: function () { card.style.display = "none"; },
+  };
+}
+"""
+
+# Runs after the plot is drawn (after CARD_SCRIPT): on hover, the card shows the point's thumbnail,
+# index, true digit and prediction.
+HOVER_SCRIPT = """
+(function () {
+  var plot = document.getElementById("%(plot_id)s");
+  var spriteUrl = %(sprite_url)s, cols = %(cols)d, side = %(side)d, scale = %(scale)d;
+  var card = thumbnailCard("%(thumb_id)s", spriteUrl, cols, side, scale, "center");
   plot.on("plotly_hover", function (event) {
     var d = event.points[0].customdata;  // [index, label, prediction, row]
-    if (spriteUrl) {
-      var row = d[3];
-      context.fillRect(0, 0, side * scale, side * scale);
-      context.drawImage(sprite, (row %% cols) * side, Math.floor(row / cols) * side, side, side,
-                        0, 0, side * scale, side * scale);
-    }
-    caption.textContent = "#" + d[0] + ": true " + d[1] + ", predicted " + d[2] + (d[1] == d[2] ? "" : " \\u2717");
-    card.style.display = "block";
-    var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
-    if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
-    card.style.left = Math.max(0, left) + "px";
-    card.style.top = Math.max(0, top) + "px";
+    card.show(d[3], "#" + d[0] + ": true " + d[1] + ", predicted " + d[2] + (d[1] == d[2] ? "" : " \\u2717"));
   });
-  plot.on("plotly_unhover", function () { card.style.display = "none"; });
+  plot.on("plotly_unhover", card.hide);
 })();
 """
 
@@ -229,7 +244,7 @@ def scatter_html(
     if sprite is None:
         fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
     sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
-    script = HOVER_SCRIPT % dict(
+    script = CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
         cols=max(1, math.ceil(math.sqrt(n))), side=THUMB_SIDE, scale=HOVER_SCALE,
     )
@@ -395,7 +410,7 @@ def evolution_html(
     if sprite is None:
         fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
     sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
-    hover = HOVER_SCRIPT % dict(
+    hover = CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
         cols=max(1, math.ceil(math.sqrt(len(labels)))), side=THUMB_SIDE, scale=HOVER_SCALE,
     )

@@ -135,3 +135,46 @@ def wait_until(condition, process, timeout, what):
         time.sleep(0.2)
     process.kill()
     pytest.fail(f"timed out waiting for {what}")
+
+
+# --------------------------------------------------------------------------- pages in a browser
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+# Where a point is drawn, in CSS pixels from the plot's centre: plotly's axis offsets and scales.
+POINT_POSITION = """
+var plot = document.getElementById(arguments[0]), trace = plot._fullData[arguments[1]];
+var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
+var box = plot.getBoundingClientRect();
+return [xa._offset + xa.l2p(trace.x[arguments[2]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[2]]) - box.height / 2];
+"""
+
+
+def offline_chromium():
+    """Headless Chromium that can fetch nothing (a page must be self-contained); fails under CI=true
+    when it is missing, skips elsewhere."""
+    import os
+
+    import pytest
+
+    if not all(os.access(p, os.X_OK) for p in (CHROMIUM, CHROMEDRIVER)):
+        message = "no chromium / chromium-driver (apt-get install chromium chromium-driver)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,800",
+                     "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # nothing may be fetched
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def wait_for_plot(driver, plot_id: str, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not driver.execute_script(f"var p = document.getElementById('{plot_id}'); return !!(p && p._fullLayout && p._fullData);"):
+        assert time.monotonic() < deadline, "the plot was not drawn"
+        time.sleep(0.5)

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import FAST, REPO
-from helpers import array, plot_data, run_cli
+from helpers import POINT_POSITION, array, offline_chromium, plot_data, run_cli, wait_for_plot
 from mnist_tracking import comparison, linked_view
 from mnist_tracking.comparison import BROKEN, CHANGED, FIXED, SAME
 from mnist_tracking.config import CompareConfig
@@ -302,48 +302,21 @@ def test_mlflow_run_compare_end_to_end(tmp_path, trained_run, second_run, fresh_
 
 # --------------------------------------------------------------------------- in a browser
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-# Where a point is drawn, in CSS pixels from the plot's top left: plotly's axis offsets and scales.
-POINT_POSITION = """
-var plot = document.getElementById(arguments[0]), trace = plot._fullData[arguments[1]];
-var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
-var box = plot.getBoundingClientRect();
-return [xa._offset + xa.l2p(trace.x[arguments[2]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[2]]) - box.height / 2];
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.browser
 def test_hovering_a_point_rings_the_same_image_in_every_map(tmp_path):
-    import os
-
-    if not all(os.access(p, os.X_OK) for p in (CHROMIUM, CHROMEDRIVER)):
-        message = "no chromium / chromium-driver (apt-get install chromium chromium-driver)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
     from mnist_tracking import views
 
+    driver = offline_chromium()
     thumbs = np.zeros((60, 28, 28), dtype=np.uint8)
     page, layouts, labels, predictions = linked_page(runs=2, sprite=views.sprite_png(thumbs))
     (tmp_path / "linked.html").write_text(page)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,800",
-                     "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>"):  # nothing may be fetched
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.get((tmp_path / "linked.html").as_uri())
-        deadline = time.monotonic() + 120
-        while not driver.execute_script(f"var p = document.getElementById('{linked_view.PLOT_ID}'); "
-                                        "return !!(p && p._fullLayout && p._fullData);"):
-            assert time.monotonic() < deadline, "the plot was not drawn"
-            time.sleep(0.5)
+        wait_for_plot(driver, linked_view.PLOT_ID)
         data = driver.execute_script(f"return document.getElementById('{linked_view.PLOT_ID}')._fullData.map("
                                      "function (t) { return [t.name, t.xaxis, Array.from(t.customdata || [])]; });")
         curve = next(i for i, (name, axis, rows) in enumerate(data) if axis == "x" and rows and name.startswith("3 "))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import array, plot_data
+from helpers import POINT_POSITION, array, offline_chromium, plot_data, wait_for_plot
 from mnist_tracking import projector, views
 
 N_POINTS = 150
@@ -249,3 +249,44 @@ def test_projector_export_without_sprite():
     assert set(files) == {"projector_config.pbtxt", "features.tsv", "metadata.tsv"}
     [embedding] = projector_config(files["projector_config.pbtxt"].decode()).embeddings
     assert not embedding.HasField("sprite") and list(embedding.tensor_shape) == [20, 3]
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_hovering_a_point_shows_its_thumbnail_index_and_answer(tmp_path):
+    import time
+
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    coords, labels, predictions, indices, _ = points()
+    # each point's image one flat grey, 20 levels from its neighbours' (never black, the canvas's background)
+    grey = [40 + 20 * (i % 10) for i in range(len(labels))]
+    thumbnails = np.stack([np.full((28, 28), g, dtype=np.uint8) for g in grey])
+    page = views.scatter_html(coords, labels, predictions, indices, "hover", ("a", "b"), views.sprite_png(thumbnails))
+    (tmp_path / "view.html").write_text(page)
+    driver = offline_chromium()
+    try:
+        driver.get((tmp_path / "view.html").as_uri())
+        wait_for_plot(driver, views.PLOT_ID)
+        traces = driver.execute_script(f"return document.getElementById('{views.PLOT_ID}')._fullData.map("
+                                       "function (t) { return Array.from(t.customdata || []); });")
+        curve = next(i for i, rows in enumerate(traces) if rows)
+        index, label, prediction, row = traces[curve][0]
+        dx, dy = driver.execute_script(POINT_POSITION, views.PLOT_ID, curve, 0)
+        ActionChains(driver).move_to_element_with_offset(
+            driver.find_element(By.ID, views.PLOT_ID), int(round(dx)), int(round(dy))).perform()
+        deadline = time.monotonic() + 30
+        while not driver.find_element(By.ID, views.THUMB_ID).is_displayed():
+            assert time.monotonic() < deadline, "hovering the point showed no card"
+            time.sleep(0.2)
+        card = driver.find_element(By.ID, views.THUMB_ID).text
+        assert card.startswith(f"#{index}: true {label}, predicted {prediction}"), card
+        # the card's canvas holds that point's thumbnail, scaled up: its centre pixel is the image's
+        centre = driver.execute_script(
+            f"var c = document.querySelector('#{views.THUMB_ID} canvas'); "
+            "return Array.from(c.getContext('2d').getImageData(c.width / 2, c.height / 2, 1, 1).data);")
+        # within 10 levels: the browser's colour management shifts greys by a few
+        assert all(abs(value - grey[row]) <= 10 for value in centre[:3]), (centre, grey[row])
+    finally:
+        driver.quit()
