@@ -23,7 +23,7 @@ from pathlib import Path
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 Q = "?workflowType=machine_learning"
 POINT_POSITION = """
-var plot = document.getElementById("comparison"), trace = plot._fullData[arguments[0]];
+var plot = document.getElementById(arguments[2]), trace = plot._fullData[arguments[0]];
 var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
 var box = plot.getBoundingClientRect();
 return [xa._offset + xa.l2p(trace.x[arguments[1]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[1]]) - box.height / 2,
@@ -98,17 +98,12 @@ def main() -> None:
 
         # 2. the linked t-SNE view inside the artifact viewer
         started = time.monotonic()
-        driver.get("about:blank")
-        driver.get(f"{run_page}/comparison/tsne.html{Q}")
-        frame = wait(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "the view's frame")[0]
-        driver.switch_to.frame(frame)
-        wait(lambda: driver.execute_script("var p = document.getElementById('comparison');"
-                                           "return !!(p && p._fullData && p._fullLayout);"), "the plot", 600)
+        open_view(driver, f"{run_page}/comparison/tsne.html", "comparison")
         print(f"linked view drawn {time.monotonic() - started:.0f}s after navigation")
         names = driver.execute_script("return document.getElementById('comparison')._fullData.map("
                                       "function (t) { return [t.name, t.xaxis]; });")
         curve = next(i for i, (name, axis) in enumerate(names) if axis == "x" and name.startswith("4 "))
-        dx, dy, row = driver.execute_script(POINT_POSITION, curve, 5)
+        dx, dy, row = driver.execute_script(POINT_POSITION, curve, 5, "comparison")
         plot = driver.find_element(By.ID, "comparison")
         ActionChains(driver).move_to_element_with_offset(plot, int(round(dx)), int(round(dy))).perform()
         hovered = wait(lambda: driver.execute_script(
@@ -135,20 +130,27 @@ def main() -> None:
         os.killpg(server.pid, signal.SIGTERM)
 
 
+def open_view(driver, artifact_url: str, plot_id: str) -> None:
+    """Open an HTML view in the artifact viewer and switch into its frame once the plot is drawn."""
+    from selenium.webdriver.common.by import By
+
+    driver.get("about:blank")  # a new hash alone would not load the page anew
+    driver.get(f"{artifact_url}{Q}")
+    frame = wait(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "the view's frame")[0]
+    driver.switch_to.frame(frame)
+    wait(lambda: driver.execute_script(f"var p = document.getElementById('{plot_id}');"
+                                       "return !!(p && p._fullData && p._fullLayout);"), f"the plot {plot_id}", 600)
+
+
 def hover_projection(driver, run_page: str, shots: Path) -> None:
     """Hover a 3 in a projection's t-SNE view inside the artifact viewer: the card shows its image."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    driver.get("about:blank")
-    driver.get(f"{run_page}/projections/tsne.html{Q}")
-    frame = wait(lambda: driver.find_elements(By.TAG_NAME, "iframe"), "the projection view's frame")[0]
-    driver.switch_to.frame(frame)
-    wait(lambda: driver.execute_script("var p = document.getElementById('embedding');"
-                                       "return !!(p && p._fullData && p._fullLayout);"), "the projection plot", 600)
+    open_view(driver, f"{run_page}/projections/tsne.html", "embedding")
     names = driver.execute_script("return document.getElementById('embedding')._fullData.map(function (t) { return t.name; });")
     curve = next(i for i, name in enumerate(names) if name.split(" ")[0] == "3")
-    dx, dy, _ = driver.execute_script(POINT_POSITION.replace('"comparison"', '"embedding"'), curve, 5)
+    dx, dy, _ = driver.execute_script(POINT_POSITION, curve, 5, "embedding")
     plot = driver.find_element(By.ID, "embedding")
     ActionChains(driver).move_to_element_with_offset(plot, int(round(dx)), int(round(dy))).perform()
     card = wait(lambda: [c for c in driver.find_elements(By.ID, "thumbnail") if c.is_displayed() and c.text], "the hover card", 60)
