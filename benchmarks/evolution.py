@@ -32,6 +32,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+
+def independent_layouts(method: str, features: np.ndarray, seed: int) -> np.ndarray:
+    """Each frame embedded on its own (frames, n, 2), as `project` would: what alignment is measured against."""
+    from mnist_tracking import embedding, evolution
+
+    return np.stack([embedding.embed(method, frame, evolution.DIMS, evolution.embedding_perplexity(frame), seed).coords
+                     for frame in features])
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -79,7 +88,7 @@ def sizes(run_id: str) -> dict:
 
 
 def timed(method: str, features: np.ndarray, labels: np.ndarray, predictions: np.ndarray, indices: np.ndarray) -> dict:
-    from mnist_tracking import evolution, plots, views
+    from mnist_tracking import evolution, evolution_view, plots
 
     started = time.perf_counter()
     result = evolution.evolve(method, features, 42)
@@ -87,7 +96,7 @@ def timed(method: str, features: np.ndarray, labels: np.ndarray, predictions: np
     quality = evolution.frame_quality(features, result.layouts, labels, 42)
     quality_s = time.perf_counter() - started - layouts_s
     epochs = list(range(len(features)))
-    page = views.evolution_html(result.layouts, labels, predictions, indices, epochs, "benchmark", None)
+    page = evolution_view.evolution_html(result.layouts, labels, predictions, indices, epochs, "benchmark", None)
     images = plots.evolution_frames(result.layouts, labels, predictions, epochs, "benchmark",
                                     [q["knn_acc"] for q in quality])
     gif = plots.gif_bytes(images)
@@ -102,7 +111,7 @@ def compare(method: str, features: np.ndarray, labels: np.ndarray, aligned, qual
     from mnist_tracking import evolution
     from mnist_tracking.alignment import align_chain
 
-    independent = evolution.independent(method, features, 42)
+    independent = independent_layouts(method, features, 42)
     rotated, _ = align_chain(list(independent), reference_index=-1, scale=False)
     independent_quality = evolution.frame_quality(features, independent, labels, 42)
     deltas = [a["knn_acc"] - i["knn_acc"] for a, i in zip(quality, independent_quality)]
@@ -132,8 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
 
-    from mnist_tracking.commands.feature_snapshots import logged_snapshots
-
+    from mnist_tracking.feature_files import logged_snapshots
     found = logged_snapshots(args.run_id)
     real = np.stack([s.features for s in found])
     labels, indices = found[0].labels, found[0].indices

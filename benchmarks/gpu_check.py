@@ -73,7 +73,8 @@ def training(data_dir: str, precision: str) -> dict:
 
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, evaluate
+    from mnist_tracking.trainer import Trainer
+    from mnist_tracking.training import evaluate
     from mnist_tracking.devices import resolve_device, resolve_precision
 
     config = TrainConfig(data_dir=data_dir, device="auto", precision=precision, epochs=EPOCHS, early_stopping=0)

@@ -85,7 +85,8 @@ def project_epoch(data_dir: str, n_images: int, precision: str = "auto") -> floa
     """Our loop (data.load_splits + training.train_one_epoch), with the default settings."""
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, train_one_epoch
+    from mnist_tracking.trainer import Trainer
+    from mnist_tracking.training import train_one_epoch
     from mnist_tracking.devices import resolve_device, resolve_precision
 
     started = time.perf_counter()  # data handling included
@@ -110,10 +111,9 @@ def main_epoch(data_dir: str, n_images: int, tracked: bool) -> float:
 
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer
+    from mnist_tracking.trainer import Trainer
     from mnist_tracking.devices import resolve_device, resolve_precision
-    from mnist_tracking.commands.train import EpochLogger
-
+    from mnist_tracking.epoch_logger import EpochLogger
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=1, max_samples=n_images)
     splits = load_splits("mnist", data_dir, config.val_fraction, config.seed, config.max_samples)
     device = resolve_device("cpu")
@@ -155,7 +155,8 @@ def test_accuracy(data_dir: str, precision: str, epochs: int) -> float:
     """Test accuracy of the default configuration after `epochs` epochs at this precision."""
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.data import load_splits
-    from mnist_tracking.training import Trainer, evaluate
+    from mnist_tracking.trainer import Trainer
+    from mnist_tracking.training import evaluate
     from mnist_tracking.devices import resolve_device, resolve_precision
 
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=epochs, precision=precision, early_stopping=0)
@@ -329,8 +330,7 @@ def main() -> None:
                [2500.0], [rss], "MB", False, "<= 2500 MB (ours_median)", note="baseline column is the 2.5 GB budget")
 
     if "project" in only or "umap" in only:
-        from mnist_tracking.commands.project import load_features
-
+        from mnist_tracking.feature_files import load_features
         arrays = load_features(trained_run(), "test")
         features, labels = arrays["features"], arrays["labels"]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnist_tracking.config import DATASETS
 from mnist_tracking.errors import UserError
 
 # Our names for torchvision's MNIST family; each class reads <root>/<ClassName>/raw/*-ubyte.
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
 PIXEL_MAX = 255.0  # IDX images are uint8
 # The four IDX files torchvision reads for each dataset of the family (train and test set).
 RAW_FILES = tuple(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,9 +14,11 @@ import numpy as np
 from mnist_tracking.errors import UserError
 
 METHODS = ("pca", "tsne", "umap")
+METHOD_TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}  # in titles and printed lines
 SPLITS = ("test", "val")
 DIMS = (2, 3)
 MIN_POINTS = 10  # fewer points make no meaningful neighbourhoods, folds or clusters
+PERPLEXITY = 30.0  # t-SNE's, the usual default: `project`'s parameter, `compare` and `evolution` use it too
 
 # Before t-SNE and UMAP: standardise each feature, then keep the first 50 principal components
 # (the usual recommendation, e.g. Kobak & Berens 2019: removes noise dimensions, speeds up kNN).
@@ -28,7 +31,6 @@ TRUSTWORTHINESS_NEIGHBORS = 5  # scikit-learn's default
 KNN_NEIGHBORS = 10
 KNN_FOLDS = 5
 
-TSNE_IMPLEMENTATIONS = ("opentsne", "sklearn")
 # One thread: on our shared 2-core machine openTSNE with n_jobs=2 was slower than with 1, since
 # its worker threads wait on each other when the cores are busy (benchmarks/tsne_choice.py).
 TSNE_JOBS = 1
@@ -118,21 +120,58 @@ def effective_perplexity(perplexity: float, n_points: int) -> float:
     return float(min(perplexity, (n_points - 1) / 3))
 
 
-def tsne(
-    features: np.ndarray,
-    dims: int = 2,
-    perplexity: float = 30.0,
-    seed: int = 42,
-    implementation: str = "opentsne",
-    init: np.ndarray | None = None,
-) -> Embedding:
-    """t-SNE of the standardised, PCA-reduced features.
+def tsne_model(n_points: int, dims: int, perplexity: float, seed: int, init: np.ndarray | None = None,
+               gradient: str = "", **optimisation):
+    """openTSNE's TSNE as every t-SNE here is configured (`tsne`, `evolution`'s frames): the learning
+    rate max(N/12, 200), exact neighbours, one thread; the FFT gradient from FFT_MIN_POINTS 2-D
+    points on unless `gradient` says otherwise. `optimisation`: openTSNE's own further settings."""
+    import openTSNE
 
-    openTSNE (faster than scikit-learn's Barnes-Hut on the same input at the same kNN accuracy:
-    benchmarks/tsne_choice.py) with its FFT-interpolated
-    gradient from FFT_MIN_POINTS on, Barnes-Hut below; FFT is 2-D only, so dims=3 always uses
-    Barnes-Hut. Learning rate max(N/12, 200) in both phases, as scikit-learn's "auto".
-    implementation="sklearn" runs scikit-learn's Barnes-Hut instead (for the comparison).
+    return openTSNE.TSNE(
+        n_components=dims,
+        perplexity=perplexity,
+        initialization="pca" if init is None else np.asarray(init, dtype=np.float64),
+        learning_rate=tsne_learning_rate(n_points),
+        early_exaggeration=TSNE_EXAGGERATION,
+        negative_gradient_method=gradient or tsne_gradient(n_points, dims),
+        ints_in_interval=FFT_INTS_IN_INTERVAL,  # used by FFT only
+        neighbors=TSNE_NEIGHBORS,
+        n_jobs=TSNE_JOBS,
+        random_state=seed,
+        **optimisation,
+    )
+
+
+def tsne_learning_rate(n_points: int) -> float:
+    return max(n_points / TSNE_EXAGGERATION, TSNE_MIN_LEARNING_RATE)
+
+
+def tsne_gradient(n_points: int, dims: int) -> str:
+    """FFT-interpolated from FFT_MIN_POINTS points on (2-D only), Barnes-Hut below."""
+    return "fft" if dims == 2 and n_points >= FFT_MIN_POINTS else "bh"
+
+
+@contextmanager
+def quiet_opentsne():
+    """openTSNE warns that a start wider than std 1e-4 may converge poorly: true before early
+    exaggeration, which a run started from a finished layout skips on purpose."""
+    import logging
+
+    logger = logging.getLogger("openTSNE.tsne")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def tsne(features: np.ndarray, dims: int = 2, perplexity: float = PERPLEXITY, seed: int = 42,
+         init: np.ndarray | None = None) -> Embedding:
+    """t-SNE (openTSNE) of the standardised, PCA-reduced features.
+
+    openTSNE is faster than scikit-learn's Barnes-Hut on the same input at the same kNN accuracy
+    (benchmarks/tsne_choice.py); FFT is 2-D only, so dims=3 always uses Barnes-Hut.
     `init` (n, dims): start from this finished layout (another run's map of the same points, so that
     this one lands in its frame) instead of the PCA of the input, kept at its scale and without the
     early-exaggeration phase, whose job (forming clusters from a start that has none) that layout
@@ -141,54 +180,22 @@ def tsne(
     the layout it started from (Procrustes residual); started from that layout shrunk to openTSNE's
     starting spread with early exaggeration, 0.58; an independent t-SNE, 0.79.
     """
+    import openTSNE
+
     started = time.perf_counter()
     reduced, params = standardize_and_reduce(features, seed)
     used = effective_perplexity(perplexity, len(features))
     params.update(perplexity_requested=perplexity, perplexity=round(used, 4),
                   initialization="pca" if init is None else "given layout")
-    if implementation == "opentsne":
-        import logging
-
-        import openTSNE
-
-        gradient = "fft" if dims == 2 and len(features) >= FFT_MIN_POINTS else "bh"
-        learning_rate = max(len(features) / TSNE_EXAGGERATION, TSNE_MIN_LEARNING_RATE)
-        model = openTSNE.TSNE(
-            n_components=dims,
-            perplexity=used,
-            initialization="pca" if init is None else np.asarray(init, dtype=np.float64),
-            learning_rate=learning_rate,
-            early_exaggeration=TSNE_EXAGGERATION,
-            **({} if init is None else {"early_exaggeration_iter": 0}),
-            negative_gradient_method=gradient,
-            ints_in_interval=FFT_INTS_IN_INTERVAL,  # used by FFT only
-            neighbors=TSNE_NEIGHBORS,
-            n_jobs=TSNE_JOBS,
-            random_state=seed,
-        )
-        quiet = logging.getLogger("openTSNE.tsne")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # its warning that a given start is wide: ours is wide on purpose
-        try:
-            coords = np.asarray(model.fit(reduced))
-        finally:
-            quiet.setLevel(level)
-        params.update(implementation=f"openTSNE {openTSNE.__version__}", gradient=gradient,
-                      learning_rate=round(learning_rate, 2), n_iter=model.early_exaggeration_iter + model.n_iter,
-                      neighbors=TSNE_NEIGHBORS)
-        if gradient == "fft":
-            params["fft_ints_in_interval"] = FFT_INTS_IN_INTERVAL
-    elif implementation == "sklearn":
-        import sklearn
-        from sklearn.manifold import TSNE
-
-        model = TSNE(n_components=dims, perplexity=used, init="pca", learning_rate="auto",
-                     random_state=seed, n_jobs=TSNE_JOBS)
-        coords = model.fit_transform(reduced)
-        params.update(implementation=f"scikit-learn {sklearn.__version__}", gradient="bh",
-                      learning_rate="auto", n_iter=model.max_iter)
-    else:
-        raise ValueError(f"unknown t-SNE implementation {implementation!r}: {TSNE_IMPLEMENTATIONS}")
+    model = tsne_model(len(features), dims, used, seed, init, **({} if init is None else {"early_exaggeration_iter": 0}))
+    with quiet_opentsne():  # a given start is wide on purpose
+        coords = np.asarray(model.fit(reduced))
+    gradient = tsne_gradient(len(features), dims)
+    params.update(implementation=f"openTSNE {openTSNE.__version__}", gradient=gradient,
+                  learning_rate=round(tsne_learning_rate(len(features)), 2),
+                  n_iter=model.early_exaggeration_iter + model.n_iter, neighbors=TSNE_NEIGHBORS)
+    if gradient == "fft":
+        params["fft_ints_in_interval"] = FFT_INTS_IN_INTERVAL
     return Embedding("tsne", coords, params, time.perf_counter() - started, ("t-SNE 1", "t-SNE 2"))
 
 
@@ -208,6 +215,21 @@ def exact_neighbors(points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     return np.hstack([own, indices]), np.hstack([np.zeros_like(own, dtype=distances.dtype), distances])
 
 
+def umap_learn(*extra_modules: str):
+    """umap-learn, imported (it is heavy) with its numba code cached on disk, and its modules named in
+    `extra_modules` (e.g. "umap.aligned_umap") too; returns the `umap` module.
+
+    numba compiles umap-learn's functions on first use; cached, later processes load them. A user
+    cache folder keeps that cache where site-packages is read-only."""
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
+    import importlib
+
+    import umap
+
+    cache_umap_compilation(*(importlib.import_module(name) for name in extra_modules))
+    return umap
+
+
 def cache_umap_compilation(*extra_modules) -> None:
     """Let numba cache on disk the umap-learn functions that do not ask for it themselves
     (in its core modules and `extra_modules`, e.g. umap.aligned_umap).
@@ -215,11 +237,11 @@ def cache_umap_compilation(*extra_modules) -> None:
     Those (the layout epoch, the fuzzy-set construction, ...) are compiled again in every new
     process; cached, a warm `project` with UMAP skips that (benchmarks/run.py measures it).
     """
-    from numba.core.caching import NullCache
-    from numba.core.dispatcher import Dispatcher
     import umap.layouts
     import umap.umap_
     import umap.utils
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
 
     for module in (umap.layouts, umap.umap_, umap.utils, *extra_modules):
         for function in vars(module).values():
@@ -233,12 +255,7 @@ def umap(features: np.ndarray, dims: int = 2, seed: int = 42, init: np.ndarray |
     `init` (n, dims): start from this layout (another run's map of the same points) instead of
     umap-learn's spectral one."""
     started = time.perf_counter()
-    # numba compiles umap-learn's functions on first use; cached on disk, later processes load
-    # them. A user cache folder keeps that cache where site-packages is read-only.
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(numba_cache_dir()))
-    import umap as umap_learn  # the compile time of a cold cache is counted in the wall time
-
-    cache_umap_compilation()
+    umap_module = umap_learn()  # the compile time of a cold cache is counted in the wall time
     reduced, params = standardize_and_reduce(features, seed)
     neighbors = min(UMAP_NEIGHBORS, len(features) - 1)
     # Exact neighbours, as for t-SNE: umap-learn's own approximate search (pynndescent) is slower
@@ -249,10 +266,10 @@ def umap(features: np.ndarray, dims: int = 2, seed: int = 42, init: np.ndarray |
         warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
         # ... and precomputed neighbours rule out `transform` of new points, which we never call
         warnings.filterwarnings("ignore", message=".*knn_search_index.*", category=UserWarning)
-        model = umap_learn.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=UMAP_MIN_DIST, random_state=seed,
+        model = umap_module.UMAP(n_components=dims, n_neighbors=neighbors, min_dist=UMAP_MIN_DIST, random_state=seed,
                                 precomputed_knn=knn, init="spectral" if init is None else _umap_start(init))
         coords = model.fit_transform(reduced)
-    params.update(implementation=f"umap-learn {umap_learn.__version__}", n_neighbors=neighbors, min_dist=UMAP_MIN_DIST,
+    params.update(implementation=f"umap-learn {umap_module.__version__}", n_neighbors=neighbors, min_dist=UMAP_MIN_DIST,
                   neighbors="exact", initialization="spectral" if init is None else "given layout")
     return Embedding("umap", np.asarray(coords), params, time.perf_counter() - started, ("UMAP 1", "UMAP 2"))
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -66,14 +65,8 @@ def evolve(method: str, features: np.ndarray, seed: int) -> Evolution:
                      time.perf_counter() - started)
 
 
-def independent(method: str, features: np.ndarray, seed: int) -> np.ndarray:
-    """Each frame embedded on its own (frames, n, 2), as `project` would: what alignment is measured against."""
-    return np.stack([embedding.embed(method, frame, DIMS, embedding_perplexity(frame), seed).coords
-                     for frame in features])
-
-
 def embedding_perplexity(frame: np.ndarray) -> float:
-    return embedding.effective_perplexity(30.0, len(frame))
+    return embedding.effective_perplexity(embedding.PERPLEXITY, len(frame))
 
 
 def frame_quality(features: np.ndarray, layouts: np.ndarray, labels: np.ndarray, seed: int) -> list[dict]:
@@ -104,33 +97,25 @@ def _tsne_chain(features: np.ndarray, seed: int) -> tuple[list[np.ndarray], dict
     be the start of the untrained frames, which must show what their own features hold
     (benchmarks/evolution.py checks each frame's kNN accuracy against an independent t-SNE).
     """
-    import logging
-
     import openTSNE
 
-    # openTSNE warns that a start wider than std 1e-4 may converge poorly: true before early
-    # exaggeration, which a frame started from a converged layout skips on purpose.
-    logging.getLogger("openTSNE.tsne").setLevel(logging.ERROR)
     layouts, previous = [], None
     perplexity = embedding_perplexity(features[0])
-    learning_rate = max(features.shape[1] / embedding.TSNE_EXAGGERATION, embedding.TSNE_MIN_LEARNING_RATE)
+    n_points = features.shape[1]
     for frame in features:
         reduced, _ = embedding.standardize_and_reduce(frame, seed)
         following = {} if previous is None else dict(
             early_exaggeration_iter=0, n_iter=TSNE_FOLLOW_MAX_ITERATIONS,
             callbacks=KLSettled(TSNE_FOLLOW_TOLERANCE), callbacks_every_iters=TSNE_FOLLOW_CHECK_EVERY)
-        model = openTSNE.TSNE(
-            n_components=DIMS, perplexity=perplexity, initialization="pca" if previous is None else previous,
-            learning_rate=learning_rate, **following,
-            early_exaggeration=embedding.TSNE_EXAGGERATION, negative_gradient_method="bh",
-            neighbors=embedding.TSNE_NEIGHBORS, n_jobs=embedding.TSNE_JOBS, random_state=seed,
-        )
-        previous = np.asarray(model.fit(reduced))
+        # Barnes-Hut always: the frames are small, and FFT's grid would change with the map's growth.
+        model = embedding.tsne_model(n_points, DIMS, perplexity, seed, previous, gradient="bh", **following)
+        with embedding.quiet_opentsne():  # a frame started from the one before it is wide on purpose
+            previous = np.asarray(model.fit(reduced))
         layouts.append(previous)
     # rotation and shift only, no point moves alone; no scale: t-SNE maps grow as clusters form
     aligned, _ = align_chain(layouts, reference_index=0, scale=False)
     return aligned, {"implementation": f"openTSNE {openTSNE.__version__}", "perplexity": round(perplexity, 4),
-                     "learning_rate": round(learning_rate, 2), "gradient": "bh",
+                     "learning_rate": round(embedding.tsne_learning_rate(n_points), 2), "gradient": "bh",
                      "follow_max_iterations": TSNE_FOLLOW_MAX_ITERATIONS, "follow_tolerance": TSNE_FOLLOW_TOLERANCE}
 
 
@@ -150,11 +135,7 @@ class KLSettled:
 
 def _aligned_umap(features: np.ndarray, seed: int) -> tuple[list[np.ndarray], dict]:
     """umap-learn's AlignedUMAP of every frame's standardised, PCA-reduced features at once."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(embedding.numba_cache_dir()))
-    import umap as umap_learn
-    import umap.aligned_umap
-
-    embedding.cache_umap_compilation(umap.aligned_umap)
+    umap_learn = embedding.umap_learn("umap.aligned_umap")
     reduced = [embedding.standardize_and_reduce(frame, seed)[0] for frame in features]
     n = len(reduced[0])
     neighbors = min(embedding.UMAP_NEIGHBORS, n - 1)

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from mnist_tracking import views
+from mnist_tracking import sprites, views
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
 
 PLOT_ID = "comparison"  # the id of the plot's <div>
@@ -56,7 +56,7 @@ def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray,
     n, runs = len(labels), len(layouts)
     fig = make_subplots(rows=1, cols=runs, subplot_titles=run_titles, horizontal_spacing=0.015)
     rows = np.arange(n, dtype=np.int32)
-    size = views._marker_size(n, 2)
+    size = views.marker_size(n, 2)
     digit_traces: list[tuple[int, np.ndarray]] = []  # (run, members (n,) bool) per trace, in order
     for run, coords in enumerate(layouts):
         for digit in range(NUM_CLASSES):
@@ -161,7 +161,7 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
         fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
     script = views.CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, data_id=DATA_ID, thumb_id=views.THUMB_ID, highlights=json.dumps(highlights),
-        cols=max(1, math.ceil(math.sqrt(len(labels)))), side=views.THUMB_SIDE, scale=views.HOVER_SCALE,
+        cols=max(1, math.ceil(math.sqrt(len(labels)))), side=sprites.THUMB_SIDE, scale=views.HOVER_SCALE,
     )
     div = fig.to_html(include_plotlyjs=True, full_html=False, div_id=PLOT_ID, post_script=script,
                       default_width="100%", default_height="100%",
@@ -169,10 +169,3 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
     data = linked_points(layouts, run_names, labels, indices, predictions, confidences, sprite)
     block = f'<script type="application/json" id="{DATA_ID}">{data}</script>\n{div}'
     return views.PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=block)
-
-
-def changed_count(predictions: list[np.ndarray], labels: np.ndarray) -> int:
-    """How many images are right in one run and wrong in another."""
-    right = np.array([p == labels for p in predictions])
-    return int((right.any(axis=0) & ~right.all(axis=0)).sum())
-

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,6 @@ class Snapshot:
     predictions: np.ndarray
     labels: np.ndarray
     indices: np.ndarray  # into the training file (the val split is held out of it)
-    seconds: float = 0.0  # the forward pass that took it
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in ARRAYS}
@@ -57,7 +55,6 @@ def snapshot_points(split: Split, n_points: int, seed: int) -> Split:
 
 def take(model, points: Split, epoch: int, device: torch.device, precision: str) -> Snapshot:
     """Evaluate `model` on the snapshot points (no gradients, no RNG drawn: training is unchanged)."""
-    started = time.perf_counter()
     result = evaluate(model, points.to(device), device, precision, with_features=True)
     features = result.features  # (n, 512) float32
     fits = np.isfinite(features).all() and np.abs(features).max(initial=0) <= np.finfo(FEATURE_DTYPE).max
@@ -67,7 +64,6 @@ def take(model, points: Split, epoch: int, device: torch.device, precision: str)
         predictions=result.predictions.astype(np.int64),
         labels=points.labels.numpy().astype(np.int64),
         indices=points.indices.numpy().astype(np.int64),
-        seconds=time.perf_counter() - started,
     )
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 from mnist_tracking.config import SweepConfig, TrainConfig
+from mnist_tracking.embedding import parse_methods
+from mnist_tracking.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -89,3 +92,27 @@ class SweepRow:
     @classmethod
     def of(cls, training: Training, **values) -> "SweepRow":
         return cls(label=training.label, seed_reported=training.seed_reported, **values)
+
+
+def differing_params(config: SweepConfig, params: dict[str, str]) -> list[str]:
+    """The parameters in which a logged sweep's `params` differ from this one, as 'name=logged'."""
+    same = {  # logged text -> does it name what this sweep has?
+        "data_dir": lambda logged: _same_path(logged, config.data_dir),
+        "max_samples": lambda logged: int(logged) == config.max_samples,
+        "methods": lambda logged: parse_methods(logged) == config.method_list,
+        "epochs_scale": lambda logged: float(logged) == config.epochs_scale,
+    }
+    differ = []
+    for name, matches in same.items():
+        logged = params.get(name)
+        try:
+            if logged is not None and matches(logged):
+                continue
+        except (ValueError, UserError):
+            pass
+        differ.append(f"{name}={logged}")
+    return differ
+
+
+def _same_path(a: str, b: str) -> bool:
+    return a == b or os.path.realpath(a) == os.path.realpath(b)

@@ -91,7 +91,6 @@ def fresh_experiment(request, monkeypatch):
 def trained_run(data_dir, tmp_path_factory) -> str:
     """One real training run on fake data, shared by the tests that only read it."""
     from mnist_tracking.config import TrainConfig
-    from mnist_tracking.commands.train import train_and_log
-
+    from mnist_tracking.training_run import train_and_log
     config = TrainConfig(data_dir=str(data_dir), **FAST)
     return train_and_log(config, echo=lambda line: None, progress=False)

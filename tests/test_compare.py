@@ -165,7 +165,7 @@ def test_the_changed_answer_colours_show_right_green_and_wrong_red_per_run():
 @pytest.fixture(scope="module")
 def second_run(data_dir):
     """Another training of the same data: barely trained, so that many answers differ from trained_run's."""
-    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.training_run import train_and_log
     from mnist_tracking.config import TrainConfig
 
     config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1, "lr": 1e-6, "scheduler": "none"})
@@ -173,8 +173,7 @@ def second_run(data_dir):
 
 
 def test_compare_logs_aligned_maps_views_the_table_and_pair_metrics(trained_run, second_run, fresh_experiment):
-    from mnist_tracking.commands.compare import compare_and_log
-
+    from mnist_tracking.comparison_run import compare_and_log
     lines = []
     run_id = compare_and_log(CompareConfig(run_ids=f"{second_run},{trained_run}", methods="pca,tsne"), echo=lines.append)
     client = MlflowClient()
@@ -192,8 +191,7 @@ def test_compare_logs_aligned_maps_views_the_table_and_pair_metrics(trained_run,
     assert 0 <= metrics["tsne_residual_2"] < 1.5 and 0 <= metrics["pair_1_2_moved_fraction"] <= 1
 
     # The counts are those of the two runs' own test predictions.
-    from mnist_tracking.commands.project import load_features
-
+    from mnist_tracking.feature_files import load_features
     a, b = load_features(second_run, "test"), load_features(trained_run, "test")
     assert np.array_equal(a["indices"], b["indices"])
     assert metrics["pair_1_2_fixed"] == int(((a["predictions"] != a["labels"]) & (b["predictions"] == b["labels"])).sum())
@@ -230,7 +228,7 @@ def test_compare_refuses_one_run_id(trained_run):
 
 @pytest.fixture
 def fashion_run(data_dir):
-    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.training_run import train_and_log
     from mnist_tracking.config import TrainConfig
 
     return train_and_log(TrainConfig(data_dir=str(data_dir), dataset="fashion-mnist", **{**FAST, "epochs": 1}),
@@ -238,8 +236,7 @@ def fashion_run(data_dir):
 
 
 def refusal(run_ids: str, **params) -> str:
-    from mnist_tracking.commands.compare import compare_and_log
-
+    from mnist_tracking.comparison_run import compare_and_log
     with pytest.raises(UserError) as caught:
         compare_and_log(CompareConfig(run_ids=run_ids, **params), echo=QUIET)
     message = str(caught.value)
@@ -253,7 +250,7 @@ def test_compare_refuses_runs_on_different_datasets(trained_run, fashion_run):
 
 
 def test_compare_refuses_a_run_that_is_not_a_training_run(trained_run, second_run, fresh_experiment):
-    from mnist_tracking.commands.project import project_and_log
+    from mnist_tracking.projection_run import project_and_log
     from mnist_tracking.config import ProjectConfig
 
     projection = project_and_log(ProjectConfig(run_id=trained_run, methods="pca"), echo=QUIET)
@@ -308,11 +305,11 @@ def test_hovering_a_point_rings_the_same_image_in_every_map(tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
-    from mnist_tracking import views
+    from mnist_tracking import sprites, views
 
     driver = offline_chromium()
     thumbs = np.zeros((60, 28, 28), dtype=np.uint8)
-    page, layouts, labels, predictions = linked_page(runs=2, sprite=views.sprite_png(thumbs))
+    page, layouts, labels, predictions = linked_page(runs=2, sprite=sprites.sprite_png(thumbs))
     (tmp_path / "linked.html").write_text(page)
     try:
         driver.get((tmp_path / "linked.html").as_uri())

@@ -12,8 +12,9 @@ from PIL import Image
 
 from conftest import FAST, N_TRAIN
 from helpers import array, plot_data, run_cli
-from mnist_tracking import evolution, views
-from mnist_tracking.config import EvolutionConfig, TrainConfig, resumed_config
+from mnist_tracking import evolution, evolution_view, sprites, views
+from mnist_tracking.config import EvolutionConfig, TrainConfig
+from mnist_tracking.resumption import resumed_config
 from mnist_tracking.errors import UserError
 from mnist_tracking.runs import KIND_TAG
 
@@ -40,8 +41,7 @@ def image_steps(run_id, key):
 @pytest.fixture(scope="module")
 def evolution_run(trained_run):
     """One default evolution (pca, tsne) of the shared training run."""
-    from mnist_tracking.commands.evolution import evolve_and_log
-
+    from mnist_tracking.evolution_run import evolve_and_log
     lines = []
     return evolve_and_log(EvolutionConfig(run_id=trained_run), echo=lines.append), lines
 
@@ -150,8 +150,8 @@ def test_evolution_view_has_frames_a_slider_one_trace_per_digit_and_thumbnails()
     layouts = rng.normal(size=(len(epochs), n, 2))
     predictions = np.stack([(labels + (e < 2)) % 10 for e in epochs])  # wrong before epoch 2, right after
     indices = np.arange(1000, 1000 + n)
-    page = views.evolution_html(layouts, labels, predictions, indices, epochs, "t",
-                                views.sprite_png(np.zeros((n, 28, 28), np.uint8)))
+    page = evolution_view.evolution_html(layouts, labels, predictions, indices, epochs, "t",
+                                sprites.sprite_png(np.zeros((n, 28, 28), np.uint8)))
     data, layout = plot_data(page)
     assert len(data) == 10 and [t["name"].split()[0] for t in data] == [str(d) for d in range(10)]
     assert all(t["type"] == "scatter" for t in data)  # SVG: points glide between frames

@@ -44,3 +44,9 @@ def test_model_standardises_its_input_with_its_buffers():
     x = torch.rand(2, 1, 28, 28)
     torch.testing.assert_close(b(x), a((x - 0.5) / 2.0))
     assert set(b.state_dict()) >= {"input_mean", "input_std"}
+
+
+def test_the_activation_parameter_offers_exactly_the_models_activations():
+    from mnist_tracking.config import ACTIVATIONS as CHOICES
+
+    assert tuple(ACTIVATIONS) == CHOICES

@@ -1,6 +1,5 @@
 """The project files agree with each other: MLproject <-> click options, conda.yaml <-> pyproject."""
 
-import re
 import subprocess
 import sys
 import time
@@ -10,7 +9,6 @@ import pytest
 import yaml
 
 from conftest import REPO
-from mnist_tracking.cli import main as cli
 
 CLICK_TYPES = {"float": float, "int": int, "string": str, "path": str}
 CLICK_TYPE_NAMES = {"float": "float", "int": "integer", "string": "text", "path": "text"}
@@ -27,27 +25,6 @@ def test_conda_env_lists_the_same_dependencies_as_pyproject():
     assert sorted(pip_section) == sorted(pyproject)
 
 
-@pytest.mark.parametrize(
-    "entry_point, command",
-    [("main", "train"), ("project", "project"), ("evolution", "evolution"), ("compare", "compare"), ("register", "register"),
-     ("sweep", "sweep")],
-)
-def test_mlproject_parameters_mirror_the_click_options(entry_point, command):
-    spec = mlproject()["entry_points"][entry_point]
-    options = {p.name: p for p in cli.commands[command].params}
-    assert set(spec["parameters"]) == set(options)
-    for name, parameter in spec["parameters"].items():
-        option = options[name]
-        assert option.opts == [f"--{name.replace('_', '-')}"]
-        assert option.type.name == CLICK_TYPE_NAMES[parameter["type"]], name
-        if "default" in parameter:
-            assert CLICK_TYPES[parameter["type"]](parameter["default"]) == option.default, name
-        else:  # required in MLproject (no default) <-> a required option
-            assert option.required, name
-        # The command passes every parameter to its option.
-        assert re.search(rf"--{name.replace('_', '-')} \{{{name}\}}", spec["command"]), name
-
-
 def test_help_answers_fast_without_heavy_imports():
     started = time.perf_counter()
     out = subprocess.run(
@@ -61,11 +38,11 @@ def test_help_answers_fast_without_heavy_imports():
     assert time.perf_counter() - started < 5  # generous for a loaded CI machine; the benchmark measures it
 
 
-# The pure layers: computing, drawing and reading files, never talking to MLflow (runs.py and
-# commands/ do that). Their imports are followed through the package, lazy ones inside functions too.
-PURE_MODULES = ("model", "data", "training", "embedding", "plots", "views", "projector", "study", "config",
-                "reports", "interrupts", "digits", "errors", "snapshots", "evolution", "alignment", "devices",
-                "comparison", "linked_view")
+# The pure layers: computing, drawing and reading files, never talking to MLflow (the modules
+# named for runs, and commands/, do that). Their imports are followed through the package, lazy ones inside functions too.
+PURE_MODULES = ("model", "data", "training", "trainer", "embedding", "plots", "views", "evolution_view", "sprites",
+                "projector", "study", "config", "parameters", "resumption", "ranking", "reports", "interrupts",
+                "digits", "errors", "snapshots", "evolution", "alignment", "devices", "comparison", "linked_view")
 
 
 def imported_modules(module: str) -> set[str]:
@@ -100,38 +77,19 @@ def test_pure_modules_never_import_mlflow(module):
     assert not offenders, offenders
 
 
-def entry_point_defaults() -> dict[str, tuple[str, dict]]:
-    """entry point -> (click command, the defaults of the code it calls, by parameter name)."""
-    import dataclasses
-    import inspect
-
-    from mnist_tracking.commands.register import register
-    from mnist_tracking.config import CompareConfig, EvolutionConfig, ProjectConfig, SweepConfig, TrainConfig
-
-    def of_dataclass(cls) -> dict:
-        return {f.name: f.default for f in dataclasses.fields(cls) if f.init and f.default is not dataclasses.MISSING}
-
-    return {
-        "main": ("train", of_dataclass(TrainConfig)),
-        "project": ("project", of_dataclass(ProjectConfig)),
-        "evolution": ("evolution", of_dataclass(EvolutionConfig)),
-        "compare": ("compare", of_dataclass(CompareConfig)),
-        "register": ("register", {name: p.default for name, p in inspect.signature(register).parameters.items()
-                                  if name != "echo"}),
-        "sweep": ("sweep", of_dataclass(SweepConfig)),
-    }
+COMMANDS = sorted(path.stem for path in (REPO / "mnist_tracking" / "commands").glob("*.py") if path.stem != "__init__")
 
 
-@pytest.mark.parametrize("entry_point", ["main", "project", "evolution", "compare", "register", "sweep"])
-def test_defaults_agree_in_mlproject_the_cli_and_the_code(entry_point):
-    command, code_defaults = entry_point_defaults()[entry_point]
-    spec = mlproject()["entry_points"][entry_point]["parameters"]
-    options = {p.name: p for p in cli.commands[command].params}
-    assert set(options) == set(spec)
-    for name, option in options.items():
-        if option.required:  # run_id of project: no default anywhere
-            assert name not in code_defaults and "default" not in spec[name], name
-            continue
-        assert name in code_defaults, f"{entry_point}: --{name} has no default in the code it calls"
-        assert option.default == code_defaults[name], (name, option.default, code_defaults[name])
-        assert CLICK_TYPES[spec[name]["type"]](spec[name]["default"]) == code_defaults[name], name
+@pytest.mark.parametrize("command", COMMANDS)
+def test_commands_import_no_other_command(command):
+    """Each commands/<entry point>.py is a leaf: what several commands share lives outside commands/."""
+    imported = imported_modules(f"commands.{command}")
+    others = sorted(name for name in imported if name.startswith("mnist_tracking.commands") or name == "commands")
+    assert not others, f"commands/{command}.py imports {others}"
+
+
+def test_every_entry_point_has_its_command_module():
+    from mnist_tracking.config import ENTRY_POINTS
+
+    assert sorted(command for command, _ in ENTRY_POINTS.values()) == COMMANDS
+    assert sorted(ENTRY_POINTS) == sorted(mlproject()["entry_points"])

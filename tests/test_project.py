@@ -24,8 +24,7 @@ from mnist_tracking.config import ProjectConfig
 
 
 def project(run_id, echo=lambda line: None, **options):
-    from mnist_tracking.commands.project import project_and_log
-
+    from mnist_tracking.projection_run import project_and_log
     return project_and_log(ProjectConfig(run_id=run_id, **options), echo=echo)
 
 

@@ -22,8 +22,8 @@ from helpers import (
     EPOCH_METRICS, SUBPROCESS_ENV, TINY, env_for, free_port, history, invoke, one_error_line, start_training, steps,
     wait_until,
 )
-from mnist_tracking.commands import train as train_command
-from mnist_tracking.commands.train import train_and_log
+from mnist_tracking import epoch_logger, training_logs
+from mnist_tracking.training_run import train_and_log
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.runs import KIND_TAG, PROCESS_TAG, this_process
 
@@ -36,17 +36,17 @@ def quiet(line: str) -> None:
 
 def interrupted_after_epoch_1(data_dir, monkeypatch, **overrides) -> str:
     """A training of 3 epochs stopped (KILLED, as by Ctrl-C) once epoch 1 is logged; its run id."""
-    original = train_command.EpochLogger.__call__
+    original = epoch_logger.EpochLogger.__call__
 
     def stop_after_one(self, result, trainer):
         original(self, result, trainer)
         raise KeyboardInterrupt("SIGINT")
 
-    monkeypatch.setattr(train_command.EpochLogger, "__call__", stop_after_one)
+    monkeypatch.setattr(epoch_logger.EpochLogger, "__call__", stop_after_one)
     config = TrainConfig(data_dir=str(data_dir), epochs=3, **{**TINY_CONFIG, **overrides})
     with pytest.raises(KeyboardInterrupt):
         train_and_log(config, echo=quiet, progress=False)
-    monkeypatch.setattr(train_command.EpochLogger, "__call__", original)
+    monkeypatch.setattr(epoch_logger.EpochLogger, "__call__", original)
     [run] = mlflow.search_runs(filter_string="attributes.status = 'KILLED'", order_by=["attributes.start_time DESC"],
                                max_results=1, output_format="list")
     return run.info.run_id
@@ -97,7 +97,7 @@ def test_a_run_whose_results_failed_to_log_is_finished_by_a_resume(data_dir, fre
     def store_went_away(*args, **kwargs):
         raise RuntimeError("the tracking store went away")
 
-    monkeypatch.setattr(train_command, "log_training_results", store_went_away)
+    monkeypatch.setattr(training_logs, "log_training_results", store_went_away)
     with pytest.raises(Exception) as failure:
         train_and_log(TrainConfig(data_dir=str(data_dir), epochs=2, **TINY_CONFIG), echo=quiet, progress=False)
     monkeypatch.undo()
@@ -178,7 +178,7 @@ def test_concurrent_registrations_leave_the_alias_on_the_best_model(trained_run,
     accuracies = [0.91, 0.97, 0.93, 0.95, 0.92, 0.96]
     runs = [copy_of_model(trained_run, accuracy, fresh_experiment) for accuracy in accuracies]
     best = runs[accuracies.index(max(accuracies))]
-    code = "import sys; from mnist_tracking.commands.register import register_run; register_run(sys.argv[1], sys.argv[2], echo=lambda l: None)"
+    code = "import sys; from mnist_tracking.registry import register_run; register_run(sys.argv[1], sys.argv[2], echo=lambda l: None)"
     for round_ in range(3):
         name = f"race-{fresh_experiment}-{round_}"
         processes = [subprocess.Popen([sys.executable, "-c", code, run_id, name], cwd=tmp_path,

@@ -15,8 +15,11 @@ from conftest import FAST, N_TEST, REPO, fake_digits
 from helpers import free_port, run_cli
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
-from mnist_tracking.commands.register import best_training_run, register, register_run
-from mnist_tracking.commands.train import train_and_log
+from mnist_tracking.experiments import best_training_run
+from mnist_tracking.commands.register import register as register_command
+from mnist_tracking.config import RegisterConfig
+from mnist_tracking.registry import register_run
+from mnist_tracking.training_run import train_and_log
 from mnist_tracking.runs import KIND_TAG
 
 SERVE_START_TIMEOUT = 180  # seconds; `mlflow models serve` takes 10-30 s on an idle machine
@@ -78,15 +81,15 @@ def test_champion_rule_better_model_takes_the_alias_by_loss(runs):
 
 def test_registering_a_run_twice_reuses_its_version(runs):
     name = unique_name()
-    first = register(experiment=runs["experiment"], name=name, echo=lambda line: None)
-    again = register(run_id=runs["good"], name=name, echo=lambda line: None)
+    first = register_command(RegisterConfig(experiment=runs["experiment"], name=name), echo=lambda line: None)
+    again = register_command(RegisterConfig(run_id=runs["good"], name=name), echo=lambda line: None)
     assert (again.version, again.created, again.has_alias) == (first.version, False, True)
     assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
 
 
 def test_version_links_the_logged_model_and_carries_tags(runs):
     name = unique_name()
-    registration = register(experiment=runs["experiment"], name=name, echo=lambda line: None)
+    registration = register_command(RegisterConfig(experiment=runs["experiment"], name=name), echo=lambda line: None)
     version = MlflowClient().get_model_version(name, registration.version)
     [model] = mlflow.search_logged_models(
         experiment_ids=[runs["experiment_id"]], filter_string=f"source_run_id = '{runs['good']}'", output_format="list"
@@ -149,7 +152,7 @@ def test_bad_input_is_a_one_line_user_error(case, runs, no_model_run, fresh_expe
     kwargs, expected = bad_input(case, runs, no_model_run, fresh_experiment)
     name = unique_name()
     with pytest.raises(UserError) as error:
-        register(name=name, echo=lambda line: None, **kwargs)
+        register_command(RegisterConfig(name=name, **kwargs), echo=lambda line: None)
     assert expected in str(error.value) and "\n" not in str(error.value)
     assert MlflowClient().search_registered_models(f"name = '{name}'") == []  # nothing half-written
 

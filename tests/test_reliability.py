@@ -24,7 +24,7 @@ from helpers import (
 from mnist_tracking import cli
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
-from mnist_tracking.commands.train import train_and_log
+from mnist_tracking.training_run import train_and_log
 from mnist_tracking.runs import KIND_TAG
 
 def assert_store_consistent(run, tmp_path):

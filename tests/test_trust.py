@@ -111,8 +111,7 @@ def fake_training(metrics: dict[str, float]) -> str:
 
 
 def test_the_best_run_is_never_one_with_an_impossible_metric(fresh_experiment):
-    from mnist_tracking.commands.register import best_training_run
-
+    from mnist_tracking.experiments import best_training_run
     fake_training({"best_val_acc": 2.0})
     fake_training({"best_val_acc": math.nan})
     good = fake_training({"best_val_acc": 0.97})
@@ -130,8 +129,7 @@ def test_registering_an_impossible_metric_is_one_line(fresh_experiment):
 
 
 def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, fresh_experiment):
-    from mnist_tracking.commands.register import register_run
-
+    from mnist_tracking.registry import register_run
     client, name = MlflowClient(), f"nan-holder-{trained_run[:6]}"
     nan_run = fake_training({"best_val_acc": math.nan})
     client.create_registered_model(name)
@@ -148,8 +146,7 @@ def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, 
 
 
 def test_register_refuses_a_model_that_is_not_pickle_free(data_dir, fresh_experiment, tmp_path):
-    from mnist_tracking.commands.train import train_and_log
-
+    from mnist_tracking.training_run import train_and_log
     run_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1}), echo=lambda line: None,
                            progress=False)
     [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
@@ -170,8 +167,7 @@ def test_register_refuses_runs_that_are_not_finished_trainings(fresh_experiment)
 
 
 def test_the_printed_serve_command_refuses_pickles(trained_run):
-    from mnist_tracking.commands.register import register_run
-
+    from mnist_tracking.registry import register_run
     lines = []
     register_run(trained_run, f"serve-{trained_run[:6]}", echo=lines.append)
     [serve] = [line for line in lines if line.startswith("Serve it:")]
@@ -185,8 +181,7 @@ def training_with_features(arrays: dict[str, np.ndarray]) -> str:
     """A finished 'training' run whose features/test.npz holds these arrays."""
     with mlflow.start_run() as run:
         mlflow.set_tag(KIND_TAG, "training")
-        from mnist_tracking.runs import log_arrays
-
+        from mnist_tracking.artifacts import log_arrays
         log_arrays(arrays, "features/test.npz")
     return run.info.run_id
 

@@ -115,10 +115,10 @@ def fill_store(uri: str, folder: Path, data_dir: Path) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mnist_tracking.commands.evolution import evolve_and_log
-    from mnist_tracking.commands.project import project_and_log
-    from mnist_tracking.commands.register import register_run
-    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.evolution_run import evolve_and_log
+    from mnist_tracking.projection_run import project_and_log
+    from mnist_tracking.registry import register_run
+    from mnist_tracking.training_run import train_and_log
     from mnist_tracking.config import EvolutionConfig, ProjectConfig, TrainConfig
 
     with pytest.MonkeyPatch.context() as env:

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from helpers import POINT_POSITION, array, offline_chromium, plot_data, wait_for_plot
-from mnist_tracking import projector, views
+from mnist_tracking import projector, sprites, views
 
 N_POINTS = 150
 DIMS_2D, DIMS_3D = 2, 3
@@ -59,7 +59,7 @@ def page_2d() -> tuple[str, tuple]:
     data = points()
     coords, labels, predictions, indices, thumbnails = data
     page = views.scatter_html(coords, labels, predictions, indices, "t-SNE of a run", ("t-SNE 1", "t-SNE 2"),
-                              views.sprite_png(thumbnails))
+                              sprites.sprite_png(thumbnails))
     return page, data
 
 
@@ -132,7 +132,7 @@ def test_colour_toggle_by_label_prediction_and_correctness(page_2d):
 
 def test_three_dims_is_a_rotatable_scene():
     coords, labels, predictions, indices, thumbnails = points(dims=DIMS_3D)
-    page = views.scatter_html(coords, labels, predictions, indices, "3-D", ("a", "b"), views.sprite_png(thumbnails))
+    page = views.scatter_html(coords, labels, predictions, indices, "3-D", ("a", "b"), sprites.sprite_png(thumbnails))
     data, layout = plot_data(page)
     assert {trace["type"] for trace in data} == {"scatter3d"} and "scene" in layout
     assert sum(len(array(trace["z"])) for trace in data) == N_POINTS
@@ -155,7 +155,7 @@ def test_hover_script_cuts_the_points_cell_from_the_sprite(page_2d):
     assert f"cols = {cols}, side = 28, scale = {views.HOVER_SCALE}" in page
     assert 'plotly_hover' in page and 'document.getElementById("embedding")' in page
     url = re.search(r'spriteUrl = "data:image/png;base64,([^"]+)"', page).group(1)
-    assert base64.b64decode(url) == views.sprite_png(thumbnails)
+    assert base64.b64decode(url) == sprites.sprite_png(thumbnails)
 
 
 # --------------------------------------------------------------------------- sprite
@@ -165,27 +165,27 @@ def test_sprite_places_point_i_in_row_major_cells():
     n = 11  # 4 x 4 cells, 5 of them empty
     thumbnails = np.stack([np.full((28, 28), 10 * (i + 1), dtype=np.uint8) for i in range(n)])
     thumbnails[:, 0, :] = 255  # a bright top row in each image: the orientation survives
-    image = views.sprite(thumbnails)
+    image = sprites.sprite(thumbnails)
     assert image.shape == (4 * 28, 4 * 28) and image.dtype == np.uint8
     for i in range(n):
         row, col = divmod(i, 4)
         np.testing.assert_array_equal(image[row * 28 : (row + 1) * 28, col * 28 : (col + 1) * 28], thumbnails[i])
     assert not image[2 * 28 + 28 :, 3 * 28 :].any()  # unused cells stay black
-    assert views.sprite(thumbnails[:1]).shape == (28, 28)
+    assert sprites.sprite(thumbnails[:1]).shape == (28, 28)
 
 
 def test_sprite_too_large_for_tensorboard_is_refused():
-    side = views.SPRITE_MAX_SIDE // 28 + 1  # one cell too many per row
+    side = sprites.SPRITE_MAX_SIDE // 28 + 1  # one cell too many per row
     with pytest.raises(ValueError, match="sprite"):
-        views.sprite(np.zeros((side * side, 28, 28), dtype=np.uint8))
+        sprites.sprite(np.zeros((side * side, 28, 28), dtype=np.uint8))
 
 
 def test_png_keeps_the_image_in_sixteen_grey_levels():
     image = np.tile(np.arange(256, dtype=np.uint8), (30, 1))  # (30, 256): every grey
-    decoded = np.asarray(Image.open(io.BytesIO(views.png_bytes(image))).convert("L"))
+    decoded = np.asarray(Image.open(io.BytesIO(sprites.png_bytes(image))).convert("L"))
     assert decoded.shape == image.shape
-    assert len(np.unique(decoded)) == 2**views.SPRITE_BITS
-    assert np.abs(decoded.astype(int) - image).max() <= 255 / (2**views.SPRITE_BITS - 1) / 2 + 1
+    assert len(np.unique(decoded)) == 2**sprites.SPRITE_BITS
+    assert np.abs(decoded.astype(int) - image).max() <= 255 / (2**sprites.SPRITE_BITS - 1) / 2 + 1
     assert decoded[0, 0] == 0 and decoded[0, 255] == 255
 
 
@@ -196,7 +196,7 @@ def test_png_keeps_the_image_in_sixteen_grey_levels():
 def export():
     coords, labels, predictions, indices, thumbnails = points()
     features = np.random.default_rng(1).normal(size=(N_POINTS, 64)).astype(np.float32)
-    files = projector.export_files(features, labels, predictions, indices, views.sprite_png(thumbnails))
+    files = projector.export_files(features, labels, predictions, indices, sprites.sprite_png(thumbnails))
     return files, (features, labels, predictions, indices)
 
 
@@ -240,7 +240,7 @@ def test_projector_sprite_is_the_square_grid_tensorboard_expects(export):
     files, _ = export
     sprite = Image.open(io.BytesIO(files["sprite.png"]))
     side = math.ceil(math.sqrt(N_POINTS)) * 28
-    assert sprite.size == (side, side) and side <= views.SPRITE_MAX_SIDE
+    assert sprite.size == (side, side) and side <= sprites.SPRITE_MAX_SIDE
 
 
 def test_projector_export_without_sprite():
@@ -263,7 +263,7 @@ def test_hovering_a_point_shows_its_thumbnail_index_and_answer(tmp_path):
     # each point's image one flat grey, 20 levels from its neighbours' (never black, the canvas's background)
     grey = [40 + 20 * (i % 10) for i in range(len(labels))]
     thumbnails = np.stack([np.full((28, 28), g, dtype=np.uint8) for g in grey])
-    page = views.scatter_html(coords, labels, predictions, indices, "hover", ("a", "b"), views.sprite_png(thumbnails))
+    page = views.scatter_html(coords, labels, predictions, indices, "hover", ("a", "b"), sprites.sprite_png(thumbnails))
     (tmp_path / "view.html").write_text(page)
     driver = offline_chromium()
     try:

@@ -9,23 +9,37 @@ from mlflow.tracking import MlflowClient
 
 from mnist_tracking import plots
 from mnist_tracking import study as studies
-from mnist_tracking.commands.compare import (
-    COMPARED_RUNS_TAG, Compared, common_sample, compared_runs, n_points, pair_metrics,
+from mnist_tracking.comparison_run import Compared, n_points, pair_metrics, prepared
+from mnist_tracking.comparison_run import log_comparison as log_comparison_outputs
+from mnist_tracking.config import (
+    CompareConfig,
+    EvolutionConfig,
+    ProjectConfig,
+    SweepConfig,
 )
-from mnist_tracking.commands.compare import log_comparison as log_comparison_outputs
-from mnist_tracking.commands.evolution import evolve_and_log
-from mnist_tracking.commands.project import METHOD_TITLES, load_coordinates, project_and_log
-from mnist_tracking.commands.train import train_and_log
-from mnist_tracking.config import CompareConfig, EvolutionConfig, ProjectConfig, SweepConfig
-from mnist_tracking.evolution import first_epoch_reaching
 from mnist_tracking.data import load_splits
+from mnist_tracking.embedding import METHOD_TITLES
 from mnist_tracking.errors import UserError, first_line
+from mnist_tracking.evolution import first_epoch_reaching
+from mnist_tracking.evolution_run import evolve_and_log
+from mnist_tracking.links import ui_hint, ui_url
+from mnist_tracking.projection_run import load_coordinates, project_and_log
 from mnist_tracking.reports import changed_answers_table, comparison_table
 from mnist_tracking.runs import (
-    KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, RESUMED_FROM_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run, get_run,
-    log_new_params, mark_experiment, ui_hint, ui_url,
+    KIND_TAG,
+    NOTE_TAG,
+    PARENT_RUN_TAG,
+    RESUMED_FROM_TAG,
+    STATUS_REASON_TAG,
+    Kind,
+    end_active_run,
+    end_run,
+    get_run,
+    log_new_params,
+    mark_experiment,
 )
-from mnist_tracking.study import SweepRow, Training, scale_note
+from mnist_tracking.study import SweepRow, Training, differing_params, scale_note
+from mnist_tracking.training_run import train_and_log
 
 SWEEP_RUN_NAME = "seed-study"
 SWEEP_LABEL_TAG = "sweep_label"
@@ -199,7 +213,7 @@ def resumable_sweep(config: SweepConfig, planned: list[Training]) -> tuple:
     name = old.info.run_name
     if old.data.tags.get(KIND_TAG) != Kind.SWEEP:
         raise UserError(f"run {old.info.run_id} ({name}) is not a sweep; pass the id of a {SWEEP_RUN_NAME} parent run to resume")
-    differ = config.same_study(old.data.params)
+    differ = differing_params(config, old.data.params)
     if differ:
         raise UserError(f"sweep {old.info.run_id} ran with {', '.join(differ)}; resume it with the same parameters")
     labels = {t.label for t in planned}
@@ -248,10 +262,7 @@ def compare_trainings(rows: list[SweepRow], config: SweepConfig, echo: Callable[
     echo(f"\n=== comparing the {len(finished)} finished trainings on aligned maps")
     try:
         compare_config = CompareConfig(run_ids=",".join(row.run_id for row in finished), methods=config.methods)
-        runs = compared_runs(compare_config.run_id_list, compare_config.split)
-        sample, shared = common_sample(runs, compare_config)
-        mlflow.set_tag(COMPARED_RUNS_TAG, compare_config.run_ids)
-        return log_comparison_outputs(runs, sample, shared, compare_config, echo)
+        return log_comparison_outputs(*prepared(compare_config), compare_config, echo)
     except Exception as exc:  # noqa: BLE001 - the trainings are kept; the figure uses their own layouts
         echo(f"Error: comparing the trainings failed: {first_line(exc)}")
         return None

@@ -1,6 +1,4 @@
-"""Resuming a training (`main --resume-from`): the old run's checkpoint (the store's or this machine's
-later copy), read without unpickling, the config that continues it, and what a lost store leaves safe."""
-
+"""A training's checkpoints: last.pt in the store and in this machine's cache, read back without unpickling."""
 from __future__ import annotations
 
 import os
@@ -11,46 +9,27 @@ from pathlib import Path
 
 import mlflow
 import torch
-from mlflow.tracking import MlflowClient
 
-from mnist_tracking.config import TrainConfig, resumed_config
-from mnist_tracking.errors import UserError, first_line
-from mnist_tracking.training import Trainer
-from mnist_tracking.runs import (
-    KIND_TAG, Kind, download_artifact, end_run, get_run, has_artifact, log_bytes, process_is_gone, running_where,
-    temporary_folder, torch_bytes,
+from mnist_tracking.artifacts import (
+    download_artifact,
+    has_artifact,
+    log_bytes,
+    temporary_folder,
+    torch_bytes,
 )
+from mnist_tracking.errors import UserError, first_line, is_store_error
+from mnist_tracking.source_runs import require_training_run
+from mnist_tracking.trainer import Trainer
 
 LAST_CHECKPOINT = "checkpoints/last.pt"
+
+
 # A copy of each training run's latest last.pt outside the store, so that a store or server that
 # stops answering mid-training loses no finished epoch: $MNIST_TRACKING_CHECKPOINT_CACHE, else
 # $XDG_CACHE_HOME (or ~/.cache)/mnist-tracking/checkpoints/<run id>/last.pt; removed once the run finished.
 CACHE_VARIABLE = "MNIST_TRACKING_CHECKPOINT_CACHE"
+
 CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
-
-
-def checked_resume(config: TrainConfig, given: set[str] | None = None) -> tuple[dict, TrainConfig]:
-    """The checkpoint of the run to resume and the config that continues it; UserError when it cannot.
-
-    `given`: the parameters the user passed explicitly (see config.resumed_config)."""
-    run = resumable_run(config.resume_from)
-    checkpoint = load_checkpoint_of(run.info.run_id)
-    resumed = resumed_config(config, checkpoint, run.info.run_id, given, finished=run.info.status == "FINISHED")
-    check_prelogged_params(resumed)
-    if run.info.status == "RUNNING":  # its process is gone (resumable_run checked): say so on it
-        end_run(run.info.run_id, "its process ended without ending the run; it was resumed", "KILLED")
-    return checkpoint, resumed
-
-
-def resumable_run(run_id: str):
-    """The training run to resume; refused while it is still being trained by a live process."""
-    run = get_run(run_id)
-    if run.info.status == "RUNNING" and not process_is_gone(run):
-        raise UserError(
-            f"run {run.info.run_id} ({run.info.run_name}) is still RUNNING ({running_where(run)}); resuming it now "
-            f"would fork its training: stop it first (Ctrl-C or SIGTERM end it KILLED), then resume it"
-        )
-    return run
 
 
 def local_checkpoint(run_id: str) -> Path:
@@ -79,11 +58,7 @@ def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:
     """A training run's checkpoint, loaded without unpickling (`weights_only=True`), on the CPU:
     the store's, or this machine's local copy when that one holds a later epoch (the store
     stopped answering before it had it)."""
-    run = get_run(run_id)
-    kind = run.data.tags.get(KIND_TAG)
-    if kind != Kind.TRAINING:
-        what = f"a {kind} run, not a" if kind else "not a"
-        raise UserError(f"run {run_id} is {what} training run; pass the id of a training run")
+    require_training_run(run_id, "resume it", running_ok=True)
     local = local_checkpoint(run_id) if artifact == LAST_CHECKPOINT else None
     in_store = has_artifact(run_id, artifact)
     if not in_store and not (local and local.is_file()):
@@ -118,28 +93,6 @@ def read_checkpoint(path: str, run_id: str, artifact: str) -> dict:
     return checkpoint
 
 
-def check_prelogged_params(config: TrainConfig) -> None:
-    """Under `mlflow run` the run already has the entry point's parameters, as typed, and MLflow
-    refuses to change a logged value: they must be the resumed ones, or the run's params would lie."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    logged = MlflowClient().get_run(run_id).data.params
-    wrong = []
-    for name, value in config.to_dict().items():
-        if name in logged and name != "resume_from":
-            try:
-                same = type(value)(logged[name]) == value
-            except ValueError:
-                same = False
-            if not same:
-                wrong.append(f"-P {name}={value}")
-    if wrong:
-        raise UserError(
-            f"resuming run {config.resume_from} under mlflow run needs its parameters: pass {' '.join(wrong)}"
-        )
-
-
 def keep_last_checkpoint(trainer: Trainer) -> bytes:
     """The epoch's last.pt, written to this machine's cache before anything of the epoch goes to
     the store: a store that stops answering, or a kill -9 between the epoch's metrics and its
@@ -163,7 +116,7 @@ def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
     try:
         yield safe
     except Exception as exc:
-        store_error = type(exc).__module__.startswith(("mlflow", "requests", "urllib3", "sqlalchemy"))
+        store_error = is_store_error(exc)
         local = local_checkpoint(safe.get("run_id", ""))
         if not store_error or "run_id" not in safe or not local.is_file():
             raise

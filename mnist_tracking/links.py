@@ -1,0 +1,59 @@
+"""Where the tracking server and the MLflow UI are: the server check at start, the links we print."""
+from __future__ import annotations
+
+import socket
+from urllib.parse import quote, urlparse
+
+import mlflow
+
+from mnist_tracking.errors import UserError
+
+SERVER_CONNECT_TIMEOUT_S = 5  # an unreachable tracking server is reported after this, not after MLflow's retries
+
+UI_QUERY = "?workflowType=machine_learning"  # opens MLflow 3's "Model training" view
+
+
+def check_tracking_server() -> None:
+    """Fail at once, in one line, when MLFLOW_TRACKING_URI names a server nobody answers at.
+
+    MLflow itself retries a refused connection with backoff for minutes before it gives up;
+    a server that answers and then fails later still gets those retries.
+    """
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=SERVER_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise UserError(
+            f"cannot reach the tracking server at {uri} ({reason}); start it (for example "
+            f"mlflow server --host 127.0.0.1 --port {port}), fix MLFLOW_TRACKING_URI, or unset it "
+            f"to log to ./mlflow.db"
+        ) from exc
+
+
+def ui_base() -> str:
+    """The tracking server when there is one, else where `mlflow ui` listens by default."""
+    uri = mlflow.get_tracking_uri()
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+
+
+def ui_url(experiment_id: str, run_id: str | None = None) -> str:
+    """The UI link of an experiment or run, for the current tracking URI."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{ui_base()}/{path}{UI_QUERY}"
+
+
+def ui_model_url(name: str, version: int) -> str:
+    """The UI link of a registered model version."""
+    return f"{ui_base()}/#/models/{quote(name, safe='')}/versions/{version}{UI_QUERY}"
+
+
+def ui_hint() -> str:
+    """How to start the UI that `ui_url` points at, when it is not a tracking server's."""
+    if urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https"):
+        return ""
+    return "  (start the UI with: mlflow ui --host 127.0.0.1 --port 5000)"
