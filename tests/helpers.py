@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-
 import time
 
 import numpy as np
@@ -178,3 +177,32 @@ def wait_for_plot(driver, plot_id: str, timeout: float = 120) -> None:
     while not driver.execute_script(f"var p = document.getElementById('{plot_id}'); return !!(p && p._fullLayout && p._fullData);"):
         assert time.monotonic() < deadline, "the plot was not drawn"
         time.sleep(0.5)
+
+
+def assert_store_consistent(run, tmp_path):
+    """A run that ended: contiguous per-epoch metrics from step 1, and checkpoints that load."""
+    assert run.info.status in ("KILLED", "FAILED", "FINISHED"), run.info.status
+    completed = steps(run.info.run_id)
+    assert completed == list(range(1, len(completed) + 1))
+    for name in EPOCH_METRICS:
+        assert steps(run.info.run_id, name) == completed, name
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "checkpoints")}
+    if not completed:
+        assert artifacts == set()
+        return 0
+    assert artifacts == {"checkpoints/best.pt", "checkpoints/last.pt"}
+    last = load_artifact(run.info.run_id, "checkpoints/last.pt", tmp_path / run.info.run_id)
+    best = load_artifact(run.info.run_id, "checkpoints/best.pt", tmp_path / run.info.run_id)
+    assert last["epoch"] == len(completed)
+    assert 1 <= best["epoch"] <= len(completed)
+    return len(completed)
+
+
+class CreatesAFile:
+    """Unpickling this calls open(path, "w"): what an attacker's checkpoint could run instead."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -1,16 +1,24 @@
 """The CLI and `mlflow run` end to end, as a user types them, in real subprocesses."""
 
+from __future__ import annotations
+
+import os
 import subprocess
+import time
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import REPO
-from helpers import run_cli
-
-
-def runs_of(experiment_id):
-    return MlflowClient().search_runs([experiment_id])
+from helpers import (
+    STARTUP_TIMEOUT_S,
+    SUBPROCESS_ENV,
+    TINY,
+    cli_command,
+    invoke,
+    one_error_line,
+    run_cli,
+    runs_of,
+)
+from mlflow.tracking import MlflowClient
 
 
 @pytest.mark.parametrize(
@@ -75,3 +83,88 @@ def test_mlflow_run_with_bad_input_fails_the_run_with_a_reason(tmp_path, data_di
     [run] = runs_of(fresh_experiment)  # `mlflow run` made it before our command started
     assert run.info.status == "FAILED"
     assert "rmsprop" in run.data.tags["status_reason"]
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--scheduler", "step"], "unknown scheduler 'step': choose one of none, plateau, cosine"),
+        (["--early-stopping-monitor", "train_loss"],
+         "unknown early_stopping_monitor 'train_loss': choose one of val_acc, val_loss, val_acc_or_loss"),
+        (["--device", "tpu"], "unknown device 'tpu': choose one of auto, cpu, cuda, mps"),
+        (["--precision", "fp16"], "unknown precision 'fp16': choose one of auto, fp32, bf16"),
+        (["--lr", "-1"], "lr must be a number > 0"),
+        (["--lr", "nan"], "lr must be a number > 0"),
+        (["--batch-size", "0"], "batch_size must be at least 2"),
+        (["--val-fraction", "0"], "val_fraction must be between 0 and 1"),
+        (["--lr", "abc"], "Invalid value for '--lr': 'abc' is not a valid float; see"),
+        (["--epochs", "two"], "Invalid value for '--epochs': 'two' is not a valid integer"),
+    ],
+)
+def test_bad_parameters_are_one_line_and_leave_no_run(fresh_experiment, args, expected):
+    result = invoke("train", *args)
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert expected in one_error_line(result.stderr)
+    assert "Usage:" not in result.stderr  # click's usage block would make it several lines
+    assert runs_of(fresh_experiment) == []
+
+
+def test_unreachable_tracking_server_is_one_line_and_quick(tmp_path, data_dir):
+    with socket_on_a_free_port() as port:  # bound, never listening: connections are refused
+        started = time.monotonic()
+        result = subprocess.run(
+            cli_command("train", "--data-dir", str(data_dir), *TINY, "--epochs", "1"),
+            cwd=tmp_path, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+            env={**os.environ, **SUBPROCESS_ENV, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"},
+        )
+        seconds = time.monotonic() - started
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
+    assert f"cannot reach the tracking server at http://127.0.0.1:{port}" in line
+    assert "Connection refused" in line
+    # MLflow's own retries would take minutes; the check answers after the imports.
+    assert seconds < STARTUP_TIMEOUT_S / 2
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_a_non_number_fails_the_run_in_one_line(tmp_path, data_dir, fresh_experiment):
+    # MLflow does not check a float parameter: our command gets `--lr abc` and must fail the run.
+    result = subprocess.run(
+        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment,
+         "-P", "lr=abc", "-P", f"data_dir={data_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **SUBPROCESS_ENV},
+    )
+    assert result.returncode != 0
+    assert "Error: Invalid value for '--lr': 'abc' is not a valid float" in result.stderr
+    assert "Traceback" not in result.stderr and "Usage:" not in result.stderr
+    [run] = runs_of(fresh_experiment)
+    assert run.info.status == "FAILED"
+    assert "'abc' is not a valid float" in run.data.tags["status_reason"]
+
+
+def test_the_cli_help_still_answers(tmp_path):
+    result = invoke("--help")
+    assert result.exit_code == 0 and "train" in result.output
+    result = invoke()
+    assert "Usage:" in result.output  # no command: the help, as click shows it
+
+
+@pytest.mark.parametrize("command, args", [("train", ["--seed", "-1"]), ("train", ["--seed", str(2**32)]),
+                                           ("project", ["--run-id", "x", "--seed", "-1"])])
+def test_seeds_numpy_cannot_take_are_one_line(command, args):
+    result = invoke(command, *args)
+    assert result.exit_code != 0
+    assert f"seed must be between 0 and {2**32 - 1}" in one_error_line(result.stderr)
+
+
+class socket_on_a_free_port:
+    def __enter__(self):
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc):
+        self.socket.close()

@@ -1,13 +1,26 @@
 """Each parameter is defined once (config.py): MLproject and the click options agree with it, and its checks hold."""
 
+from __future__ import annotations
+
 import re
 
 import pytest
 import yaml
-
 from conftest import REPO
+from helpers import (
+    invoke,
+    one_error_line,
+    runs_of,
+)
+
 from mnist_tracking.cli import main as cli
-from mnist_tracking.config import ENTRY_POINTS, CompareConfig, ProjectConfig, SweepConfig, TrainConfig
+from mnist_tracking.config import (
+    ENTRY_POINTS,
+    CompareConfig,
+    ProjectConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from mnist_tracking.errors import UserError
 from mnist_tracking.parameters import given_under_mlflow_run, parameters
 
@@ -89,3 +102,10 @@ def test_the_logged_params_are_the_parameters_only():
     config = TrainConfig(given=frozenset({"lr"}))
     assert list(config.to_dict()) == [p.name for p in parameters(TrainConfig)]
     assert TrainConfig.from_dict({**config.to_dict(), "world_size": 1}) == config
+
+
+def test_batch_size_one_is_refused_before_any_run(fresh_experiment):
+    result = invoke("train", "--batch-size", "1")
+    assert "batch_size must be at least 2 (BatchNorm cannot train on one image a batch), got 1" in one_error_line(
+        result.stderr)
+    assert runs_of(fresh_experiment) == []

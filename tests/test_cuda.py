@@ -10,13 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAST
+
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import load_splits
-from mnist_tracking.training import Diverged, evaluate, feature_arrays
-from mnist_tracking.trainer import Trainer
 from mnist_tracking.devices import resolve_device, resolve_precision
+from mnist_tracking.trainer import Trainer
+from mnist_tracking.training import Diverged, evaluate, feature_arrays
 
 pytestmark = [
     pytest.mark.cuda,

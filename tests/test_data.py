@@ -1,8 +1,16 @@
+from __future__ import annotations
+
 import pytest
 import torch
-
 from conftest import N_TEST, N_TRAIN, write_fake_dataset
-from mnist_tracking.data import batches, load_splits
+from helpers import (
+    TINY,
+    invoke,
+    one_error_line,
+    runs_of,
+)
+
+from mnist_tracking.data import Split, batches, load_splits
 from mnist_tracking.errors import UserError
 
 
@@ -68,3 +76,30 @@ def test_labels_of_another_file_are_a_clear_error(tmp_path):
     (raw / "train-labels-idx1-ubyte").write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
     with pytest.raises(UserError, match="do not match"):
         load_splits("mnist", tmp_path, 0.2, seed=0)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "labels_of_another_file"])
+def test_corrupt_idx_files_are_one_line_and_leave_no_run(tmp_path, fresh_experiment, damage):
+    raw = write_fake_dataset(tmp_path) / "MNIST" / "raw"
+    if damage == "truncated":  # a download cut in half
+        images = raw / "train-images-idx3-ubyte"
+        images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])
+        expected = "truncated or corrupt"
+    else:
+        (raw / "train-labels-idx1-ubyte").write_bytes((raw / "t10k-labels-idx1-ubyte").read_bytes())
+        expected = "do not match"
+    result = invoke("train", "--data-dir", str(tmp_path), *TINY)
+    assert result.exit_code != 0
+    line = one_error_line(result.stderr)
+    assert expected in line and str(raw) in line
+    assert runs_of(fresh_experiment) == []
+
+
+@pytest.mark.parametrize("n, batch_size", [(33, 32), (65, 32), (5, 4), (32, 32)])
+def test_no_training_batch_holds_one_image_and_none_is_skipped(n, batch_size):
+    split = Split(torch.arange(n).float().view(n, 1, 1, 1), torch.arange(n), torch.arange(n))
+    sizes, seen = [], []
+    for images, labels in batches(split, batch_size, torch.Generator().manual_seed(0)):
+        sizes.append(len(labels))
+        seen.extend(labels.tolist())
+    assert min(sizes) >= 2 and sorted(seen) == list(range(n))  # every image once, none alone

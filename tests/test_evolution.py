@@ -7,15 +7,15 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, N_TRAIN
+from helpers import array, plot_data, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import FAST, N_TRAIN
-from helpers import array, plot_data, run_cli
 from mnist_tracking import evolution, evolution_view, sprites, views
 from mnist_tracking.config import EvolutionConfig, TrainConfig
-from mnist_tracking.resumption import resumed_config
 from mnist_tracking.errors import UserError
+from mnist_tracking.resumption import resumed_config
 from mnist_tracking.runs import KIND_TAG
 
 N_VAL = int(N_TRAIN * 0.2)  # every val point of the fake data: fewer than the default snapshot_points
@@ -41,9 +41,9 @@ def image_steps(run_id, key):
 @pytest.fixture(scope="module")
 def evolution_run(trained_run):
     """One default evolution (pca, tsne) of the shared training run."""
-    from mnist_tracking.evolution_run import evolve_and_log
+    from mnist_tracking.commands.evolution import evolution as evolution_command
     lines = []
-    return evolve_and_log(EvolutionConfig(run_id=trained_run), echo=lines.append), lines
+    return evolution_command(EvolutionConfig(run_id=trained_run), echo=lines.append), lines
 
 
 # --------------------------------------------------------------------------- snapshots of a training run

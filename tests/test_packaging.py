@@ -3,11 +3,10 @@
 import subprocess
 import sys
 import time
-import tomllib
 
 import pytest
+import tomllib
 import yaml
-
 from conftest import REPO
 
 CLICK_TYPES = {"float": float, "int": int, "string": str, "path": str}
@@ -93,3 +92,30 @@ def test_every_entry_point_has_its_command_module():
 
     assert sorted(command for command, _ in ENTRY_POINTS.values()) == COMMANDS
     assert sorted(ENTRY_POINTS) == sorted(mlproject()["entry_points"])
+
+
+BENCHMARKS = sorted((REPO / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=[path.stem for path in BENCHMARKS])
+def test_every_benchmark_script_imports_and_names_only_what_the_package_has(script):
+    """The benchmarks import the package lazily, inside their functions: each name they import from
+    it (anywhere in the file) must exist, so that a moved function breaks this test, not a long run."""
+    import ast
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{script.stem}", script)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))  # top level only: nothing runs
+    missing = []
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mnist_tracking"):
+            module = importlib.import_module(node.module)
+            missing += [f"{node.module}.{alias.name}" for alias in node.names if not hasattr(module, alias.name)
+                        and importlib.util.find_spec(f"{node.module}.{alias.name}") is None]
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in {
+                "evolution", "embedding", "views", "plots", "sprites", "evolution_view", "comparison", "snapshots"}:
+            module = importlib.import_module(f"mnist_tracking.{node.value.id}")
+            if not hasattr(module, node.attr):
+                missing.append(f"mnist_tracking.{node.value.id}.{node.attr}")
+    assert not missing, missing

@@ -1,26 +1,39 @@
 """The `register` entry point and `register_as`: a real Model Registry in the temporary store."""
 
+from __future__ import annotations
+
+import math
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+from conftest import FAST, N_TEST, REPO, fake_digits
+from helpers import (
+    SUBPROCESS_ENV,
+    TINY,
+    free_port,
+    invoke,
+    one_error_line,
+    run_cli,
+    runs_of,
+)
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, N_TEST, REPO, fake_digits
-from helpers import free_port, run_cli
-from mnist_tracking.config import TrainConfig
+from mnist_tracking.commands.register import register as register_command
+from mnist_tracking.config import RegisterConfig, TrainConfig
 from mnist_tracking.errors import UserError
 from mnist_tracking.experiments import best_training_run
-from mnist_tracking.commands.register import register as register_command
-from mnist_tracking.config import RegisterConfig
 from mnist_tracking.registry import register_run
-from mnist_tracking.training_run import train_and_log
 from mnist_tracking.runs import KIND_TAG
+from mnist_tracking.training_run import train_and_log
 
 SERVE_START_TIMEOUT = 180  # seconds; `mlflow models serve` takes 10-30 s on an idle machine
 PIXEL_MAX = 255.0  # the fake IDX files hold uint8 pixels; the model takes [0, 1]
@@ -111,8 +124,10 @@ def test_register_command_prints_the_version_and_a_ui_link(runs, tmp_path):
 
 def test_register_as_registers_the_training_run(data_dir, fresh_experiment):
     name, lines = unique_name(), []
+    from mnist_tracking.commands.train import train
+
     config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1}, register_as=name)
-    run_id = train_and_log(config, echo=lines.append, progress=False)
+    run_id = train(config, echo=lines.append, progress=False)
     assert MlflowClient().get_model_version_by_alias(name, "champion").run_id == run_id
     assert any(f"as {name} version 1" in line for line in lines)
 
@@ -269,3 +284,109 @@ def test_served_champion_answers_like_the_model_and_rejects_bad_input(runs, tmp_
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def copy_of_model(trained_run: str, accuracy: float, experiment_id: str) -> str:
+    """A FINISHED training run with `best_val_acc` = accuracy and a copy of `trained_run`'s logged model."""
+    [source] = mlflow.search_logged_models(experiment_ids=[MlflowClient().get_run(trained_run).info.experiment_id],
+                                           filter_string=f"source_run_id = '{trained_run}'", output_format="list")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.set_tag(KIND_TAG, "training")
+        mlflow.log_metric("best_val_acc", accuracy)
+        model = mlflow.initialize_logged_model(name="model", source_run_id=run.info.run_id)
+        target = Path(model.artifact_location.removeprefix("file://"))
+        shutil.copytree(Path(source.artifact_location.removeprefix("file://")), target, dirs_exist_ok=True)
+        mlflow.finalize_logged_model(model.model_id, "READY")
+    return run.info.run_id
+
+
+@pytest.mark.slow
+def test_concurrent_registrations_leave_the_alias_on_the_best_model(trained_run, fresh_experiment, tmp_path):
+    accuracies = [0.91, 0.97, 0.93, 0.95, 0.92, 0.96]
+    runs = [copy_of_model(trained_run, accuracy, fresh_experiment) for accuracy in accuracies]
+    best = runs[accuracies.index(max(accuracies))]
+    code = "import sys; from mnist_tracking.registry import register_run; register_run(sys.argv[1], sys.argv[2], echo=lambda l: None)"
+    for round_ in range(3):
+        name = f"race-{fresh_experiment}-{round_}"
+        processes = [subprocess.Popen([sys.executable, "-c", code, run_id, name], cwd=tmp_path,
+                                      env={**os.environ, **SUBPROCESS_ENV}, stderr=subprocess.PIPE, text=True)
+                     for run_id in runs]
+        for process in processes:
+            assert process.wait(timeout=600) == 0, process.stderr.read()[-2000:]
+        holder = MlflowClient().get_model_version_by_alias(name, "champion")
+        assert holder.run_id == best, (round_, holder.run_id, best)
+        assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == len(runs)  # one version each
+
+
+def test_an_invalid_register_as_fails_before_training(fresh_experiment, data_dir):
+    result = invoke("train", "--data-dir", str(data_dir), *TINY, "--register-as", "a/b")
+    assert "name 'a/b' is not allowed" in one_error_line(result.stderr)
+    assert runs_of(fresh_experiment) == []  # not after a whole training
+
+
+def fake_training(metrics: dict[str, float]) -> str:
+    with mlflow.start_run() as run:
+        mlflow.set_tag(KIND_TAG, "training")
+        mlflow.log_metrics(metrics)
+    return run.info.run_id
+
+
+def test_the_best_run_is_never_one_with_an_impossible_metric(fresh_experiment):
+    from mnist_tracking.experiments import best_training_run
+    fake_training({"best_val_acc": 2.0})
+    fake_training({"best_val_acc": math.nan})
+    good = fake_training({"best_val_acc": 0.97})
+    assert best_training_run(fresh_experiment, "best_val_acc").info.run_id == good
+    fake_training({"best_val_loss": -1.0})
+    low = fake_training({"best_val_loss": 0.05})
+    assert best_training_run(fresh_experiment, "best_val_loss").info.run_id == low
+
+
+def test_registering_an_impossible_metric_is_one_line(fresh_experiment):
+    run_id = fake_training({"best_val_acc": 2.0})
+    result = invoke("register", "--run-id", run_id, "--name", f"impossible-{run_id[:6]}")
+    assert "cannot be registered by best_val_acc: its best_val_acc is 2.0, outside [0, 1]" in one_error_line(
+        result.stderr)
+
+
+def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, fresh_experiment):
+    from mnist_tracking.registry import register_run
+    client, name = MlflowClient(), f"nan-holder-{trained_run[:6]}"
+    nan_run = fake_training({"best_val_acc": math.nan})
+    client.create_registered_model(name)
+    [model] = mlflow.search_logged_models(experiment_ids=[MlflowClient().get_run(trained_run).info.experiment_id],
+                                          filter_string=f"source_run_id = '{trained_run}'", output_format="list")
+    held = client.create_model_version(name, f"models:/{model.model_id}", run_id=nan_run)
+    client.set_registered_model_alias(name, "champion", held.version)
+    registration = register_run(trained_run, name, echo=lambda line: None)
+    assert registration.has_alias and "not a valid value" in registration.alias_reason
+    assert int(client.get_model_version_by_alias(name, "champion").version) == registration.version
+
+
+def test_register_refuses_a_model_that_is_not_pickle_free(data_dir, fresh_experiment, tmp_path):
+    from mnist_tracking.training_run import train_and_log
+    run_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1}), echo=lambda line: None,
+                           progress=False)
+    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    data = Path(model.artifact_location.removeprefix("file://")) / "data"
+    (data / "model.pt2").rename(data / "model.pth")  # what a pickled model (or a planted one) looks like
+    result = invoke("register", "--run-id", run_id, "--name", f"pickled-{run_id[:6]}")
+    assert "its model is not in the pickle-free pt2 format (data/ holds model.pth)" in one_error_line(result.stderr)
+
+
+def test_register_refuses_runs_that_are_not_finished_trainings(fresh_experiment):
+    with mlflow.start_run() as projection:
+        mlflow.set_tag(KIND_TAG, "projection")
+    result = invoke("register", "--run-id", projection.info.run_id)
+    assert "is a projection run, not a training run" in one_error_line(result.stderr)
+    running = MlflowClient().create_run(fresh_experiment, tags={KIND_TAG: "training"})
+    result = invoke("register", "--run-id", running.info.run_id)
+    assert "is RUNNING, not FINISHED; only a finished training can be registered" in one_error_line(result.stderr)
+
+
+def test_the_printed_serve_command_refuses_pickles(trained_run):
+    from mnist_tracking.registry import register_run
+    lines = []
+    register_run(trained_run, f"serve-{trained_run[:6]}", echo=lines.append)
+    [serve] = [line for line in lines if line.startswith("Serve it:")]
+    assert serve.startswith("Serve it: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve")

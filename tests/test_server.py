@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
 from helpers import EPOCH_METRICS, free_port
 

@@ -6,15 +6,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO
-from mnist_tracking.errors import UserError
 from mnist_tracking.commands.sweep import sweep_and_log
 from mnist_tracking.config import SweepConfig
-from mnist_tracking.reports import comparison_table
+from mnist_tracking.errors import UserError
 from mnist_tracking.runs import PARENT_RUN_TAG
-from mnist_tracking.study import SEED_TRAININGS, SweepRow, scaled, trainings
+from mnist_tracking.study import SEED_TRAININGS, scaled, trainings
 
 TINY_SCALE = 0.05  # (1) 1 epoch, (2) 20 -> 1 epoch, (3) 50 -> 2 epochs (patience 5 -> 1)
 
@@ -183,24 +182,6 @@ def test_resume_refuses_a_run_that_is_not_a_like_sweep(data_dir, fresh_experimen
     with pytest.raises(UserError, match=rf"^sweep {parent_id} ran with methods=pca, epochs_scale=0.05; resume it with the same"):
         sweep_and_log(replace(config, resume=parent_id, methods="tsne", epochs_scale=1.0), study=SEED_TRAININGS[:1])
     assert len(MlflowClient().search_runs([fresh_experiment])) == before  # no run was started by the refusals
-
-
-def test_comparison_table_formats_metrics_and_failures():
-    rows = [
-        SweepRow(label="(a)", status="FINISHED", seed_reported="12.40%",
-                 metrics={"best_val_acc": 0.1147, "best_val_loss": 2.30791, "best_epoch": 1.0, "test_acc": 0.126},
-                 params={"lr": "1e-06", "optimizer": "sgd", "activation": "relu"}, epochs_run=1, seconds=281.4,
-                 projection={"pca": {"knn_acc": 0.36, "trustworthiness": 0.7, "silhouette": -0.1}}),
-        SweepRow(label="(b)", status="FAILED", reason="diverged | badly", seed_reported="-"),
-    ]
-    lines = comparison_table(rows, ["pca"]).splitlines()
-    header = lines[0].split(" | ")
-    assert len(lines) == 4 and all(line.count("|") == lines[0].count("|") for line in lines)
-    cells = dict(zip(header, lines[2].split(" | ")))
-    assert cells["best val acc"] == "11.47%" and cells["val loss"] == "2.3079" and cells["lr"] == "1e-06"
-    assert cells["best epoch"] == "1" and cells["test acc"] == "12.60%" and cells["wall time"] == "4 min 41 s"
-    assert cells["pca kNN acc / trust. / silh."] == "0.360 / 0.700 / -0.100"
-    assert "FAILED: diverged / badly" in lines[3]
 
 
 def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_experiment):

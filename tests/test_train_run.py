@@ -1,18 +1,46 @@
 """The `main` entry point's core: one real run in a temporary store, checked against SPEC."""
 
-import json
+from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import time
+
+import mlflow
 import numpy as np
 import pytest
 import torch
+from conftest import FAST, N_TEST, N_TRAIN, REPO
+from helpers import (
+    EPOCH_METRICS,
+    STARTUP_TIMEOUT_S,
+    SUBPROCESS_ENV,
+    SUMMARY_METRICS,
+    TINY,
+    assert_store_consistent,
+    cli_command,
+    env_for,
+    history,
+    load_artifact,
+    one_error_line,
+    runs_of,
+    start_training,
+    steps,
+    wait_until,
+)
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
-from conftest import FAST, N_TEST, N_TRAIN
-from helpers import EPOCH_METRICS, SUMMARY_METRICS
+from mnist_tracking import cli
 from mnist_tracking.config import TrainConfig
+from mnist_tracking.errors import UserError
 from mnist_tracking.model import ConvNet
-
+from mnist_tracking.training_run import train_and_log
 
 
 def download(run_id, path, tmp_path):
@@ -225,3 +253,142 @@ def test_each_epoch_logs_its_val_confusion_matrix_for_the_step_slider(trained_ru
     # MLflow names them images/<key>+step+<step>+timestamp+<ms>+<uuid>.png (and a compressed copy)
     steps = sorted({int(p.split("+step+")[1].split("+")[0]) for p in images if "val_confusion_matrix+" in p})
     assert steps == list(range(1, FAST["epochs"] + 1)), images
+
+
+def test_divergence_in_the_first_epoch_fails_the_run_with_the_reason(data_dir, fresh_experiment):
+    config = TrainConfig(data_dir=str(data_dir), lr=1e6, momentum=0.0, epochs=3, batch_size=16,
+                         max_samples=60, device="cpu", precision="fp32")
+    with pytest.raises(UserError, match=r"diverged: the (training|validation) loss became (nan|inf).*no epoch was complete") as err:
+        train_and_log(config, echo=lambda line: None, progress=False)
+    assert "\n" not in str(err.value)
+    [run] = runs_of(fresh_experiment)
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["status_reason"]
+    assert steps(run.info.run_id) == []
+    assert MlflowClient().list_artifacts(run.info.run_id, "checkpoints") == []
+
+
+@pytest.mark.slow
+def test_divergence_after_an_epoch_keeps_the_best_checkpoint(tmp_path, data_dir, fresh_experiment):
+    # Plain SGD at lr=200 on the tiny data: epoch 1 ends with a finite (huge) loss, epoch 2 overflows.
+    result = subprocess.run(
+        cli_command("train", "--data-dir", str(data_dir), *TINY, "--epochs", "5", "--lr", "200",
+                    "--momentum", "0", "--scheduler", "none"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S, env=env_for(fresh_experiment),
+    )
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
+    assert "diverged" in line and "its best checkpoint (epoch 1) is kept" in line
+    [run] = runs_of(fresh_experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["status_reason"].startswith("diverged: the")
+    assert steps(run.info.run_id) == [1]
+    best = load_artifact(run.info.run_id, "checkpoints/best.pt", tmp_path)
+    assert best["epoch"] == 1 and set(best["state_dict"]) >= {"conv1.weight", "fc2.bias"}
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_with_its_completed_epochs(tmp_path, data_dir, fresh_experiment):
+    process = start_training(data_dir, fresh_experiment, "--epochs", "200", "--early-stopping", "0", cwd=tmp_path)
+    run = lambda: (runs_of(fresh_experiment) or [None])[0]
+    wait_until(lambda: run() is not None and steps(run().info.run_id), process, STARTUP_TIMEOUT_S, "epoch 1")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == cli.EXIT_INTERRUPTED
+    line = one_error_line(stderr)
+    assert "interrupted by SIGTERM after epoch" in line and "ended KILLED" in line
+    finished = run()
+    assert finished.info.status == "KILLED"
+    epochs = assert_store_consistent(finished, tmp_path)
+    assert epochs >= 1
+    assert finished.data.tags["status_reason"].startswith(f"interrupted by SIGTERM after epoch {epochs};")
+    assert f"--resume-from {finished.info.run_id}" in line
+
+
+@pytest.mark.slow
+def test_kills_at_random_points_leave_the_store_consistent(tmp_path, data_dir, fresh_experiment):
+    """Fault injection: SIGTERM or SIGINT at seeded random moments: after 0, 1 or 2 epochs are in
+    the store, plus a random delay (so also while an epoch's metrics and checkpoints are written)."""
+    rng = random.Random(3)  # kills after 0, 1 and 2 epochs, by SIGTERM and SIGINT
+    seen = []
+    for attempt in range(3):
+        experiment = mlflow.create_experiment(f"{fresh_experiment}-kill-{attempt}")
+        process = start_training(data_dir, experiment, "--epochs", "200", "--early-stopping", "0", cwd=tmp_path)
+        after_epochs = rng.choice([0, 1, 2])
+        wait_until(
+            lambda: runs_of(experiment) and len(steps(runs_of(experiment)[0].info.run_id)) >= after_epochs,
+            process, STARTUP_TIMEOUT_S, f"{after_epochs} epochs",
+        )
+        time.sleep(rng.uniform(0.0, 1.0))
+        signum = rng.choice([signal.SIGTERM, signal.SIGINT])
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == cli.EXIT_INTERRUPTED, stderr[-2000:]
+        one_error_line(stderr)
+        [run] = runs_of(experiment)
+        assert run.info.status == "KILLED", run.data.tags
+        seen.append(assert_store_consistent(run, tmp_path))
+        assert seen[-1] >= after_epochs
+        assert run.data.tags["status_reason"].startswith(f"interrupted by {signum.name} after epoch {seen[-1]}")
+    print("epochs completed at each kill:", seen)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_mlflow_run_keeps_the_epochs_and_the_reason(tmp_path, data_dir, fresh_experiment):
+    # Ctrl-C in a terminal signals the whole foreground process group: `mlflow run`, which then
+    # also sends SIGTERM to its child, and our command.
+    process = subprocess.Popen(
+        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment,
+         "-P", f"data_dir={data_dir}", "-P", "epochs=200", "-P", "batch_size=16", "-P", "max_samples=60",
+         "-P", "device=cpu", "-P", "precision=fp32", "-P", "early_stopping=0"],
+        cwd=tmp_path, env={**os.environ, **SUBPROCESS_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    run = lambda: (runs_of(fresh_experiment) or [None])[0]
+    wait_until(lambda: run() is not None and steps(run().info.run_id), process, STARTUP_TIMEOUT_S, "epoch 1")
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    # Our command saw Ctrl-C's SIGINT first, and ignored the SIGTERM of `mlflow run` after it.
+    assert re.search(r"Error: interrupted by SIGINT after epoch \d+: run \w+ is ended KILLED", stderr), stderr[-2000:]
+    finished = run()
+    # Our command ends the run KILLED; `mlflow run` (MLflow 3.17) then sets FAILED over it, since its
+    # _maybe_set_run_terminated compares the status string with integer codes and never sees the
+    # run as ended. The reason and everything logged stay.
+    assert finished.info.status in ("KILLED", "FAILED")
+    assert finished.data.tags["status_reason"].startswith("interrupted by SIGINT after epoch")
+    assert assert_store_consistent(finished, tmp_path) >= 1
+
+
+@pytest.mark.slow
+def test_concurrent_trainings_keep_every_metric(three_runs):
+    client = MlflowClient()
+    for name, epochs in (("full", 3), ("again", 3), ("first_two", 2)):
+        run = client.get_run(three_runs[name])
+        assert run.info.status == "FINISHED"
+        for metric in EPOCH_METRICS:
+            assert steps(run.info.run_id, metric) == list(range(1, epochs + 1)), (name, metric)
+        assert {"best_val_acc", "test_acc", "best_epoch"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_same_parameters_and_seed_give_identical_metrics(three_runs):
+    assert history(three_runs["full"]) == history(three_runs["again"])
+
+
+def test_a_full_disk_while_logging_is_one_line_and_the_run_is_not_left_running(tmp_path, data_dir):
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store}/mlflow.db"
+    limit = 4 * 2**20  # bytes a file may grow to: the store's database fits, a checkpoint (~7 MB and up) does not
+
+    def small_files():  # RLIMIT_FSIZE: writing past it fails with EFBIG (Python ignores SIGXFSZ), as a full disk would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(cli_command("train", "--data-dir", str(data_dir), *TINY, "--epochs", "1"), cwd=store,
+                            env={**env_for("0"), "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                            timeout=600, preexec_fn=small_files)
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
+    assert line.startswith("Error: cannot write ") and "File too large" in line and "--resume-from" in line
+    [run] = MlflowClient(tracking_uri=uri).search_runs(["0"])
+    assert run.info.status == "FAILED"

@@ -2,15 +2,15 @@ import math
 
 import pytest
 import torch
-
 from conftest import FAST
+
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import load_splits
+from mnist_tracking.devices import resolve_device, resolve_precision
 from mnist_tracking.errors import UserError
 from mnist_tracking.resumption import resumed_config
-from mnist_tracking.training import Diverged, evaluate
 from mnist_tracking.trainer import Trainer, TrainState, record_epoch
-from mnist_tracking.devices import resolve_device, resolve_precision
+from mnist_tracking.training import Diverged, evaluate
 
 
 class Stop(Exception):

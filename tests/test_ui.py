@@ -23,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST
 from helpers import EPOCH_METRICS, free_port
 
@@ -115,11 +114,11 @@ def fill_store(uri: str, folder: Path, data_dir: Path) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    from mnist_tracking.config import EvolutionConfig, ProjectConfig, TrainConfig
     from mnist_tracking.evolution_run import evolve_and_log
     from mnist_tracking.projection_run import project_and_log
     from mnist_tracking.registry import register_run
     from mnist_tracking.training_run import train_and_log
-    from mnist_tracking.config import EvolutionConfig, ProjectConfig, TrainConfig
 
     with pytest.MonkeyPatch.context() as env:
         previous = mlflow.get_tracking_uri()

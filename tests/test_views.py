@@ -10,9 +10,15 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from helpers import (
+    POINT_POSITION,
+    array,
+    offline_chromium,
+    plot_data,
+    wait_for_plot,
+)
 from PIL import Image
 
-from helpers import POINT_POSITION, array, offline_chromium, plot_data, wait_for_plot
 from mnist_tracking import projector, sprites, views
 
 N_POINTS = 150
@@ -220,7 +226,9 @@ def test_projector_export_has_the_files_the_projector_reads(export):
 
 
 def test_projector_tensors_and_metadata_read_back(export, tmp_path):
-    from tensorboard.plugins.projector.projector_plugin import _read_tensor_tsv_file  # what the plugin calls
+    from tensorboard.plugins.projector.projector_plugin import (
+        _read_tensor_tsv_file,  # what the plugin calls
+    )
 
     files, (features, labels, predictions, indices) = export
     (tmp_path / "features.tsv").write_bytes(files["features.tsv"])
@@ -290,3 +298,13 @@ def test_hovering_a_point_shows_its_thumbnail_index_and_answer(tmp_path):
         assert all(abs(value - grey[row]) <= 10 for value in centre[:3]), (centre, grey[row])
     finally:
         driver.quit()
+
+
+def test_a_run_name_with_html_shows_as_text_in_the_views():
+    name = '<a href="https://example.invalid/">click</a>'
+    coords, labels = np.random.default_rng(0).normal(size=(20, 2)), np.arange(20) % 10
+    page = views.scatter_html(coords, labels, labels, np.arange(20), f"PCA of {name}")
+    _, layout = plot_data(page)
+    assert '<a href="https://example.invalid/">' not in layout["title"]["text"]
+    assert "&lt;a href=" in layout["title"]["text"]
+    assert '<a href="https://example.invalid/">' not in page.split("<body>")[0]  # nor in <title>
