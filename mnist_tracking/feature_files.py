@@ -28,21 +28,26 @@ def load_features(run_id: str, split: str) -> dict[str, np.ndarray]:
     before any work (a UserError says what is wrong)."""
     artifact = f"features/{split}.npz"
     with temporary_folder() as tmp:
-        path = download_artifact(run_id, artifact, tmp)
-        try:
-            unpacked = unpacked_size(path)
-            if unpacked > MAX_FEATURE_FILE_BYTES:
-                raise ValueError(f"it unpacks to {unpacked / 1e6:,.0f} MB, more than the "
-                                 f"{MAX_FEATURE_FILE_BYTES / 1e6:,.0f} MB the largest split's features take")
-            # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
-            with np.load(path, allow_pickle=False) as arrays:
-                present = [name for name in (*FEATURE_ARRAYS, *OPTIONAL_ARRAYS) if name in arrays.files]
-                return checked_feature_arrays({name: arrays[name] for name in present})
-        except (ValueError, KeyError, OSError, zipfile.BadZipFile) as exc:
-            raise UserError(
-                f"refusing to load {artifact} of run {run_id}: "
-                f"{first_line(exc)}; train the run again"
-            ) from exc
+        arrays = read_checked(run_id, artifact, download_artifact(run_id, artifact, tmp))
+    arrays["features"] = arrays["features"].astype(np.float32, copy=False)
+    return arrays
+
+
+def read_checked(run_id: str, artifact: str, path: str, finite: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of one feature file (features/<split>.npz or snapshots/epoch_NNN.npz) if they are
+    what `train` writes: at most MAX_FEATURE_FILE_BYTES unpacked, no pickle, the schema and values
+    of checked_feature_arrays; a one-line UserError naming the file otherwise."""
+    try:
+        unpacked = unpacked_size(path)
+        if unpacked > MAX_FEATURE_FILE_BYTES:
+            raise ValueError(f"it unpacks to {unpacked / 1e6:,.0f} MB, more than the "
+                             f"{MAX_FEATURE_FILE_BYTES / 1e6:,.0f} MB the largest split's features take")
+        # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
+        with np.load(path, allow_pickle=False) as arrays:
+            present = [name for name in (*FEATURE_ARRAYS, *OPTIONAL_ARRAYS) if name in arrays.files]
+            return checked_feature_arrays({name: arrays[name] for name in present}, finite)
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UserError(f"refusing to load {artifact} of run {run_id}: {first_line(exc)}; train the run again") from exc
 
 
 def unpacked_size(path: str) -> int:
@@ -51,8 +56,9 @@ def unpacked_size(path: str) -> int:
         return sum(member.file_size for member in archive.infolist())
 
 
-def checked_feature_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays of a feature file if they are what `train` writes; ValueError saying what is not."""
+def checked_feature_arrays(arrays: dict[str, np.ndarray], finite: bool = True) -> dict[str, np.ndarray]:
+    """The arrays of a feature file if they are what `train` writes; ValueError saying what is not.
+    finite: refuse NaN and infinite features (a snapshot of a diverging network may hold them)."""
     missing = [name for name in FEATURE_ARRAYS if name not in arrays]
     if missing:
         raise ValueError(f"it has no {', '.join(missing)} array")
@@ -69,9 +75,9 @@ def checked_feature_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
             raise ValueError(f"{name} must be digits 0-{NUM_CLASSES - 1}")
     if n and (arrays["indices"] < 0).any():
         raise ValueError("indices must be >= 0")
-    if not np.isfinite(features).all():
+    if finite and not np.isfinite(features).all():
         raise ValueError(f"features hold {int((~np.isfinite(features)).sum()):,} NaN or infinite values")
-    checked = {"features": features.astype(np.float32, copy=False),
+    checked = {"features": features,
                **{name: arrays[name].astype(np.int64, copy=False) for name in ("labels", "predictions", "indices")}}
     if "probabilities" in arrays:
         probabilities = arrays["probabilities"]
@@ -82,8 +88,9 @@ def checked_feature_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return checked
 
 
-def logged_snapshots(run_id: str, last_epoch: int | None = None) -> list[Snapshot]:
-    """A run's feature snapshots (`snapshots/epoch_NNN.npz`) in epoch order, up to `last_epoch`."""
+def logged_snapshots(run_id: str, last_epoch: int | None = None, finite: bool = True) -> list[Snapshot]:
+    """A run's feature snapshots (`snapshots/epoch_NNN.npz`) in epoch order, up to `last_epoch`, each
+    checked as a feature file is (finite=False lets a diverged epoch's NaN features through)."""
     files = sorted(
         (epoch, a.path) for a in MlflowClient().list_artifacts(run_id, snapshots.FOLDER)
         if (epoch := snapshots.epoch_of(a.path)) is not None and (last_epoch is None or epoch <= last_epoch)
@@ -91,7 +98,6 @@ def logged_snapshots(run_id: str, last_epoch: int | None = None) -> list[Snapsho
     found = []
     with temporary_folder() as tmp:
         for epoch, path in files:
-            # allow_pickle=False: an object array (a pickle) is refused before anything is unpickled.
-            with np.load(download_artifact(run_id, path, tmp), allow_pickle=False) as arrays:
-                found.append(Snapshot.from_arrays(epoch, arrays))
+            arrays = read_checked(run_id, path, download_artifact(run_id, path, tmp), finite)
+            found.append(Snapshot.from_arrays(epoch, arrays))
     return found

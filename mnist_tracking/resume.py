@@ -77,7 +77,7 @@ def log_resumed_state(trainer: Trainer, resume_from: str) -> None:
     mlflow.set_tags({RESUMED_FROM_TAG: resume_from, RESUMED_AT_TAG: str(state.epoch)})
     for past in state.history:
         mlflow.log_metrics({k: past[k] for k in EPOCH_METRICS}, step=past["epoch"])
-    for snapshot in logged_snapshots(resume_from, last_epoch=state.epoch):
+    for snapshot in logged_snapshots(resume_from, last_epoch=state.epoch, finite=False):
         knn_acc, image = judge_snapshot(snapshot, trainer.config.seed)
         log_snapshot(snapshot, knn_acc, image)  # no seconds: it was taken by the resumed run
     if state.best_epoch:

@@ -83,3 +83,47 @@ def test_project_refuses_malicious_features_and_runs_nothing(tmp_path, fresh_exp
     assert f"refusing to load features/test.npz of run {run.info.run_id}" in line
     assert not marker.exists(), "loading the features ran the attacker's code"
     assert len(runs_of(fresh_experiment)) == 1  # no projection run left behind
+
+
+def training_with_snapshots(damaged: dict[str, np.ndarray]) -> str:
+    """A finished 'training' run with a good snapshots/epoch_000.npz and a damaged epoch_001.npz."""
+    from mnist_tracking.artifacts import log_arrays
+
+    good = {**good_arrays(), "features": good_arrays()["features"].astype(np.float16)}
+    with mlflow.start_run() as run:
+        mlflow.set_tag(KIND_TAG, "training")
+        log_arrays(good, "snapshots/epoch_000.npz")
+        log_arrays(damaged, "snapshots/epoch_001.npz")
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("nan", "features hold 1 NaN or infinite values"),
+    ("no_indices", "it has no indices array"),
+    ("bomb", "MB, more than the"),
+])
+def test_snapshot_files_are_checked_like_feature_files(fresh_experiment, tmp_path, damage, expected):
+    arrays = {**good_arrays(), "features": good_arrays()["features"].astype(np.float16)}
+    if damage == "nan":
+        arrays["features"][3, 7] = np.nan
+    elif damage == "no_indices":
+        del arrays["indices"]
+    elif damage == "bomb":  # compresses to a few hundred kB, unpacks to 164 MB
+        arrays["features"] = np.zeros((80_000, 512), dtype=np.float32)
+    run_id = training_with_snapshots(arrays)
+    result = run_cli("evolution", "--run-id", run_id, "--methods", "pca", cwd=tmp_path)
+    assert result.returncode != 0
+    line = one_error_line(result.stderr)
+    assert f"refusing to load snapshots/epoch_001.npz of run {run_id}: " in line and expected in line, line
+    assert [r.info.run_id for r in runs_of(fresh_experiment)] == [run_id]  # no evolution run was left
+
+
+def test_a_snapshot_holding_a_pickle_is_refused_and_runs_nothing(tmp_path, fresh_experiment):
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "epoch_001.npz"
+    np.savez(planted, features=np.array([CreatesAFile(marker)], dtype=object), labels=np.zeros(1, dtype=np.int64))
+    run_id = training_with_snapshots(good_arrays())
+    mlflow.MlflowClient().log_artifact(run_id, str(planted), "snapshots")  # replaces epoch 1's file
+    result = invoke("evolution", "--run-id", run_id, "--methods", "pca")
+    assert "Object arrays cannot be loaded when allow_pickle=False" in one_error_line(result.stderr)
+    assert not marker.exists()

@@ -133,14 +133,21 @@ def trained_row(training: Training, run) -> SweepRow:
     )
 
 
-def project_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]) -> SweepRow:
-    """Project a sweep's training (a nested run); a failure leaves the row without projections."""
+def analysed(row: SweepRow, analysis: Callable[[], str], what: str, echo: Callable[[str], None]) -> str:
+    """Run one analysis of a sweep's training (a nested run); its run id, or "" when it failed (the
+    training is kept, and the comparison table says what is missing)."""
     try:
-        projection_id = project_and_log(ProjectConfig(run_id=row.run_id, methods=config.methods), echo=echo)
-    except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not projected
-        echo(f"Error: projecting {row.label} failed: {first_line(exc)}")
-        return row
-    return projected_row(row, projection_id, config)
+        return analysis()
+    except Exception as exc:  # noqa: BLE001 - one failed analysis must not end the sweep
+        echo(f"Error: {what} {row.label} failed: {first_line(exc)}")
+        return ""
+
+
+def project_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]) -> SweepRow:
+    """Project a sweep's training; a failure leaves the row without projections."""
+    projection_id = analysed(row, lambda: project_and_log(ProjectConfig(run_id=row.run_id, methods=config.methods),
+                                                           echo=echo), "projecting", echo)
+    return projected_row(row, projection_id, config) if projection_id else row
 
 
 def projected_row(row: SweepRow, projection_id: str, config: SweepConfig) -> SweepRow:
@@ -151,13 +158,10 @@ def projected_row(row: SweepRow, projection_id: str, config: SweepConfig) -> Swe
 
 
 def evolve_child(row: SweepRow, config: SweepConfig, echo: Callable[[str], None]) -> SweepRow:
-    """Follow a sweep's training epoch by epoch (a nested evolution run); a failure leaves the row without it."""
-    try:
-        evolution_id = evolve_and_log(EvolutionConfig(run_id=row.run_id, methods=config.methods), echo=echo)
-    except Exception as exc:  # noqa: BLE001 - the training is kept; the table says it was not followed
-        echo(f"Error: the evolution of {row.label} failed: {first_line(exc)}")
-        return row
-    return evolved_row(row, evolution_id, config)
+    """Follow a sweep's training epoch by epoch; a failure leaves the row without it."""
+    evolution_id = analysed(row, lambda: evolve_and_log(EvolutionConfig(run_id=row.run_id, methods=config.methods),
+                                                         echo=echo), "the evolution of", echo)
+    return evolved_row(row, evolution_id, config) if evolution_id else row
 
 
 def evolved_row(row: SweepRow, evolution_id: str, config: SweepConfig) -> SweepRow:
