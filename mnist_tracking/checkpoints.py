@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,32 +28,50 @@ LAST_CHECKPOINT = "checkpoints/last.pt"
 
 # A copy of each training run's latest last.pt outside the store, so that a store or server that
 # stops answering mid-training loses no finished epoch: $MNIST_TRACKING_CHECKPOINT_CACHE, else
-# $XDG_CACHE_HOME (or ~/.cache)/mnist-tracking/checkpoints/<run id>/last.pt; removed once the run finished.
+# $XDG_CACHE_HOME (or ~/.cache)/mnist-tracking/checkpoints/<run id>/last.pt (about 20 MB a run);
+# removed once the run finished, or once a resume of it finished. Private to its owner: it holds
+# the weights (folders 0700, files 0600).
 CACHE_VARIABLE = "MNIST_TRACKING_CHECKPOINT_CACHE"
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids: only such a name becomes a folder of the cache
+PRIVATE_FOLDER, PRIVATE_FILE = 0o700, 0o600
 
 CHECKPOINT_KEYS = ("state_dict", "best_state_dict", "optimizer", "train_state", "epoch", "params", "rng")
 
 
+def cache_folder() -> Path:
+    """The folder of this machine's copies of last.pt."""
+    return Path(os.environ.get(CACHE_VARIABLE) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mnist-tracking", "checkpoints"))
+
+
 def local_checkpoint(run_id: str) -> Path:
-    """Where this machine keeps its copy of a run's latest last.pt."""
-    base = os.environ.get(CACHE_VARIABLE) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mnist-tracking", "checkpoints")
-    return Path(base) / run_id / "last.pt"
+    """Where this machine keeps its copy of a run's latest last.pt. The run id comes from the
+    tracking store (a server may be anyone's): anything but 32 hex digits, such as "../..", could
+    point outside the cache, so it is refused."""
+    if not RUN_ID.fullmatch(run_id):
+        raise UserError(f"{run_id!r} is not an MLflow run id (32 hex digits): refusing to make it a path of the "
+                        f"checkpoint cache; check MLFLOW_TRACKING_URI (is it the server you mean?)")
+    return cache_folder() / run_id / "last.pt"
 
 
 def save_local_checkpoint(run_id: str, checkpoint: bytes) -> Path:
-    """Write the local copy whole or not at all (a temporary file renamed over the old one)."""
+    """Write the local copy whole or not at all (a temporary file renamed over the old one),
+    readable by its owner only."""
     path = local_checkpoint(run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    for folder in (cache_folder(), path.parent):
+        folder.mkdir(mode=PRIVATE_FOLDER, parents=True, exist_ok=True)
+        folder.chmod(PRIVATE_FOLDER)  # also one made by an older version, or with a looser umask
     partial = path.with_suffix(".partial")
-    partial.write_bytes(checkpoint)
+    with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "wb") as handle:
+        handle.write(checkpoint)
     partial.replace(path)
     return path
 
 
 def drop_local_checkpoint(run_id: str) -> None:
-    """The run finished: its store holds everything, the local copy goes."""
-    shutil.rmtree(local_checkpoint(run_id).parent, ignore_errors=True)
+    """The run finished (or a resume of it did): its store holds everything, the local copy goes."""
+    if RUN_ID.fullmatch(run_id):
+        shutil.rmtree(local_checkpoint(run_id).parent, ignore_errors=True)
 
 
 def load_checkpoint_of(run_id: str, artifact: str = LAST_CHECKPOINT) -> dict:
@@ -98,7 +118,14 @@ def keep_last_checkpoint(trainer: Trainer) -> bytes:
     the store: a store that stops answering, or a kill -9 between the epoch's metrics and its
     checkpoint, loses no finished epoch (resume reads whichever copy is later). Returns its bytes."""
     checkpoint = torch_bytes(trainer.checkpoint())
-    save_local_checkpoint(mlflow.active_run().info.run_id, checkpoint)
+    try:
+        save_local_checkpoint(mlflow.active_run().info.run_id, checkpoint)
+    except OSError as exc:  # a safety net, not a requirement: the store holds every epoch's last.pt
+        if not getattr(trainer, "warned_local_copy", False):
+            trainer.warned_local_copy = True
+            print(f"Warning: cannot keep a local copy of last.pt in {cache_folder()} ({exc.strerror or exc}); the "
+                  f"training goes on, with each epoch's checkpoint in the tracking store only "
+                  f"(set {CACHE_VARIABLE} to a writable folder to keep one)", file=sys.stderr)
     return checkpoint
 
 
@@ -117,8 +144,10 @@ def store_errors_say_what_is_safe(trainer: Trainer) -> Iterator[dict]:
         yield safe
     except Exception as exc:
         store_error = is_store_error(exc)
-        local = local_checkpoint(safe.get("run_id", ""))
-        if not store_error or "run_id" not in safe or not local.is_file():
+        if not store_error or not RUN_ID.fullmatch(safe.get("run_id", "")):
+            raise
+        local = local_checkpoint(safe["run_id"])
+        if not local.is_file():
             raise
         # The epoch the local copy holds (not the trainer's: the store may have failed before it was written)
         run_id, done = safe["run_id"], read_checkpoint(str(local), safe["run_id"], str(local))["epoch"]

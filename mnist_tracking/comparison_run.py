@@ -18,6 +18,7 @@ from mnist_tracking.feature_files import load_features
 from mnist_tracking.reports import changed_answers_table, columns_csv
 from mnist_tracking.runs import NOTE_TAG, Kind, log_new_params
 from mnist_tracking.source_runs import analysis_run, require_training_run, thumbnails
+from mnist_tracking.text import for_markdown
 
 FOLDER = "comparison"
 
@@ -53,7 +54,7 @@ def compare_and_log(config: CompareConfig, echo: Callable[[str], None] = print) 
         log_new_params(config.to_params())
         compared = log_comparison(runs, sample, shared, config, echo)
         labels = [f"({number}) {r.info.run_name}" for number, r in enumerate(runs, 1)]
-        mlflow.set_tag(NOTE_TAG, f"**{run.info.run_name}** of runs {', '.join(labels)}\n\n"
+        mlflow.set_tag(NOTE_TAG, f"**{for_markdown(run.info.run_name)}** of runs {', '.join(map(for_markdown, labels))}\n\n"
                                  + changed_answers_table(pair_metrics(compared.pairs), labels, n_points(compared)))
     return run.info.run_id
 

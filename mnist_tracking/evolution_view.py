@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.sprites import THUMB_SIDE
+from mnist_tracking.text import for_html
 from mnist_tracking.views import (
     CARD_SCRIPT,
     COLOR_MODES,
@@ -110,7 +110,7 @@ def evolution_figure(
     colour_buttons = [dict(label=text, method="skip", args=[None]) for _, text, _ in COLOR_MODES]
     steps = [dict(label=str(epoch), method="animate", args=[[name], _step_options()]) for epoch, name in zip(epochs, names)]
     layout = dict(
-        title=dict(text=f"{title}<br><sup>{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = before "
+        title=dict(text=f"{for_html(title)}<br><sup>{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = before "
                         f"training); press play or drag the slider; hover a point for its image</sup>",
                    x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container", font=dict(size=13)),
         template="plotly_white",
@@ -173,4 +173,4 @@ def evolution_html(
         default_width="100%", default_height="100%",
         config={"displaylogo": False, "responsive": True, "scrollZoom": True},
     )
-    return PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=div)
+    return PAGE.format(title=for_html(title), div=div)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from mnist_tracking import sprites, views
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
+from mnist_tracking.text import for_html
 
 PLOT_ID = "comparison"  # the id of the plot's <div>
 DATA_ID = "linked-points"  # the id of the <script type="application/json"> holding every map's points
@@ -54,7 +54,7 @@ def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray,
     from plotly.subplots import make_subplots
 
     n, runs = len(labels), len(layouts)
-    fig = make_subplots(rows=1, cols=runs, subplot_titles=run_titles, horizontal_spacing=0.015)
+    fig = make_subplots(rows=1, cols=runs, subplot_titles=[for_html(t) for t in run_titles], horizontal_spacing=0.015)
     rows = np.arange(n, dtype=np.int32)
     size = views.marker_size(n, 2)
     digit_traces: list[tuple[int, np.ndarray]] = []  # (run, members (n,) bool) per trace, in order
@@ -86,7 +86,7 @@ def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray,
         buttons.append(dict(label=text, method="update", args=[
             {"marker.color": colors}, {"legend.title.text": legend_title}, list(range(len(digit_traces)))]))
     fig.update_layout(
-        title=dict(text=f"{title}<br><sup>{n:,} images in every map, each map aligned to the first; hover a point: "
+        title=dict(text=f"{for_html(title)}<br><sup>{n:,} images in every map, each map aligned to the first; hover a point: "
                         f"the same image is ringed in every map</sup>",
                    x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container", font=dict(size=13)),
         template="plotly_white", hovermode="closest", dragmode="pan",
@@ -168,4 +168,4 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
                       config={"displaylogo": False, "responsive": True, "scrollZoom": True})
     data = linked_points(layouts, run_names, labels, indices, predictions, confidences, sprite)
     block = f'<script type="application/json" id="{DATA_ID}">{data}</script>\n{div}'
-    return views.PAGE.format(title=html.escape(title.replace("<br>", " "), quote=False), div=block)
+    return views.PAGE.format(title=for_html(title), div=block)

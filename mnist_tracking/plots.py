@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
+from mnist_tracking.text import for_mathtext
 
 DPI = 150  # print quality without megabyte PNGs
 
@@ -31,11 +32,6 @@ def training_curves(history: Sequence[dict]) -> Figure:
     return fig
 
 
-def plain(text: str) -> str:
-    """Text drawn as written: a `$` in a run name would start matplotlib's mathtext (and can raise)."""
-    return text.replace("$", r"\$")
-
-
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, title: str = "") -> Figure:
     """Counts of true digit (rows) against predicted digit (columns), titled with the test accuracy."""
     from sklearn.metrics import confusion_matrix as counts_of
@@ -51,7 +47,7 @@ def confusion_counts(counts: np.ndarray, title: str, size: tuple[float, float] =
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.subplots()
     ConfusionMatrixDisplay(counts, display_labels=list(range(NUM_CLASSES))).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(plain(title), fontsize=10)
+    ax.set_title(for_mathtext(title), fontsize=10)
     return fig
 
 
@@ -124,7 +120,7 @@ def embedding_scatter(
     _draw_embedding(ax, coords, labels, predictions, axis_labels)
     ax.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="center left",
               bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8, title_fontsize=8)
-    ax.set_title(plain(title), fontsize=9)
+    ax.set_title(for_mathtext(title), fontsize=9)
     return fig
 
 
@@ -140,10 +136,10 @@ def embedding_overview(
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, (name, coords, axis_labels) in zip(axes, panels):
         _draw_embedding(ax, coords, labels, predictions, axis_labels)
-        ax.set_title(plain(name), fontsize=9)
+        ax.set_title(for_mathtext(name), fontsize=9)
     fig.legend(handles=_legend_handles(labels, predictions), title="true digit", loc="outside right center",
                frameon=False, fontsize=8, title_fontsize=8)
-    fig.suptitle(plain(title), fontsize=10)
+    fig.suptitle(for_mathtext(title), fontsize=10)
     return fig
 
 
@@ -166,12 +162,12 @@ def comparison_grid(
         for ax in row_axes[len(panels):]:
             ax.set_axis_off()
         if not panels:  # a training that failed or was not projected: its row says so
-            row_axes[0].text(0.0, 0.5, plain(row_title), fontsize=9, va="center", transform=row_axes[0].transAxes)
+            row_axes[0].text(0.0, 0.5, for_mathtext(row_title), fontsize=9, va="center", transform=row_axes[0].transAxes)
         for col, (ax, (name, coords, labels, predictions)) in enumerate(zip(row_axes, panels)):
             _draw_embedding(ax, coords, labels, predictions)
-            ax.set_title(plain(name), fontsize=9)
+            ax.set_title(for_mathtext(name), fontsize=9)
             if col == 0:
-                ax.set_ylabel(plain(row_title), fontsize=9)
+                ax.set_ylabel(for_mathtext(row_title), fontsize=9)
     if shared_columns:
         for col in range(n_cols):
             cells = [(ax, panels[col][1]) for ax, (_, panels) in zip(axes[:, col], rows) if len(panels) > col]
@@ -183,7 +179,7 @@ def comparison_grid(
     handles[-1].set_label("misclassified")
     fig.legend(handles=handles, title="true digit", loc="outside right center",
                frameon=False, fontsize=8, title_fontsize=8)
-    fig.suptitle(plain(title), fontsize=10)
+    fig.suptitle(for_mathtext(title), fontsize=10)
     return fig
 
 
@@ -256,7 +252,7 @@ def evolution_frames(
         dots.set_offsets(layouts[frame])
         misclassified = layouts[frame][predictions[frame] != labels]
         wrong.set_offsets(misclassified if len(misclassified) else np.empty((0, 2)))
-        ax.set_title(f"{title}\nepoch {epoch}: kNN acc {scores[frame]:.3f}, "
+        ax.set_title(f"{for_mathtext(title)}\nepoch {epoch}: kNN acc {scores[frame]:.3f}, "
                      f"{len(misclassified):,} of {len(labels):,} misclassified", fontsize=8)
         images.append(figure_image(fig))
     return images
@@ -309,11 +305,11 @@ def aligned_maps(
     axes = np.atleast_1d(fig.subplots(1, n))
     for ax, (name, coords, predictions) in zip(axes, panels):
         _draw_embedding(ax, coords, labels, predictions)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(for_mathtext(name), fontsize=9)
     _share_limits(axes, [coords for _, coords, _ in panels])
     handles = _legend_handles(labels, labels)[:-1] + _legend_handles(np.zeros(1), np.ones(1))[-1:]
     handles[-1].set_label("misclassified")
     fig.legend(handles=handles, title="true digit", loc="outside right center",
                frameon=False, fontsize=8, title_fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(for_mathtext(title), fontsize=10)
     return fig

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mnist_tracking.text import for_markdown
+
 if TYPE_CHECKING:
     from mnist_tracking.study import SweepRow
 
@@ -118,7 +120,7 @@ def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
     for row in rows:
         metrics, params = row.metrics, row.params
         if row.status != "FINISHED":
-            cells = [row.label, row.run_name, f"{row.status}: {row.reason}".replace("|", "/")]
+            cells = [for_markdown(row.label), for_markdown(row.run_name), for_markdown(f"{row.status}: {row.reason}")]
             cells += [""] * (len(header) - len(cells) - 1) + [row.seed_reported]
             lines.append("| " + " | ".join(cells) + " |")
             continue
@@ -130,7 +132,7 @@ def comparison_table(rows: list[SweepRow], methods: list[str]) -> str:
             )
         best_epoch = metrics.get("best_epoch")
         cells = [
-            row.label, params.get("model", ""), _percent(metrics.get("best_val_acc")), _number(metrics.get("best_val_loss")),
+            for_markdown(row.label), params.get("model", ""), _percent(metrics.get("best_val_acc")), _number(metrics.get("best_val_loss")),
             f"{float(params['lr']):g}" if "lr" in params else "", params.get("optimizer", ""),
             params.get("activation", ""), "" if best_epoch is None else str(int(best_epoch)),
             "" if row.epochs_run is None else str(row.epochs_run), _percent(metrics.get("test_acc")),
@@ -165,7 +167,8 @@ def changed_answers_table(pair_metrics: dict[str, dict[str, float]], run_labels:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, metrics in pair_metrics.items():
         first, second = (int(number) for number in name.split("_"))
-        cells = [f"{first} → {second}: {run_labels[first - 1]} → {run_labels[second - 1]}", str(int(metrics["fixed"])),
+        cells = [f"{first} → {second}: {for_markdown(run_labels[first - 1])} → {for_markdown(run_labels[second - 1])}",
+                 str(int(metrics["fixed"])),
                  str(int(metrics["broken"])), str(int(metrics["changed"])), f"{metrics['moved_fraction']:.1%}"]
-        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -129,6 +129,8 @@ def finish(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -
     try:
         log_training_results(trainer, run, datasets, echo)
         drop_local_checkpoint(run.info.run_id)  # the store holds everything now
+        if trainer.config.resume_from:  # ... and the run it continued is done with too
+            drop_local_checkpoint(trainer.config.resume_from)
     except Exception as exc:  # the disk, the store: the epochs are safe, only the results are missing
         run_id = run.info.run_id
         cause = first_line(exc)

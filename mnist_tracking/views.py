@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import json
 import math
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
 from mnist_tracking.sprites import THUMB_SIDE
+from mnist_tracking.text import for_html
 
 HOVER_SCALE = 4  # the hovered thumbnail is drawn 4x (112 x 112 CSS pixels), pixels kept sharp
 
@@ -96,7 +96,7 @@ def figure(
     wrong = int((labels != predictions).sum())
     layout = dict(
         # Title lines at the top, the colour buttons under them (not beside: MLflow's viewer is narrow).
-        title=dict(text=f"{html.escape(title)}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
+        title=dict(text=f"{for_html(title)}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
                         f"click a legend entry to hide a digit</sup>",
                    x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container",
                    font=dict(size=13)),
@@ -215,7 +215,7 @@ def scatter_html(
         default_height="100%",
         config={"displaylogo": False, "responsive": True, "scrollZoom": True},
     )
-    return PAGE.format(title=html.escape(title, quote=False), div=div)
+    return PAGE.format(title=for_html(title), div=div)
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">

@@ -84,3 +84,53 @@ def test_a_server_that_dies_mid_training_loses_no_epoch(data_dir, tmp_path):
         assert not (tmp_path / "cache" / new.info.run_id).exists()  # a finished run keeps no local copy
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- the local cache itself
+
+
+def test_the_local_copy_is_private_to_its_owner_even_in_an_older_looser_folder(tmp_path, monkeypatch):
+    from mnist_tracking.checkpoints import CACHE_VARIABLE, save_local_checkpoint
+
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)  # as an older version (or a loose umask) left it
+    monkeypatch.setenv(CACHE_VARIABLE, str(cache))
+    old_umask = os.umask(0)  # the loosest: nothing masked
+    try:
+        path = save_local_checkpoint("0123456789abcdef0123456789abcdef", b"weights")
+    finally:
+        os.umask(old_umask)
+    assert path.read_bytes() == b"weights"
+    assert (cache.stat().st_mode & 0o777, path.parent.stat().st_mode & 0o777, path.stat().st_mode & 0o777) == (
+        0o700, 0o700, 0o600)
+
+
+@pytest.mark.parametrize("run_id", ["..", "../../etc", "0123456789abcdef0123456789abcde/", "", "A" * 32])
+def test_a_run_id_that_is_not_32_hex_digits_never_becomes_a_path(tmp_path, monkeypatch, run_id):
+    from mnist_tracking.checkpoints import CACHE_VARIABLE, drop_local_checkpoint, local_checkpoint
+    from mnist_tracking.errors import UserError
+
+    cache = tmp_path / "a" / "cache"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv(CACHE_VARIABLE, str(cache))
+    with pytest.raises(UserError, match="is not an MLflow run id"):
+        local_checkpoint(run_id)
+    drop_local_checkpoint(run_id)  # what a hostile server's id could make rmtree remove: nothing
+    assert cache.is_dir() and (tmp_path / "a").is_dir()
+
+
+def test_an_unwritable_cache_costs_one_warning_and_no_epoch(tmp_path, data_dir):
+    from helpers import cli_command
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # even root cannot make a folder below a file
+    env = {**os.environ, **SUBPROCESS_ENV, "MNIST_TRACKING_CHECKPOINT_CACHE": str(blocker / "cache")}
+    result = subprocess.run(cli_command("train", "--data-dir", str(data_dir), "--epochs", "2", *TINY),
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: cannot keep a local copy")]
+    assert len(warnings) == 1 and "the training goes on" in warnings[0], result.stderr[-2000:]
+    run_id = result.stdout.split("; run ")[1].split()[0]
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 2
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_acc")] == [1, 2]

@@ -53,7 +53,7 @@ def test_the_changed_answers_table_names_each_pair_and_keeps_its_columns():
                                   ["(1) a|b", "(2) c"], 1000)
     lines = table.splitlines()
     assert "1,000 images" in lines[0]
-    assert lines[-1] == "| 1 → 2: (1) a/b → (2) c | 5 | 1 | 2 | 25.0% |"  # a | in a name cannot split a cell
+    assert lines[-1] == "| 1 → 2: (1) a\\|b → (2) c | 5 | 1 | 2 | 25.0% |"  # a | in a name cannot split a cell
 
 
 def test_the_misclassified_table_keeps_the_most_confident_mistakes_first():

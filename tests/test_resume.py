@@ -236,3 +236,14 @@ def test_resume_refuses_a_malicious_checkpoint_and_runs_nothing(tmp_path, fresh_
     assert f"refusing to load checkpoints/last.pt of run {run.info.run_id}" in line
     assert not marker.exists(), "loading the checkpoint ran the attacker's code"
     assert len(runs_of(fresh_experiment)) == 1  # no new run
+
+
+def test_a_finished_resume_removes_the_local_copy_of_the_run_it_continued(data_dir, fresh_experiment, monkeypatch):
+    from mnist_tracking.checkpoints import local_checkpoint
+
+    origin = interrupted_after_epoch_1(data_dir, monkeypatch, snapshot_points=0)
+    assert local_checkpoint(origin).is_file()  # kept while the run may still be resumed
+    resumed = train_and_log(TrainConfig(resume_from=origin, given=frozenset({"resume_from"})), echo=quiet,
+                            progress=False)
+    assert MlflowClient().get_run(resumed).info.status == "FINISHED"
+    assert not local_checkpoint(origin).parent.exists() and not local_checkpoint(resumed).parent.exists()

@@ -308,3 +308,26 @@ def test_a_run_name_with_html_shows_as_text_in_the_views():
     assert '<a href="https://example.invalid/">' not in layout["title"]["text"]
     assert "&lt;a href=" in layout["title"]["text"]
     assert '<a href="https://example.invalid/">' not in page.split("<body>")[0]  # nor in <title>
+
+
+HOSTILE_NAME = '<a href="https://example.invalid/">click</a> $x$'
+
+
+def test_a_hostile_name_shows_as_text_in_the_evolution_and_comparison_views():
+    from mnist_tracking import evolution_view, linked_view
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(20) % 10
+    layouts = rng.normal(size=(3, 20, 2))
+    pages = {
+        "evolution": evolution_view.evolution_html(layouts, labels, np.stack([labels] * 3), np.arange(20), [0, 1, 2],
+                                                   f"t-SNE of {HOSTILE_NAME}"),
+        "comparison": linked_view.linked_html(list(layouts[:2]), ["1", "2"], [f"(1) {HOSTILE_NAME}", "(2) b"], labels,
+                                              np.arange(20), [labels, labels], [None, None], f"PCA of {HOSTILE_NAME}"),
+    }
+    for kind, page in pages.items():
+        _, layout = plot_data(page, "comparison" if kind == "comparison" else "")
+        texts = [layout["title"]["text"]] + [a["text"] for a in layout.get("annotations", [])]  # subplot titles
+        assert not any("<a href" in text for text in texts), (kind, texts)
+        assert any("&lt;a href=" in text for text in texts), kind
+        assert "<a href" not in page.split("<body>")[0], kind  # nor in <title>
