@@ -23,6 +23,7 @@ MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 # epoch for every activation (ReLU's zeros only make the compressed file smaller), and 100 points
 # per digit keep a 10-NN classifier and the 2-D layouts meaningful.
 DEFAULT_SNAPSHOT_POINTS = 1000
+MIN_SNAPSHOT_POINTS = 20  # two of each digit: what snapshots.MIN_POINTS_PER_DIGIT asks of every class
 # The Model Registry's defaults, for `register` and `main`'s register_as alike.
 REGISTERED_MODEL = "mnist-convnet"
 ALIAS = "champion"
@@ -77,6 +78,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_all(self)
+        if 0 < self.snapshot_points < MIN_SNAPSHOT_POINTS:  # a range with a hole: 0 (off), or enough to judge
+            raise UserError(f"snapshot_points must be 0 (off) or at least {MIN_SNAPSHOT_POINTS} (two of each digit), "
+                            f"got {self.snapshot_points}")
 
     def to_dict(self) -> dict:
         return values(self)

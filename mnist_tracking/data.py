@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_tracking.config import DATASETS
+from mnist_tracking.config import DATASETS, MIN_BATCH_SIZE
 from mnist_tracking.errors import UserError
 
 # Our names for torchvision's MNIST family; each class reads <root>/<ClassName>/raw/*-ubyte.
@@ -128,9 +128,9 @@ def load_splits(
 
     permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = int(round(n * val_fraction))
-    if n_val < 1 or n - n_val < 1:
+    if n_val < 1 or n - n_val < MIN_BATCH_SIZE:  # BatchNorm cannot train on fewer images than a batch of two
         raise UserError(
-            f"val_fraction={val_fraction} of {n} images leaves an empty split; "
+            f"val_fraction={val_fraction} of {n} images leaves {n - n_val} training and {n_val} val images; "
             f"use more images (max_samples) or a val_fraction nearer 0.5"
         )
     # Sorted positions keep the in-memory order of the file, which makes indices easy to read.

@@ -9,9 +9,12 @@ import numpy as np
 import torch
 
 from mnist_tracking.data import Split
+from mnist_tracking.digits import NUM_CLASSES
+from mnist_tracking.errors import UserError
 from mnist_tracking.embedding import knn_accuracy, stratified_subsample
 from mnist_tracking.training import evaluate
 
+MIN_POINTS_PER_DIGIT = 2  # a stratified 2-fold k-NN needs two of each digit
 FEATURE_DTYPE = np.float16  # the features' values keep 3 significant digits: enough to draw and to compare
 FOLDER = "snapshots"  # snapshots/epoch_000.npz, epoch_001.npz, ...: one file per epoch, written once
 ARRAYS = ("features", "predictions", "labels", "indices")
@@ -48,8 +51,16 @@ class Snapshot:
 
 
 def snapshot_points(split: Split, n_points: int, seed: int) -> Split:
-    """The fixed, seeded, stratified subsample of `split` (at most its size) that every snapshot records."""
+    """The fixed, seeded, stratified subsample of `split` (at most its size) that every snapshot records;
+    a UserError, before any training, when it leaves a digit too few points to judge (a k-NN with
+    cross-validation needs MIN_POINTS_PER_DIGIT of each)."""
     keep = torch.from_numpy(stratified_subsample(split.labels.numpy(), n_points, seed))
+    counts = np.bincount(split.labels[keep].numpy(), minlength=NUM_CLASSES)
+    if counts.min() < MIN_POINTS_PER_DIGIT:
+        raise UserError(
+            f"snapshot_points={n_points} of the {len(split.labels):,} val images leaves digit {int(counts.argmin())} "
+            f"{int(counts.min())} point(s), fewer than the {MIN_POINTS_PER_DIGIT} a snapshot needs of each: use more "
+            f"images (max_samples, val_fraction) or more snapshot_points, or snapshot_points=0 (no snapshots)")
     return Split(split.images[keep].contiguous(), split.labels[keep], split.indices[keep])
 
 

@@ -78,6 +78,9 @@ def test_strings_are_stripped_and_choices_case_insensitive():
     config = TrainConfig(optimizer=" SGD ", data_dir=" /data ", register_as=" my model ", resume_from="  ")
     assert (config.optimizer, config.data_dir, config.register_as, config.resume_from) == ("sgd", "/data", "my model", "")
     assert ProjectConfig(run_id=" abc ", split="TEST").run_id == "abc"
+    from mnist_tracking.config import RegisterConfig
+
+    assert RegisterConfig(name="my model ", alias=" champion", experiment=" exp").name == "my model"  # not a 2nd model
 
 
 def test_the_other_entry_points_check_their_ranges_too():
@@ -108,4 +111,23 @@ def test_batch_size_one_is_refused_before_any_run(fresh_experiment):
     result = invoke("train", "--batch-size", "1")
     assert "batch_size must be at least 2 (BatchNorm cannot train on one image a batch), got 1" in one_error_line(
         result.stderr)
+    assert runs_of(fresh_experiment) == []
+
+
+@pytest.mark.parametrize("points", [1, 10, 19])
+def test_too_few_snapshot_points_to_judge_are_refused_up_front(points):
+    with pytest.raises(UserError, match=rf"snapshot_points must be 0 \(off\) or at least 20 \(two of each digit\), got {points}"):
+        TrainConfig(snapshot_points=points)
+    assert TrainConfig(snapshot_points=0).snapshot_points == 0 and TrainConfig(snapshot_points=20).snapshot_points == 20
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--max-samples", "12"], "snapshot_points=1000 of the 2 val images leaves digit"),
+    (["--val-fraction", "0.999"], "val_fraction=0.999 of 400 images leaves 0 training and 400 val images"),
+])
+def test_ranges_that_depend_on_the_data_are_checked_before_any_run(data_dir, fresh_experiment, args, expected):
+    from helpers import invoke, one_error_line, runs_of
+
+    result = invoke("train", "--data-dir", str(data_dir), "--device", "cpu", *args)
+    assert result.exit_code != 0 and expected in one_error_line(result.stderr), result.stderr
     assert runs_of(fresh_experiment) == []

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import plots
+from mnist_tracking import plots, snapshots
 from mnist_tracking import study as studies
 from mnist_tracking.comparison_run import Compared, n_points, pair_metrics, prepared
 from mnist_tracking.comparison_run import log_comparison as log_comparison_outputs
@@ -58,7 +58,9 @@ def sweep_and_log(
     planned = studies.trainings(config, study)  # every config checked here
     old, earlier, stale = resumable_sweep(config, planned) if config.resume else (None, {}, [])
     first = planned[0].config
-    load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
+    splits = load_splits(first.dataset, first.data_dir, first.val_fraction, first.seed, first.max_samples)  # bad data: fail now
+    if first.snapshot_points:  # too few images for the snapshots: fail now, not in every child
+        snapshots.snapshot_points(splits.val, first.snapshot_points, first.seed)
 
     with mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
         parent_id = parent.info.run_id
