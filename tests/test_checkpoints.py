@@ -107,7 +107,11 @@ def test_the_local_copy_is_private_to_its_owner_even_in_an_older_looser_folder(t
 
 @pytest.mark.parametrize("run_id", ["..", "../../etc", "0123456789abcdef0123456789abcde/", "", "A" * 32])
 def test_a_run_id_that_is_not_32_hex_digits_never_becomes_a_path(tmp_path, monkeypatch, run_id):
-    from mnist_tracking.checkpoints import CACHE_VARIABLE, drop_local_checkpoint, local_checkpoint
+    from mnist_tracking.checkpoints import (
+        CACHE_VARIABLE,
+        drop_local_checkpoint,
+        local_checkpoint,
+    )
     from mnist_tracking.errors import UserError
 
     cache = tmp_path / "a" / "cache"

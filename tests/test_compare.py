@@ -121,13 +121,13 @@ def test_compare_refuses_a_run_that_is_not_a_training_run(trained_run, second_ru
     projection = project_and_log(ProjectConfig(run_id=trained_run, methods="pca"), echo=QUIET)
     assert refusal(f"{trained_run},{projection}") == (
         f"run {projection} ({MlflowClient().get_run(projection).info.run_name}) is a projection run, not a training "
-        f"run (its training run is {trained_run}); compare training runs")
+        f"run; pass its training run {trained_run}")
 
 
 def test_compare_refuses_a_running_run_and_too_few_shared_val_images(trained_run, second_run, fresh_experiment):
     running = MlflowClient().create_run(fresh_experiment, tags={"mnist_tracking.kind": "training"}).info.run_id
     assert refusal(f"{trained_run},{running}").startswith(f"run {running} (")
-    assert "is still RUNNING; wait for its training to finish" in refusal(f"{trained_run},{running}")
+    assert "wait for its training to finish, then compare it" in refusal(f"{trained_run},{running}")
     # The fake data holds 80 val images: fewer than a map worth reading.
     assert refusal(f"{trained_run},{second_run}", split="val").startswith(
         "the runs' val splits share only 80 images (at least 300 are needed)")

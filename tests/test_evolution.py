@@ -12,6 +12,9 @@ from helpers import array, plot_data, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from benchmarks.evolution import (
+    independent_layouts,  # what alignment is measured against
+)
 from mnist_tracking import evolution, evolution_view, sprites, views
 from mnist_tracking.config import EvolutionConfig, TrainConfig
 from mnist_tracking.errors import UserError
@@ -89,7 +92,7 @@ def test_last_snapshot_is_the_last_weights_features(trained_run, tmp_path):
 
 def test_snapshot_points_zero_or_negative():
     assert TrainConfig(snapshot_points=0).snapshot_points == 0
-    with pytest.raises(UserError, match="snapshot_points must be >= 0"):
+    with pytest.raises(UserError, match="snapshot_points must be at least 0"):
         TrainConfig(snapshot_points=-1)
 
 
@@ -121,14 +124,14 @@ def test_a_point_set_whose_features_do_not_change_does_not_move():
     # Started from the frame before, already at its optimum: a few % of the map's spread at most,
     # far less than a layout of the same features redrawn from scratch with another seed moves.
     assert max(tsne.displacements) < 0.15
-    redrawn = evolution.independent("tsne", still[:1], 7)[0]
+    redrawn = independent_layouts("tsne", still[:1], 7)[0]
     assert evolution.displacements(np.stack([tsne.layouts[0], redrawn]))[1] > 2 * max(tsne.displacements)
 
 
 def test_aligned_frames_move_less_than_independent_ones_and_keep_their_quality():
     features, labels = clustered_frames()
     aligned = evolution.evolve("pca", features, 42)
-    independent = evolution.independent("pca", features, 42)
+    independent = independent_layouts("pca", features, 42)
     assert aligned.displacements[1:].mean() <= evolution.displacements(independent)[1:].mean() + 1e-9
     for a, i in zip(evolution.frame_quality(features, aligned.layouts, labels, 42),
                     evolution.frame_quality(features, independent, labels, 42)):
@@ -238,7 +241,7 @@ def test_evolution_refuses_a_run_without_snapshots_a_running_one_and_a_non_train
     running = client.create_run(fresh_experiment, run_name="still-training", tags={KIND_TAG: "training"})
     cases = {
         old.info.run_id: "has no feature snapshots (snapshots/epoch_NNN.npz)",
-        running.info.run_id: "is still RUNNING; wait for its training to finish",
+        running.info.run_id: "wait for its training to finish, then follow it",
         evolution_run[0]: "is an evolution run, not a training run; pass its training run",
     }
     for run_id, expected in cases.items():

@@ -319,7 +319,7 @@ def test_umap_in_three_dims(trained_run, tmp_path):
         (["--max-points", "5"], "max_points must be at least 10, got 5"),
         (["--dims", "4"], "dims must be 2 or 3, got 4"),
         (["--split", "train"], "unknown split 'train': choose one of test, val"),
-        (["--perplexity", "0"], "perplexity must be > 0"),
+        (["--perplexity", "0"], "perplexity must be a number > 0"),
     ],
 )
 def test_bad_options_are_one_line_errors(trained_run, tmp_path, fresh_experiment, args, expected):
@@ -346,14 +346,14 @@ def test_running_run(tmp_path, fresh_experiment):
     running = client.create_run(fresh_experiment, tags={"mnist_tracking.kind": "training"}).info.run_id
     result = run_cli("project", "--run-id", running, cwd=tmp_path)
     assert_one_line_error(result, f"run {running} (")
-    assert "is still RUNNING; wait for its training to finish" in result.stderr
+    assert "wait for its training to finish, then project it" in result.stderr
     assert [r.info.run_id for r in client.search_runs([fresh_experiment])] == [running]
 
 
 def test_run_without_features(tmp_path, fresh_experiment):
     client = MlflowClient()
-    foreign = client.create_run(fresh_experiment).info.run_id
-    client.set_terminated(foreign)
+    foreign = client.create_run(fresh_experiment, tags={"mnist_tracking.kind": "training"}).info.run_id
+    client.set_terminated(foreign)  # a training run that logged no features
     result = run_cli("project", "--run-id", foreign, "--split", "val", cwd=tmp_path)
     assert_one_line_error(result, f"run {foreign} (")
     assert "has no features/val.npz artifact" in result.stderr
@@ -362,7 +362,7 @@ def test_run_without_features(tmp_path, fresh_experiment):
 
 def test_projection_run_is_refused(trained_run, projection, tmp_path):
     result = run_cli("project", "--run-id", projection[0], cwd=tmp_path)
-    assert_one_line_error(result, f"is a projection run, not a training run; project its source run {trained_run}")
+    assert_one_line_error(result, f"is a projection run, not a training run; pass its training run {trained_run}")
 
 
 def test_missing_run_id_is_a_usage_error(tmp_path):
