@@ -1,6 +1,15 @@
 """`python -m mnist_tracking <command>`: the same CLI as `mnist-tracking`."""
 
-from mnist_tracking.cli import main
+
+def run() -> None:
+    """The process: the CLI, its exit status kept whatever moment a signal lands (exits.run_command_line)."""
+    from mnist_tracking import interrupts
+
+    interrupts.listen()  # first, so that a signal even while the CLI is imported ends with status 130
+    from mnist_tracking.exits import run_command_line
+
+    run_command_line()
+
 
 if __name__ == "__main__":
-    main(prog_name="mnist-tracking")
+    run()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import signal
 import sys
+from typing import NoReturn
 
 import click
+
+from mnist_tracking import interrupts
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 # A tracking server that stops answering: MLflow retries each call 7 times with backoff factor 2
@@ -19,8 +21,38 @@ BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BAC
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
 
-def _raise_interrupted(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a run as KILLED, like Ctrl-C
+SIGNAL_NAMES = ("", "SIGINT", "SIGTERM")  # a KeyboardInterrupt that says no more than which signal it was
+
+
+def run_command_line() -> NoReturn:
+    """The process of `python -m mnist_tracking` and `mnist-tracking`: the command's exit status, and
+    EXIT_INTERRUPTED with one line for a signal at any moment, even one that lands while the process exits."""
+    try:
+        try:
+            from mnist_tracking.cli import main
+
+            main(prog_name="mnist-tracking")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        interrupts.ignore_from_now()
+    except KeyboardInterrupt:  # outside any command: while click parses, or as the process ends
+        interrupts.ignore_from_now()
+        click.echo(f"Error: interrupted by {interrupts.received_name()} before the command started or as it "
+                   "ended; no run was left RUNNING by it", err=True)
+        code = EXIT_INTERRUPTED
+    # CPython 3.11 (Py_RunMain) ends a `python -m` process by SIGINT, whatever its exit code, when
+    # a KeyboardInterrupt once ended an exec()/eval() of a string (a library's generated code),
+    # even though it was handled: running one string that ends normally clears that flag.
+    exec("")  # noqa: S102 - the empty program: see above
+    sys.exit(code)
+
+
+def interrupted(exc: KeyboardInterrupt, command: str) -> str:
+    """The one line of an interrupt: the run's own (which was ended KILLED), else what was interrupted."""
+    if str(exc) not in SIGNAL_NAMES:
+        return str(exc)
+    return f"interrupted by {interrupts.received_name()} during `{command}`, before it started a run or after it ended one"
 
 
 class OneLineErrors(click.Group):
@@ -45,7 +77,12 @@ class OneLineErrors(click.Group):
                     end_mlflow_run_command_run(message, command=exc.ctx.command.name)
             click.echo(f"Error: {message}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except click.Abort as exc:
+            if isinstance(exc.__context__, KeyboardInterrupt):  # click turns a signal while it parses into Abort
+                interrupts.ignore_from_now()
+                click.echo(f"Error: interrupted by {interrupts.received_name()} while the command line was read or as "
+                           "the command ended; no run was left RUNNING by it", err=True)
+                sys.exit(EXIT_INTERRUPTED)
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -58,17 +95,19 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         from mnist_tracking.errors import UserError
 
-        signal.signal(signal.SIGTERM, _raise_interrupted)
+        interrupts.listen()  # SIGTERM ends a run KILLED, like Ctrl-C; a second signal is ignored
         try:
             from mnist_tracking.links import check_tracking_server
 
             check_tracking_server()  # every entry point: an unreachable server fails at once
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            interrupts.ignore_from_now()  # done: a signal now would only make a finished command look failed
+            return result
         except UserError as exc:
             message = str(exc)
         except KeyboardInterrupt as exc:
-            # The core ends its own run KILLED and says so in `exc`; else no epoch had started.
-            message = str(exc) if str(exc) not in ("", "SIGINT", "SIGTERM") else "interrupted before training started"
+            # A run that was interrupted was ended KILLED by its own code, which says so in `exc`.
+            message = interrupted(exc, command.__name__)
             from mnist_tracking.attempts import end_mlflow_run_command_run
 
             end_mlflow_run_command_run(message, "KILLED", command.__name__, kwargs)

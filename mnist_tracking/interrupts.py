@@ -1,10 +1,49 @@
-"""Ctrl-C and SIGTERM as KeyboardInterrupt, held back while a critical block writes (no MLflow here)."""
+"""Ctrl-C and SIGTERM as one KeyboardInterrupt per process, held back while a critical block writes (no MLflow here)."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from contextlib import contextmanager
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# The first signal of this process (its number), shared by every handler here: one signal stops
+# the command, and every later one is ignored, so that nothing cuts short the ending of its run
+# (`mlflow run` sends SIGTERM after Ctrl-C's SIGINT) and no second KeyboardInterrupt can escape
+# while the first is handled, or while the process exits.
+_received: int | None = None
+_done = False  # the command's outcome is decided: every signal is ignored from now on
+
+
+def received_name() -> str:
+    """The name of the signal that stopped the command ("SIGTERM"), or "an interrupt"."""
+    return signal.Signals(_received).name if _received else "an interrupt"
+
+
+def _stop(signum, frame) -> None:
+    """The process's handler for SIGINT and SIGTERM outside a training: the first raises, the rest do nothing."""
+    global _received
+    if _received is not None or _done:
+        return
+    _received = signum
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def listen() -> None:
+    """Turn SIGINT and SIGTERM into one KeyboardInterrupt (the first; later ones are ignored)."""
+    global _received, _done
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _received, _done = None, False
+    for s in SIGNALS:
+        signal.signal(s, _stop)
+
+
+def ignore_from_now() -> None:
+    """The outcome is decided (the command ended or its interrupt is being reported): ignore every signal."""
+    global _done
+    _done = True
 
 
 class Interrupts:
@@ -15,29 +54,34 @@ class Interrupts:
     Outside the main thread signals cannot be handled, and this does nothing.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = SIGNALS
 
     def __init__(self) -> None:
-        self.received: int | None = None  # the last signal number
         self._depth = 0
         self._pending = False
         self._previous: dict = {}
 
+    @property
+    def received(self) -> int | None:
+        return _received
+
     def __enter__(self) -> "Interrupts":
+        global _received, _done
         if threading.current_thread() is threading.main_thread():
+            _received, _done = None, False  # a new training: no signal has stopped it yet
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
+        # The previous handlers see the same `_received`: after a signal, ours ignore any other.
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
-            # Already stopping: a second signal (`mlflow run` sends SIGTERM after Ctrl-C's
-            # SIGINT) must not cut short the ending of the run.
-            return
-        self.received = signum
+        global _received
+        if _received is not None or _done:
+            return  # already stopping: a second signal must not cut short the ending of the run
+        _received = signum
         if self._depth:
             self._pending = True
         else:
@@ -45,7 +89,7 @@ class Interrupts:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received else "an interrupt"
+        return received_name()
 
     @contextmanager
     def critical(self):

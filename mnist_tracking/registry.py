@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -14,18 +12,13 @@ from mnist_tracking.attempts import attempted_run_tags
 from mnist_tracking.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.errors import UserError
 from mnist_tracking.links import ui_model_url
+from mnist_tracking.locks import registry_lock
 from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.ranking import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import NOTE_TAG, SOURCE_RUN_TAG
 from mnist_tracking.source_runs import require_training_run
 
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
-
-LOCK_SUFFIX = ".registry.lock"  # beside a sqlite store's database file
-
-ADVISORY_LOCK_KEY = 0x6D6E6973  # PostgreSQL advisory lock id of mnist-tracking's registrations ("mnis")
-
-PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
 
 PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
 
@@ -47,40 +40,6 @@ class Registration:
     alias: str
     has_alias: bool  # the version holds `alias` after the call
     alias_reason: str
-
-
-@contextmanager
-def registry_lock() -> Iterator[None]:
-    """Held while registering: the read-compare-write of the alias (and the first creation of the
-    registered model) must not interleave with another registration's, or the last writer wins
-    even with the worse model. A sqlite store: an exclusive file lock beside its database file;
-    PostgreSQL: a transaction-independent advisory lock; a tracking server's REST API offers no
-    lock, so there nothing is held (README: register from one place at a time)."""
-    uri = mlflow.get_registry_uri()
-    scheme = urlparse(uri).scheme.split("+")[0]
-    if scheme == "sqlite":
-        import fcntl
-
-        database = uri.split(":///", 1)[1] if ":///" in uri else ""
-        if not database or database == ":memory:":
-            yield
-            return
-        with open(f"{database}{LOCK_SUFFIX}", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
-            yield
-    elif scheme == "postgresql":
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
-            try:
-                yield
-            finally:
-                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), {"key": ADVISORY_LOCK_KEY})
-        engine.dispose()
-    else:
-        yield
 
 
 def check_pickle_free(model, run) -> None:
@@ -220,7 +179,7 @@ def register_run(
     value = metric_of(run, metric)
     model = logged_model_of(run)
     check_pickle_free(model, run)
-    with registry_lock():  # create, look up and move the alias as one step among concurrent registrations
+    with registry_lock(echo):  # create, look up and move the alias as one step among concurrent registrations
         ensure_registered_model(name)
         version, created = version_of(run, model, name, metric, value)
         has_alias, reason = apply_alias(name, version, alias, metric, value)

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import mlflow
 import numpy as np
 
+from mnist_tracking import interrupts
 from mnist_tracking.artifacts import has_artifact
+from mnist_tracking.attempts import COMMAND_KINDS
 from mnist_tracking.errors import UserError
 from mnist_tracking.runs import (
     KIND_TAG,
     PARENT_RUN_TAG,
     SOURCE_RUN_TAG,
     Kind,
+    end_active_run,
     get_run,
     log_new_params,
     mark_experiment,
@@ -62,16 +65,36 @@ def require_training_run(run_id: str, then: str, *, finished: bool = False, arti
 def analysis_run(kind: str, source, name: str, tags: dict[str, str], nested_under_source: bool = True) -> Iterator:
     """The run of a projection, an evolution or a comparison: named `name`, tagged with its kind and
     `tags`, in the source training run's experiment unless one is chosen, and nested under that run
-    when both share an experiment (a sweep's parent, when it is the active run, holds it instead)."""
+    when both share an experiment (a sweep's parent, when it is the active run, holds it instead).
+    Ctrl-C or SIGTERM ends it KILLED (not FAILED) with a reason naming the command and its source run."""
     chosen = any(os.environ.get(v) for v in CHOSEN_EXPERIMENT_VARIABLES)
     experiment_id = None if chosen else source.info.experiment_id
-    with mlflow.start_run(run_name=name, experiment_id=experiment_id, nested=mlflow.active_run() is not None) as run:
+    with interrupts.Interrupts() as signals, ExitStack() as stack:
+        with signals.critical():  # a signal while the run is being created waits until it is guarded
+            run = stack.enter_context(mlflow.start_run(run_name=name, experiment_id=experiment_id,
+                                                       nested=mlflow.active_run() is not None))
+            stack.enter_context(killed_on_interrupt(kind, source, run, name))
         mark_experiment(run.info.experiment_id)
         all_tags = {"mlflow.runName": name, KIND_TAG: kind, **tags}
         if nested_under_source and run.info.experiment_id == source.info.experiment_id:
             all_tags[PARENT_RUN_TAG] = source.info.run_id  # shows it nested under the training run in the UI
         mlflow.set_tags(all_tags)
         yield run
+
+
+@contextmanager
+def killed_on_interrupt(kind: str, source, run, name: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM ends the analysis run KILLED, its reason naming the command and its source run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        command = next((c for c, k in COMMAND_KINDS.items() if k == kind), kind)
+        others = " and the others compared with it" if kind == Kind.COMPARISON else ""
+        reason = (f"interrupted by {interrupts.received_name()} during `{command}` of run {source.info.run_id} "
+                  f"({source.info.run_name}){others}")
+        end_active_run(f"{reason}; run `{command}` again", "KILLED")
+        raise KeyboardInterrupt(f"{reason}: run {run.info.run_id} ({name}) is ended KILLED with what it logged "
+                                f"so far; run `{command}` again") from None
 
 
 def point_images(source, split: str, data_dir: str, indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray | None, str]:

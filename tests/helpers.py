@@ -206,3 +206,17 @@ class CreatesAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def interrupt_analysis(command: str, run_id: str, experiment_id: str, cwd, *args: str):
+    """`command --run-id run_id ARGS` in a real subprocess, sent SIGTERM as soon as its own run is in
+    `experiment_id`: (the completed process's stderr and return code, that run)."""
+    import signal
+
+    process = subprocess.Popen(cli_command(command, "--run-id", run_id, *args), cwd=cwd, env=env_for(experiment_id),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: runs_of(experiment_id), process, STARTUP_TIMEOUT_S, f"the {command} run")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
+    [run] = runs_of(experiment_id)
+    return stderr, process.returncode, run

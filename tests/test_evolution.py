@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, N_TRAIN
-from helpers import array, plot_data, run_cli
+from helpers import array, interrupt_analysis, one_error_line, plot_data, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -248,3 +248,15 @@ def test_evolution_refuses_a_run_without_snapshots_a_running_one_and_a_non_train
         result = run_cli("evolution", "--run-id", run_id, cwd=tmp_path)
         assert result.returncode != 0
         assert expected in one_error_line(result.stderr), run_id
+
+
+def test_sigterm_ends_the_evolution_killed_with_what_was_interrupted(trained_run, fresh_experiment, tmp_path):
+    from mnist_tracking.exits import EXIT_INTERRUPTED
+
+    stderr, code, run = interrupt_analysis("evolution", trained_run, fresh_experiment, tmp_path, "--methods", "tsne,umap")
+    assert code == EXIT_INTERRUPTED, stderr[-2000:]
+    line = one_error_line(stderr)
+    assert line.startswith(f"Error: interrupted by SIGTERM during `evolution` of run {trained_run} ("), line
+    assert f"run {run.info.run_id} (" in line and "is ended KILLED" in line
+    assert run.info.status == "KILLED"
+    assert run.data.tags["status_reason"].startswith(f"interrupted by SIGTERM during `evolution` of run {trained_run}")

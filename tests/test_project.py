@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 from conftest import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
-from helpers import PROJECTION_METRICS, array, free_port, plot_data, run_cli
+from helpers import PROJECTION_METRICS, array, free_port, interrupt_analysis, one_error_line, plot_data, run_cli
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -420,3 +420,14 @@ def test_mlflow_run_project_with_unknown_run_fails_its_run(tmp_path, fresh_exper
     assert "Error: unknown run_id 'nosuchrun': no run 'nosuchrun' in the tracking store" in result.stderr and "Traceback" not in result.stderr
     [run] = MlflowClient().search_runs([fresh_experiment])
     assert run.info.status == "FAILED" and "nosuchrun" in run.data.tags["status_reason"]
+
+
+def test_sigterm_ends_the_projection_killed_with_what_was_interrupted(trained_run, fresh_experiment, tmp_path):
+    from mnist_tracking.exits import EXIT_INTERRUPTED
+
+    stderr, code, run = interrupt_analysis("project", trained_run, fresh_experiment, tmp_path, "--methods", "tsne,umap")
+    assert code == EXIT_INTERRUPTED, stderr[-2000:]
+    line = one_error_line(stderr)
+    assert line.startswith(f"Error: interrupted by SIGTERM during `project` of run {trained_run} ("), line
+    assert run.info.status == "KILLED"
+    assert run.data.tags["status_reason"].startswith(f"interrupted by SIGTERM during `project` of run {trained_run}")

@@ -390,3 +390,54 @@ def test_the_printed_serve_command_refuses_pickles(trained_run):
     register_run(trained_run, f"serve-{trained_run[:6]}", echo=lines.append)
     [serve] = [line for line in lines if line.startswith("Serve it:")]
     assert serve.startswith("Serve it: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve")
+
+
+# A second process that holds the registry lock of the test store for `sys.argv[2]` seconds.
+HOLD_THE_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "a") as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+SHORT_WAIT_S = 2  # the bound, shortened for the test; the holder keeps the lock far longer
+
+
+def hold_registry_lock(seconds: float) -> subprocess.Popen:
+    database = mlflow.get_registry_uri().split(":///", 1)[1]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, database + ".registry.lock", str(seconds)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_waiting_for_the_registry_lock_is_said_and_bounded(trained_run, monkeypatch):
+    from mnist_tracking import locks
+
+    monkeypatch.setattr(locks, "REGISTRY_LOCK_WAIT_S", SHORT_WAIT_S)
+    holder = hold_registry_lock(30)
+    lines = []
+    started = time.monotonic()
+    try:
+        with pytest.raises(UserError) as error:
+            register_run(trained_run, unique_name(), echo=lines.append)
+    finally:
+        holder.kill()
+        holder.wait()
+    waited = time.monotonic() - started
+    assert SHORT_WAIT_S <= waited < 20, waited
+    assert any(line.startswith("Waiting for another registration to finish (the registry lock: ")
+               and line.endswith(f"giving up after {SHORT_WAIT_S} s") for line in lines), lines
+    assert str(error.value).startswith("another registration has held the registry lock (")
+    assert f"for over {SHORT_WAIT_S} s; wait for it to finish" in str(error.value)
+
+
+def test_a_registration_waits_for_the_lock_then_registers(trained_run):
+    holder = hold_registry_lock(1)  # released within the bound
+    lines = []
+    try:
+        registration = register_run(trained_run, unique_name(), echo=lines.append)
+    finally:
+        holder.wait(timeout=60)
+    assert registration.version == 1
+    assert lines[0].startswith("Waiting for another registration to finish")

@@ -212,3 +212,43 @@ def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
 
     assert np.asarray(Image.open(png)).shape[0] > 500  # three rows of panels
     assert "View the sweep: http://127.0.0.1:5000/#/experiments/" in result.stdout
+
+
+def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, fresh_experiment):
+    from helpers import STARTUP_TIMEOUT_S, cli_command, env_for, wait_until
+
+    args = ["--data-dir", str(data_dir), "--methods", "pca", "--epochs-scale", str(TINY_SCALE)]
+    process = subprocess.Popen(cli_command("sweep", *args), cwd=tmp_path, env=env_for(fresh_experiment),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        tagged = lambda: [r for r in runs_by_kind(fresh_experiment).get("sweep", []) if "mnist_tracking.process" in r.data.tags]
+        wait_until(tagged, process, STARTUP_TIMEOUT_S, "the sweep's run")
+        [live] = runs_by_kind(fresh_experiment)["sweep"]
+        assert live.data.tags["mnist_tracking.process"].endswith(f":{process.pid}")
+        config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE, resume=live.info.run_id)
+        with pytest.raises(UserError) as error:
+            sweep_and_log(config, echo=lambda line: None, progress=False)
+    finally:
+        process.terminate()
+        process.communicate(timeout=STARTUP_TIMEOUT_S)
+    assert str(error.value) == (
+        f"sweep {live.info.run_id} is still RUNNING (process {process.pid} on {live.data.tags['mnist_tracking.process'].rsplit(':', 1)[0]}); "
+        "resuming it now would fork it: stop it first (Ctrl-C or SIGTERM end it KILLED), then resume it")
+    assert len(runs_by_kind(fresh_experiment)["sweep"]) == 1  # the refusal started no run
+    assert MlflowClient().get_run(live.info.run_id).info.status != "RUNNING"  # SIGTERM ended it
+
+
+def test_resuming_an_already_resumed_sweep_names_the_newest(data_dir, fresh_experiment):
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
+    quiet = dict(echo=lambda line: None, progress=False, study=SEED_TRAININGS[:1])
+    first = sweep_and_log(config, **quiet)
+    second = sweep_and_log(replace(config, resume=first), **quiet)
+    before = len(MlflowClient().search_runs([fresh_experiment]))
+    with pytest.raises(UserError) as error:
+        sweep_and_log(replace(config, resume=first), **quiet)
+    assert str(error.value) == (
+        f"sweep {first} was already resumed as {second}, which holds its finished trainings now; resume the newest "
+        f"of that line instead: --resume {second} (-P resume={second})")
+    assert len(MlflowClient().search_runs([fresh_experiment])) == before  # nothing started, nothing moved
+    third = sweep_and_log(replace(config, resume=second), **quiet)  # the newest resumes soundly
+    assert MlflowClient().get_run(third).data.tags["resumed_from"] == second

@@ -9,6 +9,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import time
 
 import mlflow
@@ -36,7 +37,7 @@ from helpers import (
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import cli
+from mnist_tracking import exits
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
 from mnist_tracking.model import ConvNet
@@ -293,7 +294,7 @@ def test_sigterm_ends_the_run_killed_with_its_completed_epochs(tmp_path, data_di
     wait_until(lambda: run() is not None and steps(run().info.run_id), process, STARTUP_TIMEOUT_S, "epoch 1")
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == cli.EXIT_INTERRUPTED
+    assert process.returncode == exits.EXIT_INTERRUPTED
     line = one_error_line(stderr)
     assert "interrupted by SIGTERM after epoch" in line and "ended KILLED" in line
     finished = run()
@@ -322,7 +323,7 @@ def test_kills_at_random_points_leave_the_store_consistent(tmp_path, data_dir, f
         signum = rng.choice([signal.SIGTERM, signal.SIGINT])
         process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
-        assert process.returncode == cli.EXIT_INTERRUPTED, stderr[-2000:]
+        assert process.returncode == exits.EXIT_INTERRUPTED, stderr[-2000:]
         one_error_line(stderr)
         [run] = runs_of(experiment)
         assert run.info.status == "KILLED", run.data.tags
@@ -392,3 +393,69 @@ def test_a_full_disk_while_logging_is_one_line_and_the_run_is_not_left_running(t
     assert line.startswith("Error: cannot write ") and "File too large" in line and "--resume-from" in line
     [run] = MlflowClient(tracking_uri=uri).search_runs(["0"])
     assert run.info.status == "FAILED"
+
+
+# A driver for `python -m`: the real CLI (runpy, as `python -m mnist_tracking` runs it), with the
+# training's fit replaced by generated code (an exec'd string, as libraries run) that receives the signal.
+SIGNAL_IN_EXEC = """
+import os, runpy, signal, time
+import mnist_tracking.training_run as training_run
+
+def fit(trainer, on_epoch, progress):
+    exec("os.kill(os.getpid(), signal.SIG{name})\\nfor _ in range(100):\\n    time.sleep(0.05)")
+
+training_run.fit = fit
+runpy.run_module("mnist_tracking", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("name", ["TERM", "INT"])
+def test_a_signal_inside_generated_code_still_exits_130(tmp_path, data_dir, fresh_experiment, name):
+    # CPython 3.11 ends a `python -m` process by SIGINT (returncode -2) when a KeyboardInterrupt
+    # once ended an exec() of a string, even one that was handled: the CI failure of issue 25.
+    (tmp_path / "signal_in_exec.py").write_text(SIGNAL_IN_EXEC.replace("{name}", name))
+    result = subprocess.run(
+        [sys.executable, "-m", "signal_in_exec", "train", "--data-dir", str(data_dir), *TINY, "--epochs", "3"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S,
+        env=env_for(fresh_experiment, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ['PYTHONPATH']}"),
+    )
+    assert result.returncode == exits.EXIT_INTERRUPTED, result.stderr[-2000:]
+    assert f"interrupted by SIG{name} after epoch 0" in one_error_line(result.stderr)
+    [run] = runs_of(fresh_experiment)
+    assert run.info.status == "KILLED"
+
+
+SIGNAL_MOMENTS = 16  # signals sent this many times into a tiny training's life, SIGNAL_STEP_S apart
+SIGNAL_STEP_S = 0.3  # from the moment its run is in the store until after it has ended (no signal sent then)
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_moment_exits_130_or_finishes(tmp_path, data_dir, fresh_experiment):
+    """SIGTERM or SIGINT at SIGNAL_MOMENTS moments spread over a training (creating its run, its
+    epochs and their checkpoints, the test set, the model, the exit): always exit status 130 with one
+    line and the run ended KILLED with its reason (or FINISHED when the signal came after its end),
+    or status 0 when the process had ended first; never a traceback or death by a signal."""
+    outcomes = []
+    for moment in range(SIGNAL_MOMENTS):
+        experiment = mlflow.create_experiment(f"{fresh_experiment}-moment-{moment}")
+        process = start_training(data_dir, experiment, "--epochs", "2", cwd=tmp_path)
+        wait_until(lambda: runs_of(experiment), process, STARTUP_TIMEOUT_S, "its run")
+        time.sleep(moment * SIGNAL_STEP_S)
+        signum = (signal.SIGTERM, signal.SIGINT)[moment % 2]
+        if process.poll() is None:
+            process.send_signal(signum)
+        _, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
+        [run] = runs_of(experiment)
+        outcomes.append((moment, process.returncode, run.info.status))
+        assert process.returncode in (0, exits.EXIT_INTERRUPTED), (moment, process.returncode, stderr[-2000:])
+        if process.returncode == 0:
+            assert run.info.status == "FINISHED" and "Error:" not in stderr, stderr[-2000:]
+            continue
+        line = one_error_line(stderr)
+        assert f"interrupted by {signum.name}" in line, line
+        if run.info.status == "KILLED":
+            assert run.data.tags["status_reason"].startswith(f"interrupted by {signum.name} after epoch")
+            assert_store_consistent(run, tmp_path)
+        else:
+            assert run.info.status == "FINISHED", (moment, run.info.status, run.data.tags)
+    print("moment, exit status, run status:", outcomes)
