@@ -15,8 +15,15 @@ from mnist_tracking.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.errors import UserError
 from mnist_tracking.links import ui_model_url
 from mnist_tracking.model import MODEL_NAME
+from mnist_tracking.model_files import (
+    LOGITS,
+    OUTPUT_TAG,
+    PROBABILITIES,
+    checked_model_output,
+)
 from mnist_tracking.ranking import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import NOTE_TAG, SOURCE_RUN_TAG
+from mnist_tracking.served_model import MAX_IMAGES
 from mnist_tracking.source_runs import require_training_run
 
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
@@ -24,10 +31,6 @@ LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<r
 LOCK_SUFFIX = ".registry.lock"  # beside a sqlite store's database file
 
 ADVISORY_LOCK_KEY = 0x6D6E6973  # PostgreSQL advisory lock id of mnist-tracking's registrations ("mnis")
-
-PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
-
-PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
 
 
 # Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
@@ -83,17 +86,6 @@ def registry_lock() -> Iterator[None]:
         yield
 
 
-def check_pickle_free(model, run) -> None:
-    """Refuse a logged model that is not in the pickle-free pt2 format (data/model.pt2 and no
-    data/model.pth): serving it would unpickle whatever the store holds."""
-    files = {os.path.basename(a.path) for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{model.artifact_location}/data")}
-    if PT2_FILE not in files or PICKLE_FILE in files:
-        raise UserError(
-            f"run {run.info.run_id} ({run.info.run_name}): its model is not in the pickle-free pt2 format "
-            f"(data/ holds {', '.join(sorted(files)) or 'nothing'}); refusing to register what serving would unpickle"
-        )
-
-
 def logged_model_of(run):
     """The LoggedModel `model` the training run logged (MLflow 3 keeps it beside the run's artifacts)."""
     models = mlflow.search_logged_models(
@@ -110,22 +102,30 @@ def logged_model_of(run):
     return max(ready, key=lambda m: m.creation_timestamp)  # the latest, should there be several
 
 
+def model_description(name: str) -> str:
+    return (
+        f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28), pixels in [0, 1], at most {MAX_IMAGES} per "
+        f"request -> {{\"{PROBABILITIES}\": (N, 10)}}, class probabilities whose rows sum to 1. Each version's tag "
+        f"`{OUTPUT_TAG}` says what it answers: `{PROBABILITIES}`, or `{LOGITS}` (raw class scores, to soft-max; "
+        f"also every version without the tag, registered before mnist-tracking answered probabilities). "
+        f"Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local`."
+    )
+
+
 def ensure_registered_model(name: str) -> None:
+    """Create `name`, or bring its description up to date (what its versions answer)."""
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     try:
-        client.get_registered_model(name)
+        registered = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        client.create_registered_model(
-            name,
-            description=(
-                f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28) in [0, 1] -> (N, 10) class scores "
-                f"(logits). Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local`."
-            ),
-        )
+        client.create_registered_model(name, description=model_description(name))
+        return
+    if registered.description != model_description(name):
+        client.update_registered_model(name, description=model_description(name))
 
 
 def check_names(name: str, alias: str, metric: str) -> None:
@@ -219,10 +219,10 @@ def register_run(
     run_id = run.info.run_id
     value = metric_of(run, metric)
     model = logged_model_of(run)
-    check_pickle_free(model, run)
+    output = checked_model_output(model, run)
     with registry_lock():  # create, look up and move the alias as one step among concurrent registrations
         ensure_registered_model(name)
-        version, created = version_of(run, model, name, metric, value)
+        version, created = version_of(run, model, name, metric, value, output)
         has_alias, reason = apply_alias(name, version, alias, metric, value)
     registration = Registration(name, version, run_id, metric, value, created, alias, has_alias, reason)
     echo_registration(registration, run.info.run_name, echo)
@@ -245,7 +245,7 @@ def metric_of(run, metric: str) -> float:
     return float(value)
 
 
-def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, bool]:
+def version_of(run, model, name: str, metric: str, value: float, output: str) -> tuple[int, bool]:
     """The version of `name` holding the run's model, created unless the run was registered before
     (a version from the same run or the same LoggedModel is reused); returns (version, created)."""
     client = MlflowClient()
@@ -258,7 +258,7 @@ def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, b
     if existing:
         return min(int(v.version) for v in existing), False
     tags = {SOURCE_RUN_TAG: run_id, "source_run_name": run.info.run_name or "", "metric": metric,
-            "metric_value": repr(value)}
+            "metric_value": repr(value), OUTPUT_TAG: output}
     # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run.
     version = int(mlflow.register_model(source, name, tags=tags).version)
     metrics = run.data.metrics
@@ -268,7 +268,7 @@ def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, b
         name, version,
         description=(
             f"{MODEL_NAME} from run {run.info.run_name} ({run_id}), chosen by {metric} {value:.4f}"
-            + (f"; {others}" if others else "") + "."
+            + (f"; {others}" if others else "") + f". Answers {output}."
         ),
     )
     return version, True

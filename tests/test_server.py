@@ -166,8 +166,8 @@ def test_training_through_the_server_stores_everything(server, data_dir, tmp_pat
     mlflow.set_tracking_uri(server)
     try:
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-        scores = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
-        assert np.asarray(scores).shape == (3, 10)
+        answer = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
+        assert np.asarray(answer["probabilities"]).shape == (3, 10)
     finally:
         mlflow.set_tracking_uri(previous)
 
