@@ -21,6 +21,7 @@ from mnist_tracking.model_files import (
     PROBABILITIES,
     checked_model_output,
 )
+from mnist_tracking.model_scope import check_in_scope, record_scope
 from mnist_tracking.ranking import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import NOTE_TAG, SOURCE_RUN_TAG
 from mnist_tracking.served_model import MAX_IMAGES
@@ -217,12 +218,14 @@ def register_run(
     check_names(name, alias, metric)
     run = require_training_run(run_id, "register it", finished=True)
     run_id = run.info.run_id
+    check_in_scope(run, name)
     value = metric_of(run, metric)
     model = logged_model_of(run)
     output = checked_model_output(model, run)
     with registry_lock():  # create, look up and move the alias as one step among concurrent registrations
         ensure_registered_model(name)
         version, created = version_of(run, model, name, metric, value, output)
+        record_scope(name, run)
         has_alias, reason = apply_alias(name, version, alias, metric, value)
     registration = Registration(name, version, run_id, metric, value, created, alias, has_alias, reason)
     echo_registration(registration, run.info.run_name, echo)

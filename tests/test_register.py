@@ -454,3 +454,50 @@ def test_the_printed_serve_command_refuses_pickles(trained_run):
     register_run(trained_run, f"serve-{trained_run[:6]}", echo=lines.append)
     [serve] = [line for line in lines if line.startswith("Serve it:")]
     assert serve.startswith("Serve it: MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve")
+
+
+def training_on(trained_run: str, experiment_id: str, accuracy: float, dataset: str, max_samples: str) -> str:
+    """A finished training of `dataset` on `max_samples` images with `best_val_acc` = accuracy."""
+    run_id = copy_of_model(trained_run, accuracy, experiment_id)
+    MlflowClient().set_tag(run_id, "dataset", dataset)
+    MlflowClient().log_param(run_id, "max_samples", max_samples)
+    return run_id
+
+
+def test_register_ranks_only_trainings_of_the_models_dataset_and_size(trained_run, fresh_experiment):
+    """A registered model belongs to its first version's dataset and training size: a better
+    Fashion-MNIST training or a better 600-image smoke run never takes its alias."""
+    name = unique_name()
+    first = training_on(trained_run, fresh_experiment, 0.5, "mnist", "0")
+    register_run(first, name, echo=lambda line: None)
+    assert MlflowClient().get_registered_model(name).tags == {"dataset": "mnist", "max_samples": "0"}
+    training_on(trained_run, fresh_experiment, 0.99, "fashion-mnist", "0")
+    training_on(trained_run, fresh_experiment, 0.98, "mnist", "600")
+    better = training_on(trained_run, fresh_experiment, 0.6, "mnist", "0")
+
+    lines = []
+    experiment = MlflowClient().get_experiment(fresh_experiment).name
+    registration = register_command(RegisterConfig(experiment=experiment, name=name), echo=lines.append)
+    assert registration.run_id == better and registration.has_alias, lines
+    assert f"Best finished training run of experiment {experiment!r} on mnist with all training images" in lines[0]
+
+
+def test_register_refuses_a_run_of_another_dataset_in_one_line(trained_run, fresh_experiment):
+    name = unique_name()
+    register_run(training_on(trained_run, fresh_experiment, 0.5, "mnist", "0"), name, echo=lambda line: None)
+    fashion = training_on(trained_run, fresh_experiment, 0.99, "fashion-mnist", "0")
+    result = invoke("register", "--run-id", fashion, "--name", name)
+    assert result.exit_code != 0
+    assert (f"trained on fashion-mnist, but registered model {name!r} holds mnist models (its first version's "
+            f"dataset); register it under another --name") in one_error_line(result.stderr)
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_register_without_a_training_on_the_models_data_says_so(trained_run, fresh_experiment):
+    name = unique_name()
+    register_run(training_on(trained_run, fresh_experiment, 0.5, "fashion-mnist", "600"), name, echo=lambda line: None)
+    other = mlflow.create_experiment(f"mnist-only-{uuid.uuid4().hex[:6]}")
+    training_on(trained_run, other, 0.9, "mnist", "600")
+    result = invoke("register", "--experiment", MlflowClient().get_experiment(other).name, "--name", name)
+    assert "has no finished training runs on fashion-mnist with max_samples 600, the data of registered model" in \
+        one_error_line(result.stderr)
