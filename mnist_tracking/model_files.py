@@ -9,14 +9,20 @@ import yaml
 
 from mnist_tracking import served_model
 from mnist_tracking.artifacts import environment, temporary_folder
+from mnist_tracking.config import ALIAS
 from mnist_tracking.errors import UserError
+from mnist_tracking.model import MODEL_NAME
 
+MAX_IMAGES = served_model.MAX_IMAGES
 PROBABILITIES, LOGITS = served_model.OUTPUT, "logits"  # what a version answers: its tag OUTPUT_TAG
 OUTPUT_TAG = "output"
 CODE_FILE = os.path.basename(served_model.__file__)  # executed on load: must be this package's own
 NETWORK_PATH = f"artifacts/{served_model.NETWORK_FILE}"  # the model's pt2 network
 PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for its two serialization formats
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib")
+
+# Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
+SERVE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"
 
 
 def files_of(artifact_uri: str, folder: str = "") -> list[str]:
@@ -62,3 +68,14 @@ def checked_model_output(model, run) -> str:
         except served_model.Refused as exc:
             raise UserError(f"{where}: {exc.message}") from None
     return PROBABILITIES
+
+
+def model_description(name: str) -> str:
+    """The registered model's description: what its versions take and answer, and how to serve it."""
+    return (
+        f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28), pixels in [0, 1], at most {MAX_IMAGES} per "
+        f"request -> {{\"{PROBABILITIES}\": (N, 10)}}, class probabilities whose rows sum to 1. Each version's tag "
+        f"`{OUTPUT_TAG}` says what it answers: `{PROBABILITIES}`, or `{LOGITS}` (raw class scores, to soft-max; "
+        f"also every version without the tag, registered before mnist-tracking answered probabilities). "
+        f"Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local`."
+    )

@@ -16,15 +16,14 @@ from mnist_tracking.errors import UserError
 from mnist_tracking.links import ui_model_url
 from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.model_files import (
-    LOGITS,
     OUTPUT_TAG,
-    PROBABILITIES,
+    SERVE_ENV,
     checked_model_output,
+    model_description,
 )
 from mnist_tracking.model_scope import check_in_scope, record_scope
 from mnist_tracking.ranking import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import NOTE_TAG, SOURCE_RUN_TAG
-from mnist_tracking.served_model import MAX_IMAGES
 from mnist_tracking.source_runs import require_training_run
 
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
@@ -34,8 +33,6 @@ LOCK_SUFFIX = ".registry.lock"  # beside a sqlite store's database file
 ADVISORY_LOCK_KEY = 0x6D6E6973  # PostgreSQL advisory lock id of mnist-tracking's registrations ("mnis")
 
 
-# Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
-SERVE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"
 
 
 @dataclass
@@ -101,16 +98,6 @@ def logged_model_of(run):
             f"only training runs log one, at their end: pass the id of a finished training run"
         )
     return max(ready, key=lambda m: m.creation_timestamp)  # the latest, should there be several
-
-
-def model_description(name: str) -> str:
-    return (
-        f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28), pixels in [0, 1], at most {MAX_IMAGES} per "
-        f"request -> {{\"{PROBABILITIES}\": (N, 10)}}, class probabilities whose rows sum to 1. Each version's tag "
-        f"`{OUTPUT_TAG}` says what it answers: `{PROBABILITIES}`, or `{LOGITS}` (raw class scores, to soft-max; "
-        f"also every version without the tag, registered before mnist-tracking answered probabilities). "
-        f"Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local`."
-    )
 
 
 def ensure_registered_model(name: str) -> None:
