@@ -19,7 +19,7 @@ OUTPUT_TAG = "output"
 CODE_FILE = os.path.basename(served_model.__file__)  # executed on load: must be this package's own
 NETWORK_PATH = f"artifacts/{served_model.NETWORK_FILE}"  # the model's pt2 network
 PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for its two serialization formats
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".joblib")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".pt", ".joblib")
 
 # Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
 SERVE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"
@@ -43,28 +43,32 @@ def checked_model_output(model, run) -> str:
     pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if pickled:
         raise UserError(f"{where} holds {', '.join(pickled)}, which serving would unpickle; refusing to register it")
-    if f"data/{PT2_FILE}" in files:  # before issue 25: mlflow.pytorch's pt2 network, answering logits
-        return LOGITS
-    if CODE_FILE not in files or NETWORK_PATH not in files:
-        raise UserError(
-            f"{where} is neither a pyfunc model from code ({CODE_FILE} and {NETWORK_PATH}) nor a pt2 PyTorch "
-            f"model (data/{PT2_FILE}); it holds {', '.join(sorted(files)) or 'nothing'}: pass a training run of mnist-tracking"
-        )
     with temporary_folder() as local, environment(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
-        for path in ("MLmodel", CODE_FILE, NETWORK_PATH):  # what loading it reads
+        def download(path: str) -> Path:
             (local / path).parent.mkdir(parents=True, exist_ok=True)
             mlflow.artifacts.download_artifacts(artifact_uri=f"{model.artifact_location}/{path}",
                                                 dst_path=str((local / path).parent))
-        flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+            return local / path
+
+        flavor = yaml.safe_load(download("MLmodel").read_text()).get("flavors", {}).get("python_function", {})
+        if flavor.get("code"):  # put first on sys.path on load: a planted numpy.py there would run
+            raise UserError(f"{where} brings code of its own ({flavor['code']}); refusing to register it")
+        if CODE_FILE not in files and f"data/{PT2_FILE}" in files and flavor.get("loader_module") == "mlflow.pytorch":
+            return LOGITS  # before issue 25: mlflow.pytorch's pt2 network (MLflow checks it on load)
+        if CODE_FILE not in files or NETWORK_PATH not in files:
+            raise UserError(
+                f"{where} is neither a pyfunc model from code ({CODE_FILE} and {NETWORK_PATH}) nor a pt2 PyTorch "
+                f"model (data/{PT2_FILE}); it holds {', '.join(sorted(files)) or 'nothing'}: pass a training run of mnist-tracking"
+            )
         if flavor.get("model_code_path") is None or "python_model" in flavor:
             raise UserError(f"{where} is not loaded from code (its MLmodel names a pickled python_model); refusing it")
-        if (local / CODE_FILE).read_bytes() != Path(served_model.__file__).read_bytes():
+        if download(CODE_FILE).read_bytes() != Path(served_model.__file__).read_bytes():
             raise UserError(
                 f"{where}'s {CODE_FILE} is not this mnist-tracking's (it would run on load); refusing to register it: "
                 f"train it again with this version"
             )
         try:
-            served_model.check_pt2_archive(str(local / NETWORK_PATH))
+            served_model.check_pt2_archive(str(download(NETWORK_PATH)))
         except served_model.Refused as exc:
             raise UserError(f"{where}: {exc.message}") from None
     return PROBABILITIES

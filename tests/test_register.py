@@ -398,11 +398,12 @@ def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, 
 
 
 @pytest.fixture
-def planted_model(data_dir, fresh_experiment):
-    """(run id, local folder of its logged model): a finished training whose model a test replaces."""
-    run_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1}), echo=lambda line: None,
-                           progress=False)
-    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
+def planted_model(trained_run, fresh_experiment):
+    """(run id, local folder of its logged model): a finished training with a copy of a real
+    training's model, which a test replaces."""
+    run_id = copy_of_model(trained_run, 0.5, fresh_experiment)
+    [model] = mlflow.search_logged_models(experiment_ids=[fresh_experiment],
+                                          filter_string=f"source_run_id = '{run_id}'", output_format="list")
     return run_id, Path(model.artifact_location.removeprefix("file://"))
 
 
@@ -415,6 +416,15 @@ def pt2_with_pickled_inputs(path: Path) -> None:
     torch.export.save(torch.export.export(ConvNet().eval(), (torch.rand(2, 1, 28, 28),)), str(path))
 
 
+def plant_code_path(mlmodel: Path) -> None:
+    """An MLmodel whose code folder MLflow would put first on sys.path (a numpy.py there would run)."""
+    import yaml
+
+    config = yaml.safe_load(mlmodel.read_text())
+    config["flavors"]["python_function"]["code"] = "code"
+    mlmodel.write_text(yaml.safe_dump(config))
+
+
 @pytest.mark.parametrize("plant, says", [
     (lambda model: (model / "artifacts/network.pt2").rename(model / "artifacts/network.pkl"),
      "holds artifacts/network.pkl, which serving would unpickle"),
@@ -422,7 +432,8 @@ def pt2_with_pickled_inputs(path: Path) -> None:
      "served_model.py is not this mnist-tracking's (it would run on load)"),
     (lambda model: pt2_with_pickled_inputs(model / "artifacts/network.pt2"),
      "the network file holds network/data/sample_inputs/model.pt, which loading it would unpickle"),
-], ids=["pickle", "foreign-code", "pickled-pt2-inputs"])
+    (lambda model: plant_code_path(model / "MLmodel"), "brings code of its own (code)"),
+], ids=["pickle", "foreign-code", "pickled-pt2-inputs", "code-path"])
 def test_register_refuses_a_model_that_would_unpickle_or_run_foreign_code(planted_model, plant, says):
     run_id, model = planted_model
     plant(model)
@@ -470,7 +481,6 @@ def test_register_ranks_only_trainings_of_the_models_dataset_and_size(trained_ru
     name = unique_name()
     first = training_on(trained_run, fresh_experiment, 0.5, "mnist", "0")
     register_run(first, name, echo=lambda line: None)
-    assert MlflowClient().get_registered_model(name).tags == {"dataset": "mnist", "max_samples": "0"}
     training_on(trained_run, fresh_experiment, 0.99, "fashion-mnist", "0")
     training_on(trained_run, fresh_experiment, 0.98, "mnist", "600")
     better = training_on(trained_run, fresh_experiment, 0.6, "mnist", "0")
@@ -480,6 +490,7 @@ def test_register_ranks_only_trainings_of_the_models_dataset_and_size(trained_ru
     registration = register_command(RegisterConfig(experiment=experiment, name=name), echo=lines.append)
     assert registration.run_id == better and registration.has_alias, lines
     assert f"Best finished training run of experiment {experiment!r} on mnist with all training images" in lines[0]
+    assert MlflowClient().get_registered_model(name).tags == {"dataset": "mnist", "max_samples": "0"}
 
 
 def test_register_refuses_a_run_of_another_dataset_in_one_line(trained_run, fresh_experiment):
