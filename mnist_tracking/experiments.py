@@ -6,6 +6,7 @@ import os
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.errors import UserError
+from mnist_tracking.model_scope import Scope
 from mnist_tracking.ranking import invalid_metric_value, lower_is_better
 from mnist_tracking.runs import KIND_TAG, Kind
 
@@ -47,10 +48,11 @@ def resolve_experiment(name: str = ""):
     return experiment
 
 
-def finished_training_runs(experiment_id: str) -> list:
-    """Every FINISHED run of the experiment tagged as training (not projections or registrations)."""
+def finished_training_runs(experiment_id: str, where: str = "") -> list:
+    """Every FINISHED run of the experiment tagged as training (not projections or registrations),
+    and matching the search filter `where` when given."""
     client = MlflowClient()
-    query = f"tags.`{KIND_TAG}` = '{Kind.TRAINING}' AND attributes.status = 'FINISHED'"
+    query = f"tags.`{KIND_TAG}` = '{Kind.TRAINING}' AND attributes.status = 'FINISHED'" + (f" AND {where}" if where else "")
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], query, max_results=RUNS_PAGE, page_token=token)
@@ -60,11 +62,17 @@ def finished_training_runs(experiment_id: str) -> list:
             return runs
 
 
-def best_training_run(experiment_id: str, metric: str = "best_val_acc"):
-    """The finished training run with the best `metric` (`*_loss`: lowest, else highest);
-    ties go to the earlier run."""
+def best_training_run(experiment_id: str, metric: str = "best_val_acc", scope: Scope | None = None, name: str = ""):
+    """The finished training run with the best `metric` (`*_loss`: lowest, else highest), among
+    those in `scope` (registered model `name`'s dataset and training size) when given; ties go to
+    the earlier run."""
     experiment = MlflowClient().get_experiment(experiment_id)
-    runs = finished_training_runs(experiment_id)
+    runs = finished_training_runs(experiment_id, scope.run_filter() if scope else "")
+    if not runs and scope:
+        raise UserError(
+            f"experiment {experiment.name!r} has no finished training runs on {scope.text()}, the data of "
+            f"registered model {name!r} (its first version's): train one, or pass --name for a new registered model"
+        )
     if not runs:
         raise UserError(
             f"experiment {experiment.name!r} has no finished training runs; train one first "

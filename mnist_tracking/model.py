@@ -81,18 +81,3 @@ class ConvNet(nn.Module):
 
 MODEL_NAME = ConvNet.__name__  # the "model" of the summary table and the logged params
 
-
-class ServedConvNet(nn.Module):
-    """The network as MLflow logs and serves it: pixels outside [0, 1] (NaN, inf, a JSON null,
-    unscaled 0-255 bytes) raise an error, which the scoring server answers with a 400, instead
-    of class scores that mean nothing."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A data-dependent check that torch.export keeps in the pt2 graph (a Python `if` would not
-        # export); NaN fails both comparisons.
-        torch._assert_async(((x >= 0) & (x <= 1)).all(), "pixels must be numbers in [0, 1] (image bytes / 255)")
-        return self.net(x)  # (N, 1, 28, 28) -> (N, 10)

@@ -14,17 +14,20 @@ from mnist_tracking.errors import UserError
 from mnist_tracking.links import ui_model_url
 from mnist_tracking.locks import registry_lock
 from mnist_tracking.model import MODEL_NAME
+from mnist_tracking.model_files import (
+    OUTPUT_TAG,
+    SERVE_ENV,
+    checked_model_output,
+    model_description,
+)
+from mnist_tracking.model_scope import check_in_scope, record_scope
 from mnist_tracking.ranking import beats, invalid_metric_value, lower_is_better
 from mnist_tracking.runs import NOTE_TAG, SOURCE_RUN_TAG
 from mnist_tracking.source_runs import require_training_run
 
 LOGGED_MODEL_NAME = "model"  # the name `log_model` gives the network; `runs:/<run_id>/model`
 
-PT2_FILE, PICKLE_FILE = "model.pt2", "model.pth"  # mlflow.pytorch's files for the two serialization formats
 
-
-# Serving with MLflow's default would unpickle a model file: this makes the server refuse to.
-SERVE_ENV = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false"
 
 
 @dataclass
@@ -42,15 +45,6 @@ class Registration:
     alias_reason: str
 
 
-def check_pickle_free(model, run) -> None:
-    """Refuse a logged model that is not in the pickle-free pt2 format (data/model.pt2 and no
-    data/model.pth): serving it would unpickle whatever the store holds."""
-    files = {os.path.basename(a.path) for a in mlflow.artifacts.list_artifacts(artifact_uri=f"{model.artifact_location}/data")}
-    if PT2_FILE not in files or PICKLE_FILE in files:
-        raise UserError(
-            f"run {run.info.run_id} ({run.info.run_name}): its model is not in the pickle-free pt2 format "
-            f"(data/ holds {', '.join(sorted(files)) or 'nothing'}); refusing to register what serving would unpickle"
-        )
 
 
 def logged_model_of(run):
@@ -70,21 +64,19 @@ def logged_model_of(run):
 
 
 def ensure_registered_model(name: str) -> None:
+    """Create `name`, or bring its description up to date (what its versions answer)."""
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     try:
-        client.get_registered_model(name)
+        registered = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        client.create_registered_model(
-            name,
-            description=(
-                f"The seed {MODEL_NAME}: float32 images (N, 1, 28, 28) in [0, 1] -> (N, 10) class scores "
-                f"(logits). Serve it with `{SERVE_ENV} mlflow models serve -m models:/{name}@{ALIAS} --env-manager local`."
-            ),
-        )
+        client.create_registered_model(name, description=model_description(name))
+        return
+    if registered.description != model_description(name):
+        client.update_registered_model(name, description=model_description(name))
 
 
 def check_names(name: str, alias: str, metric: str) -> None:
@@ -176,12 +168,14 @@ def register_run(
     check_names(name, alias, metric)
     run = require_training_run(run_id, "register it", finished=True)
     run_id = run.info.run_id
+    check_in_scope(run, name)
     value = metric_of(run, metric)
     model = logged_model_of(run)
-    check_pickle_free(model, run)
+    output = checked_model_output(model, run)
     with registry_lock(echo):  # create, look up and move the alias as one step among concurrent registrations
         ensure_registered_model(name)
-        version, created = version_of(run, model, name, metric, value)
+        version, created = version_of(run, model, name, metric, value, output)
+        record_scope(name, run)
         has_alias, reason = apply_alias(name, version, alias, metric, value)
     registration = Registration(name, version, run_id, metric, value, created, alias, has_alias, reason)
     echo_registration(registration, run.info.run_name, echo)
@@ -204,7 +198,7 @@ def metric_of(run, metric: str) -> float:
     return float(value)
 
 
-def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, bool]:
+def version_of(run, model, name: str, metric: str, value: float, output: str) -> tuple[int, bool]:
     """The version of `name` holding the run's model, created unless the run was registered before
     (a version from the same run or the same LoggedModel is reused); returns (version, created)."""
     client = MlflowClient()
@@ -217,7 +211,7 @@ def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, b
     if existing:
         return min(int(v.version) for v in existing), False
     tags = {SOURCE_RUN_TAG: run_id, "source_run_name": run.info.run_name or "", "metric": metric,
-            "metric_value": repr(value)}
+            "metric_value": repr(value), OUTPUT_TAG: output}
     # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run.
     version = int(mlflow.register_model(source, name, tags=tags).version)
     metrics = run.data.metrics
@@ -227,7 +221,7 @@ def version_of(run, model, name: str, metric: str, value: float) -> tuple[int, b
         name, version,
         description=(
             f"{MODEL_NAME} from run {run.info.run_name} ({run_id}), chosen by {metric} {value:.4f}"
-            + (f"; {others}" if others else "") + "."
+            + (f"; {others}" if others else "") + f". Answers {output}."
         ),
     )
     return version, True

@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 
-from mnist_tracking import plots
-from mnist_tracking.artifacts import log_arrays
+from mnist_tracking import plots, served_model
+from mnist_tracking.artifacts import log_arrays, temporary_folder
 from mnist_tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Splits
 from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.links import ui_hint, ui_url
-from mnist_tracking.model import MODEL_NAME, ServedConvNet
+from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.reports import misclassified_table, summary_table
 from mnist_tracking.runs import (
     KIND_TAG,
@@ -205,26 +206,41 @@ def model_signature():
     from mlflow.types import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *served_model.IMAGE_SHAPE))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, served_model.NUM_CLASSES), name=served_model.OUTPUT)]),
     )
+
+
+def export_network(model: torch.nn.Module, input_example: np.ndarray, path: Path) -> None:
+    """The network as torch.export's pt2 archive with nothing pickled in it: raw weights, and no
+    example inputs (torch.save would pickle them, and loading would unpickle them)."""
+    from torch.export import Dim
+
+    program = torch.export.export(model, (torch.from_numpy(input_example),), dynamic_shapes=({0: Dim.AUTO},))
+    program.example_inputs = None
+    torch.export.save(program, str(path))
+    served_model.check_pt2_archive(str(path))  # what loading it will check
 
 
 def log_model(model: torch.nn.Module, input_example: np.ndarray) -> str:
-    """Log the network as MLflow model `model` in the pickle-free pt2 format; returns its model id."""
+    """Log the network as MLflow model `model`: a pyfunc model from code (served_model.py) around
+    the pickle-free pt2 network, answering class probabilities; returns its model id."""
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
-    info = mlflow.pytorch.log_model(
-        ServedConvNet(model).eval(),  # refuses input outside [0, 1] with a 4xx when served
-        name="model",
-        step=MODEL_STEP,
-        serialization_format="pt2",
-        signature=model_signature(),
-        input_example=input_example,
-        # Given explicitly: MLflow's inference of requirements loads the model in a subprocess.
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            f"numpy=={np.__version__}",
-        ],
-    )
+    with temporary_folder() as folder:
+        network = folder / served_model.NETWORK_FILE
+        export_network(model, input_example, network)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=served_model.__file__,  # executed on load, never unpickled
+            artifacts={served_model.NETWORK: str(network)},
+            step=MODEL_STEP,
+            signature=model_signature(),
+            input_example=input_example,
+            # Given explicitly: MLflow's inference of requirements loads the model in a subprocess.
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"mlflow=={mlflow.__version__}",
+                f"numpy=={np.__version__}",
+            ],
+        )
     return info.model_id

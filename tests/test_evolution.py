@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, N_TRAIN
-from helpers import array, interrupt_analysis, one_error_line, plot_data, run_cli
+from helpers import array, interrupt_analysis, plot_data, run_cli
 from mlflow.tracking import MlflowClient
 from PIL import Image
 

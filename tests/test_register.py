@@ -112,6 +112,18 @@ def test_version_links_the_logged_model_and_carries_tags(runs):
     assert version.tags["source_run_id"] == runs["good"] and version.tags["metric"] == "best_val_acc"
     assert float(version.tags["metric_value"]) == metrics["best_val_acc"]
     assert runs["good"] in version.description and "best_val_acc" in version.description
+    # What it answers, so that a client of @champion can tell it from an older version (logits):
+    assert version.tags["output"] == "probabilities" and "Answers probabilities." in version.description
+    description = MlflowClient().get_registered_model(name).description
+    assert '{"probabilities": (N, 10)}' in description and "at most 1000 per request" in description
+    assert "`logits`" in description and "without the tag" in description
+
+
+def test_registering_updates_an_older_registered_models_description(runs):
+    name = unique_name()
+    MlflowClient().create_registered_model(name, description="(N, 10) class scores (logits)")
+    register_run(runs["good"], name, echo=lambda line: None)
+    assert "probabilities" in MlflowClient().get_registered_model(name).description
 
 
 def test_register_command_prints_the_version_and_a_ui_link(runs, tmp_path):
@@ -234,17 +246,30 @@ def wait_until_serving(process, base: str, log) -> None:
     pytest.fail(f"mlflow models serve did not answer /ping in {SERVE_START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
 
 
+def assert_one_line_refusal(status: int, answer: dict, reason: str) -> None:
+    """A 400 whose message is the model's one-line reason: no stack trace, no server path, no data."""
+    assert status == 400, (status, answer)
+    assert answer["error_code"] == "INVALID_PARAMETER_VALUE" and "stack_trace" not in answer, answer
+    message = answer["message"]
+    assert "\n" not in message and reason in message, message
+    assert not any(leak in message for leak in ("site-packages", "/root", ".py", "Traceback")), message
+
+
 @pytest.mark.slow
-def test_served_champion_answers_like_the_model_and_rejects_bad_input(runs, tmp_path, monkeypatch):
+def test_served_champion_answers_probabilities_and_refuses_bad_input_in_one_line(runs, tmp_path, monkeypatch):
+    """`mlflow models serve` of the registered model, for real, with pickles refused: class
+    probabilities for good images; a one-line 400 for bad pixels and for too many images."""
     import json
+
+    from mnist_tracking.served_model import MAX_IMAGES
 
     name = unique_name()
     register_run(runs["good"], name, echo=lambda line: None)
     uri = f"models:/{name}@champion"
     images, labels = fake_digits(N_TEST, seed=1)  # the fake test split, as IDX pixels
     x = (images.astype(np.float32) / PIXEL_MAX)[:, None]  # (N, 1, 28, 28) in [0, 1]
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
-    expected = mlflow.pyfunc.load_model(uri).predict(x)  # in process, pickle-free
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # for the server too
+    expected = mlflow.pyfunc.load_model(uri).predict(x)["probabilities"]  # in process, pickle-free
 
     port, log = free_port(), tmp_path / "serve.log"
     base = f"http://127.0.0.1:{port}"
@@ -258,25 +283,34 @@ def test_served_champion_answers_like_the_model_and_rejects_bad_input(runs, tmp_
         wait_until_serving(process, base, log)
         status, answer = post(f"{base}/invocations", json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200, answer
-        scores = np.asarray(answer["predictions"], dtype=np.float32)
-        assert scores.shape == (N_TEST, 10)
-        assert (scores.argmax(1) == expected.argmax(1)).all()
-        np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+        assert list(answer["predictions"]) == ["probabilities"]
+        probabilities = np.asarray(answer["predictions"]["probabilities"], dtype=np.float32)
+        assert probabilities.shape == (N_TEST, 10) and (probabilities >= 0).all()
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+        np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-5)
         test_acc = MlflowClient().get_run(runs["good"]).data.metrics["test_acc"]
-        assert (scores.argmax(1) == labels).mean() == pytest.approx(test_acc)
+        assert (probabilities.argmax(1) == labels).mean() == pytest.approx(test_acc)
 
-        for bad in (
+        pixels = "pixels must be numbers in [0, 1] (image bytes / 255)"
+        for bad in ((x[:2] * PIXEL_MAX).tolist(),  # bytes, not [0, 1]
+                    [[[[None] * 28] * 28]]):  # JSON null arrives as NaN
+            assert_one_line_refusal(*post(f"{base}/invocations", json.dumps({"inputs": bad}).encode()), pixels)
+        too_many = np.zeros((MAX_IMAGES + 1, 1, 28, 28), dtype=np.uint8).tolist()
+        assert_one_line_refusal(*post(f"{base}/invocations", json.dumps({"inputs": too_many}).encode()),
+                                f"{MAX_IMAGES + 1} images in one request; at most {MAX_IMAGES}: send them in parts")
+        status, answer = post(f"{base}/invocations",  # exactly the limit is answered
+                              json.dumps({"inputs": np.zeros((MAX_IMAGES, 1, 28, 28), np.uint8).tolist()}).encode())
+        assert status == 200 and len(answer["predictions"]["probabilities"]) == MAX_IMAGES, status
+
+        for bad in (  # refused by MLflow's own check of the signature, before the model runs
             {"inputs": x[:, 0].tolist()},  # (N, 28, 28): no channel dimension
             {"inputs": [[[["dark"] * 28] * 28]]},  # strings, not floats
             {"inputs": {"image": x[:1].tolist()}},  # a named input the signature does not have
-            {"inputs": (x[:2] * PIXEL_MAX).tolist()},  # bytes, not [0, 1]: refused by ServedConvNet
-            {"inputs": [[[[None] * 28] * 28]]},  # JSON null arrives as NaN
         ):
             status, answer = post(f"{base}/invocations", json.dumps(bad).encode())
-            assert 400 <= status < 500, (status, answer)
-            assert answer.get("message"), answer
+            assert status == 400 and answer.get("message") and "stack_trace" not in answer, (status, answer)
         status, _ = post(f"{base}/invocations", b"{not json")
-        assert 400 <= status < 500
+        assert status == 400
     finally:
         os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn worker
         try:
@@ -363,15 +397,56 @@ def test_a_holder_with_a_nan_metric_loses_the_alias_to_a_valid_one(trained_run, 
     assert int(client.get_model_version_by_alias(name, "champion").version) == registration.version
 
 
-def test_register_refuses_a_model_that_is_not_pickle_free(data_dir, fresh_experiment, tmp_path):
-    from mnist_tracking.training_run import train_and_log
-    run_id = train_and_log(TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1}), echo=lambda line: None,
-                           progress=False)
-    [model] = mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'", output_format="list")
-    data = Path(model.artifact_location.removeprefix("file://")) / "data"
-    (data / "model.pt2").rename(data / "model.pth")  # what a pickled model (or a planted one) looks like
-    result = invoke("register", "--run-id", run_id, "--name", f"pickled-{run_id[:6]}")
-    assert "its model is not in the pickle-free pt2 format (data/ holds model.pth)" in one_error_line(result.stderr)
+@pytest.fixture
+def planted_model(trained_run, fresh_experiment):
+    """(run id, local folder of its logged model): a finished training with a copy of a real
+    training's model, which a test replaces."""
+    run_id = copy_of_model(trained_run, 0.5, fresh_experiment)
+    [model] = mlflow.search_logged_models(experiment_ids=[fresh_experiment],
+                                          filter_string=f"source_run_id = '{run_id}'", output_format="list")
+    return run_id, Path(model.artifact_location.removeprefix("file://"))
+
+
+def pt2_with_pickled_inputs(path: Path) -> None:
+    """A pt2 archive as torch.export.save writes it by default: its example inputs pickled."""
+    import torch
+
+    from mnist_tracking.model import ConvNet
+
+    torch.export.save(torch.export.export(ConvNet().eval(), (torch.rand(2, 1, 28, 28),)), str(path))
+
+
+def plant_code_path(mlmodel: Path) -> None:
+    """An MLmodel whose code folder MLflow would put first on sys.path (a numpy.py there would run)."""
+    import yaml
+
+    config = yaml.safe_load(mlmodel.read_text())
+    config["flavors"]["python_function"]["code"] = "code"
+    mlmodel.write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize("plant, says", [
+    (lambda model: (model / "artifacts/network.pt2").rename(model / "artifacts/network.pkl"),
+     "holds artifacts/network.pkl, which serving would unpickle"),
+    (lambda model: (model / "served_model.py").write_text("import os; os.system('touch /tmp/owned')\n"),
+     "served_model.py is not this mnist-tracking's (it would run on load)"),
+    (lambda model: pt2_with_pickled_inputs(model / "artifacts/network.pt2"),
+     "the network file holds network/data/sample_inputs/model.pt, which loading it would unpickle"),
+    (lambda model: plant_code_path(model / "MLmodel"), "brings code of its own (code)"),
+], ids=["pickle", "foreign-code", "pickled-pt2-inputs", "code-path"])
+def test_register_refuses_a_model_that_would_unpickle_or_run_foreign_code(planted_model, plant, says):
+    run_id, model = planted_model
+    plant(model)
+    result = invoke("register", "--run-id", run_id, "--name", f"planted-{run_id[:6]}")
+    assert says in one_error_line(result.stderr)
+
+
+def test_loading_a_planted_network_is_refused_before_anything_is_unpickled(planted_model, monkeypatch):
+    run_id, model = planted_model
+    pt2_with_pickled_inputs(model / "artifacts/network.pt2")
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="which loading it would unpickle; refusing to load it"):
+        mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
 
 
 def test_register_refuses_runs_that_are_not_finished_trainings(fresh_experiment):
@@ -441,3 +516,50 @@ def test_a_registration_waits_for_the_lock_then_registers(trained_run):
         holder.wait(timeout=60)
     assert registration.version == 1
     assert lines[0].startswith("Waiting for another registration to finish")
+
+
+def training_on(trained_run: str, experiment_id: str, accuracy: float, dataset: str, max_samples: str) -> str:
+    """A finished training of `dataset` on `max_samples` images with `best_val_acc` = accuracy."""
+    run_id = copy_of_model(trained_run, accuracy, experiment_id)
+    MlflowClient().set_tag(run_id, "dataset", dataset)
+    MlflowClient().log_param(run_id, "max_samples", max_samples)
+    return run_id
+
+
+def test_register_ranks_only_trainings_of_the_models_dataset_and_size(trained_run, fresh_experiment):
+    """A registered model belongs to its first version's dataset and training size: a better
+    Fashion-MNIST training or a better 600-image smoke run never takes its alias."""
+    name = unique_name()
+    first = training_on(trained_run, fresh_experiment, 0.5, "mnist", "0")
+    register_run(first, name, echo=lambda line: None)
+    training_on(trained_run, fresh_experiment, 0.99, "fashion-mnist", "0")
+    training_on(trained_run, fresh_experiment, 0.98, "mnist", "600")
+    better = training_on(trained_run, fresh_experiment, 0.6, "mnist", "0")
+
+    lines = []
+    experiment = MlflowClient().get_experiment(fresh_experiment).name
+    registration = register_command(RegisterConfig(experiment=experiment, name=name), echo=lines.append)
+    assert registration.run_id == better and registration.has_alias, lines
+    assert f"Best finished training run of experiment {experiment!r} on mnist with all training images" in lines[0]
+    assert MlflowClient().get_registered_model(name).tags == {"dataset": "mnist", "max_samples": "0"}
+
+
+def test_register_refuses_a_run_of_another_dataset_in_one_line(trained_run, fresh_experiment):
+    name = unique_name()
+    register_run(training_on(trained_run, fresh_experiment, 0.5, "mnist", "0"), name, echo=lambda line: None)
+    fashion = training_on(trained_run, fresh_experiment, 0.99, "fashion-mnist", "0")
+    result = invoke("register", "--run-id", fashion, "--name", name)
+    assert result.exit_code != 0
+    assert (f"trained on fashion-mnist, but registered model {name!r} holds mnist models (its first version's "
+            f"dataset); register it under another --name") in one_error_line(result.stderr)
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_register_without_a_training_on_the_models_data_says_so(trained_run, fresh_experiment):
+    name = unique_name()
+    register_run(training_on(trained_run, fresh_experiment, 0.5, "fashion-mnist", "600"), name, echo=lambda line: None)
+    other = mlflow.create_experiment(f"mnist-only-{uuid.uuid4().hex[:6]}")
+    training_on(trained_run, other, 0.9, "mnist", "600")
+    result = invoke("register", "--experiment", MlflowClient().get_experiment(other).name, "--name", name)
+    assert "has no finished training runs on fashion-mnist with max_samples 600, the data of registered model" in \
+        one_error_line(result.stderr)

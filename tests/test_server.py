@@ -1,9 +1,11 @@
 """A real tracking server (PostgreSQL + proxied artifacts, deploy/tracking-server.sh): the
-entry points work against it unchanged, and parallel trainings keep every metric."""
+entry points work against it unchanged, parallel trainings keep every metric, and another local
+user can neither read its secrets nor connect to its database."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +19,9 @@ from conftest import REPO
 from helpers import EPOCH_METRICS, free_port
 
 SCRIPT = REPO / "deploy" / "tracking-server.sh"
+OLD_SCRIPT = REPO / "tests" / "legacy" / "tracking-server-2855795.sh"  # before issue 25: to test the migration
+OTHER_USER = "nobody"  # a second local user, who must get nothing
+PASSWORD_IN_URI = re.compile(r"://[^/\s:@]+:[^/\s@]+@")  # user:password@ in any URI
 
 pytestmark = pytest.mark.slow
 
@@ -25,23 +30,101 @@ def have_postgres() -> bool:
     return any(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
 
 
+def pg_program(name: str) -> str:
+    return str(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))[-1])
+
+
+def start(script: Path, folder: Path, env: dict) -> tuple[str, str]:
+    """(the MLFLOW_TRACKING_URI it prints, its stderr) of `script start folder`."""
+    started = subprocess.run(["bash", str(script), "start", str(folder)], env=env, capture_output=True, text=True,
+                             timeout=300)
+    log = folder / "mlflow.log"
+    assert started.returncode == 0, started.stderr + (log.read_text()[-2000:] if log.exists() else "")
+    uri = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    assert uri.startswith("http://127.0.0.1:")
+    return uri, started.stderr
+
+
+def stop(script: Path, folder: Path, env: dict) -> None:
+    subprocess.run(["bash", str(script), "stop", str(folder)], env=env, capture_output=True, timeout=120)
+
+
+def server_env(**extra: str) -> dict:
+    return {**os.environ, "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()), **extra}
+
+
+def as_other_user(*command: str) -> subprocess.CompletedProcess:
+    # -w: never prompt for a password; cwd /: the other user may not enter ours
+    return subprocess.run(["runuser", "-u", OTHER_USER, "--", *command], capture_output=True, text=True,
+                          timeout=60, cwd="/")
+
+
+def assert_private(folder: Path, pg_port: str, secrets: list[str]) -> None:
+    """Another local user reads no secret (processes, files) and connects to no database role;
+    MLflow's own role, even with its password, is no superuser."""
+    processes = as_other_user("ps", "-ww", "-eo", "args")  # -ww: whole lines
+    assert processes.returncode == 0 and "mlflow server" in processes.stdout, processes.stderr
+    assert not PASSWORD_IN_URI.search(processes.stdout), PASSWORD_IN_URI.search(processes.stdout).group()
+    for secret in secrets:
+        assert secret not in processes.stdout
+    for path in [folder, *folder.rglob("*")]:
+        mode = path.lstat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, (path, oct(mode))
+        elif path.is_file():
+            assert mode == 0o600, (path, oct(mode))
+    listing = as_other_user("ls", str(folder))
+    assert listing.returncode != 0 and "Permission denied" in listing.stderr
+    for path in folder.iterdir():
+        if path.is_file():
+            assert as_other_user("cat", str(path)).returncode != 0, path
+    server_pid = (folder / "mlflow.pid").read_text().strip()
+    assert as_other_user("cat", f"/proc/{server_pid}/environ").returncode != 0
+    psql = pg_program("psql")
+    tcp = ["-h", "127.0.0.1", "-p", pg_port]
+    for user, database in (("mlflow", "mlflow"), ("mlflow", "postgres"), ("postgres", "postgres"),
+                           ("postgres", "mlflow")):
+        for where in (tcp, ["-h", str(folder), "-p", pg_port]):
+            tried = as_other_user(psql, "-w", *where, "-U", user, "-d", database, "-c", "SELECT 1")
+            assert tried.returncode != 0 and "failed" in tried.stderr, (user, database, tried.stdout)
+    # Who knows MLflow's password (the owner) gets its database and nothing more:
+    with_password = {**os.environ, "PGPASSFILE": str(folder / "mlflow-pgpass")}
+    as_mlflow = [psql, "-w", *tcp, "-U", "mlflow", "-d", "mlflow", "-tAc"]
+    role = subprocess.run([*as_mlflow, "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles "
+                           "WHERE rolname = current_user"], env=with_password, capture_output=True, text=True)
+    assert role.stdout.strip() == "f|f|f", role.stderr
+    program = subprocess.run([*as_mlflow, "COPY (SELECT 1) TO PROGRAM 'true'"], env=with_password,
+                             capture_output=True, text=True)
+    assert "must be superuser" in program.stderr, program.stderr
+    superuser = subprocess.run([psql, "-w", *tcp, "-U", "postgres", "-d", "postgres", "-c", "SELECT 1"],
+                               env=with_password, capture_output=True, text=True)
+    assert "no pg_hba.conf entry" in superuser.stderr, superuser.stderr
+
+
 @pytest.fixture(scope="module")
-def server():
+def started_server():
+    """(uri, folder, env) of a server started by deploy/tracking-server.sh for this module."""
     if not have_postgres():
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
     # Not under pytest's tmp folders: those are private to root, and PostgreSQL runs as `postgres`.
     folder = Path(tempfile.mkdtemp(prefix="mnist-tracking-server-"))
-    env = {**os.environ, "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port())}
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], env=env, capture_output=True, text=True,
-                             timeout=240)
-    assert started.returncode == 0, started.stderr + (folder / "mlflow.log").read_text()[-2000:]
-    uri = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    assert uri.startswith("http://127.0.0.1:")
+    env = server_env()
     try:
-        yield uri
+        uri, _ = start(SCRIPT, folder, env)
+        yield uri, folder, env
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], env=env, capture_output=True, timeout=120)
+        stop(SCRIPT, folder, env)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(started_server) -> str:
+    return started_server[0]
+
+
+def test_another_user_can_neither_read_the_database_password_nor_connect(started_server):
+    _, folder, env = started_server
+    assert_private(folder, env["PG_PORT"], secrets=[])
 
 
 def train(uri: str, data_dir, cwd, *args) -> subprocess.Popen:
@@ -83,8 +166,8 @@ def test_training_through_the_server_stores_everything(server, data_dir, tmp_pat
     mlflow.set_tracking_uri(server)
     try:
         model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-        scores = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
-        assert np.asarray(scores).shape == (3, 10)
+        answer = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
+        assert np.asarray(answer["probabilities"]).shape == (3, 10)
     finally:
         mlflow.set_tracking_uri(previous)
 
@@ -113,13 +196,12 @@ def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(da
     if not have_postgres():
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
     folder = Path(tempfile.mkdtemp(prefix="mnist-tracking-auth-"))
-    env = {**os.environ, "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()), "AUTH": "1"}
-    started = subprocess.run(["bash", str(SCRIPT), "start", str(folder)], env=env, capture_output=True, text=True,
-                             timeout=300)
+    env = server_env(AUTH="1")
     try:
-        assert started.returncode == 0, started.stderr + (folder / "mlflow.log").read_text()[-2000:]
-        uri = started.stdout.strip().splitlines()[-1].split("=", 1)[1]
+        uri, _ = start(SCRIPT, folder, env)
         password = (folder / "admin-password").read_text().strip()
+        secret_key = (folder / "flask-secret").read_text().strip()
+        assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])
         import urllib.error
         import urllib.request
 
@@ -139,6 +221,46 @@ def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(da
         admin = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
         _, err = admin.communicate(timeout=600)
         assert admin.returncode == 0, err[-2000:]
+        assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])  # basic_auth.db too, now
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", str(folder)], env=env, capture_output=True, timeout=120)
+        stop(SCRIPT, folder, env)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_folder_of_the_earlier_script_is_migrated_on_its_next_start(tmp_path):
+    """The script before issue 25 made `mlflow` the cluster's superuser and put its password on the
+    command line: the next start moves the data to a role that owns only its database, keeps every
+    run, and leaves nothing open (here the folder was made with umask 022, as a user's would be)."""
+    from mlflow.tracking import MlflowClient
+
+    if not have_postgres():
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+    parent = Path(tempfile.mkdtemp(prefix="mnist-tracking-migrate-"))
+    parent.chmod(0o755)  # PostgreSQL (`postgres`) must reach the folder the old script makes in it
+    folder = parent / "server"
+    env = server_env()
+    try:
+        uri, _ = start(OLD_SCRIPT, folder, {**env, "AUTH": "1"})
+        client = MlflowClient(tracking_uri=uri)
+        credentials = {"MLFLOW_TRACKING_USERNAME": "admin",
+                       "MLFLOW_TRACKING_PASSWORD": (folder / "admin-password").read_text().strip()}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in credentials.items():
+                patch.setenv(name, value)
+            experiment = client.create_experiment("before-migration")
+            run = client.create_run(experiment)
+            client.log_metric(run.info.run_id, "val_acc", 0.5, step=1)
+            client.set_terminated(run.info.run_id)
+            stop(OLD_SCRIPT, folder, env)
+            (folder / "mlflow.log").chmod(0o644)  # as the old script left it on its later starts
+
+            uri, messages = start(SCRIPT, folder, {**env, "AUTH": "1"})
+            assert [line.split(":")[0] for line in messages.splitlines()] == [
+                f"migrating {folder}", f"migrated {folder}"], messages
+            assert not (folder / "pg-password").exists()
+            [metric] = MlflowClient(tracking_uri=uri).get_metric_history(run.info.run_id, "val_acc")
+            assert metric.value == 0.5
+            assert_private(folder, env["PG_PORT"], secrets=list(credentials.values()))
+    finally:
+        stop(SCRIPT, folder, env)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -175,13 +176,39 @@ def test_logged_model_loads_without_pickle_and_matches_the_checkpoint(trained_ru
     images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
 
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{trained_run}/model")
-    scores = np.asarray(pyfunc.predict(images))
+    answer = pyfunc.predict(images)
+    assert list(answer) == ["probabilities"]
+    probabilities = np.asarray(answer["probabilities"])
     with torch.inference_mode():
-        expected = reference(torch.from_numpy(images)).numpy()
-    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+        expected = torch.softmax(reference(torch.from_numpy(images)), dim=1).numpy()
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5)
     signature = pyfunc.metadata.signature
     assert signature.inputs.inputs[0].shape == (-1, 1, 28, 28)
-    assert signature.outputs.inputs[0].shape == (-1, 10)
+    [output] = signature.outputs.inputs
+    assert output.name == "probabilities" and output.shape == (-1, 10)
+
+
+def test_the_logged_model_is_code_and_a_pt2_network_with_nothing_pickled(trained_run, tmp_path):
+    """A pyfunc model from code: MLflow executes served_model.py to load it (no python_model.pkl),
+    and the network's archive holds raw weights and no pickled example inputs."""
+    import zipfile
+
+    import mlflow
+    import yaml
+
+    from mnist_tracking import served_model
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{trained_run}/model", dst_path=str(tmp_path)))
+    files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert "served_model.py" in files and "artifacts/network.pt2" in files, files
+    assert not [f for f in files if f.endswith((".pkl", ".pth", ".pt"))], files
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["model_code_path"].endswith("served_model.py") and "python_model" not in flavor
+    with zipfile.ZipFile(local / "artifacts/network.pt2") as archive:
+        [inputs] = [i for i in archive.infolist() if "/data/sample_inputs/" in i.filename]
+        assert inputs.file_size == 0
+    served_model.check_pt2_archive(str(local / "artifacts/network.pt2"))
 
 
 def test_run_is_named_described_and_its_experiment_tagged(trained_run):
