@@ -58,8 +58,8 @@ def snapshot_points(split: Split, n_points: int, seed: int) -> Split:
     counts = np.bincount(split.labels[keep].numpy(), minlength=NUM_CLASSES)
     if counts.min() < MIN_POINTS_PER_DIGIT:
         raise UserError(
-            f"snapshot_points={n_points} of the {len(split.labels):,} val images leaves digit {int(counts.argmin())} "
-            f"{int(counts.min())} point(s), fewer than the {MIN_POINTS_PER_DIGIT} a snapshot needs of each: use more "
+            f"snapshot_points={n_points} of the {len(split.labels):,} val images leaves {int(counts.min())} point(s) of "
+            f"digit {int(counts.argmin())}, fewer than the {MIN_POINTS_PER_DIGIT} a snapshot needs of each: use more "
             f"images (max_samples, val_fraction) or more snapshot_points, or snapshot_points=0 (no snapshots)")
     return Split(split.images[keep].contiguous(), split.labels[keep], split.indices[keep])
 
