@@ -75,3 +75,15 @@ def test_mlflow_run_with_bad_input_fails_the_run_with_a_reason(tmp_path, data_di
     [run] = runs_of(fresh_experiment)  # `mlflow run` made it before our command started
     assert run.info.status == "FAILED"
     assert "rmsprop" in run.data.tags["status_reason"]
+
+
+def test_help_lists_every_command_with_its_whole_summary(tmp_path):
+    from mnist_tracking.cli import main
+
+    result = run_cli("--help", cwd=tmp_path, env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    listed = " ".join(result.stdout.split("Commands:")[1].split())  # the summaries wrap onto several lines
+    assert "..." not in listed  # click's cut
+    for name, command in main.commands.items():
+        summary = " ".join(command.help.strip().splitlines()[0].split())
+        assert f"{name} {summary}" in listed, name
