@@ -103,10 +103,15 @@ def test_version_links_the_logged_model_and_carries_tags(runs):
 
 def test_register_command_prints_the_version_and_a_ui_link(runs, tmp_path):
     name = unique_name()
-    result = run_cli("register", "--experiment", runs["experiment"], "--name", name, cwd=tmp_path)
+    result = run_cli("register", "--experiment", runs["experiment"], "--name", name, cwd=tmp_path,
+                     env={"MNIST_TRACKING_UI_PORT": "5123"})
     assert result.returncode == 0, result.stderr
     assert f"as {name} version 1" in result.stdout and runs["good"] in result.stdout
-    assert f"#/models/{name}/versions/1?workflowType=machine_learning" in result.stdout
+    # the link and the hint name the same port, the one asked for
+    assert f"http://127.0.0.1:5123/#/models/{name}/versions/1?workflowType=machine_learning" in result.stdout
+    assert "mlflow ui --host 127.0.0.1 --port 5123" in result.stdout
+    # a first registration: none of MLflow's "Registered model ... already exists" from register_model
+    assert "already exists" not in result.stdout + result.stderr
 
 
 def test_register_as_registers_the_training_run(data_dir, fresh_experiment):
