@@ -49,6 +49,16 @@ class Registration:
     alias_reason: str
 
 
+def sqlite_lock_file(database: str) -> str:
+    """What registrations on a sqlite store lock: a file beside its database when the folder is ours
+    (`mlflow.db.registry.lock`, git-ignored), else the database file itself, so that nothing is left
+    in a folder we do not own (flock: sqlite's own locks are POSIX locks, which flock does not see)."""
+    folder = os.path.dirname(os.path.abspath(database))
+    if os.stat(folder).st_uid == os.getuid() and os.access(folder, os.W_OK):
+        return f"{database}{LOCK_SUFFIX}"
+    return database
+
+
 @contextmanager
 def registry_lock() -> Iterator[None]:
     """Held while registering: the read-compare-write of the alias (and the first creation of the
@@ -65,7 +75,8 @@ def registry_lock() -> Iterator[None]:
         if not database or database == ":memory:":
             yield
             return
-        with open(f"{database}{LOCK_SUFFIX}", "a") as handle:
+        path = sqlite_lock_file(database)
+        with open(path, "a" if path != database else "rb") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the process dies
             yield
     elif scheme == "postgresql":

@@ -274,3 +274,23 @@ def test_served_champion_answers_like_the_model_and_rejects_bad_input(runs, tmp_
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_the_registry_lock_file_is_only_written_into_a_folder_we_own(tmp_path):
+    from mnist_tracking.registry import LOCK_SUFFIX, sqlite_lock_file
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder in (ours, theirs):
+        folder.mkdir()
+        (folder / "mlflow.db").write_bytes(b"")
+    assert sqlite_lock_file(str(ours / "mlflow.db")) == f"{ours / 'mlflow.db'}{LOCK_SUFFIX}"
+    if os.getuid() == 0:  # root may write anywhere: a folder of another user
+        os.chown(theirs, 65534, 65534)
+    else:
+        theirs.chmod(0o555)
+    try:
+        # somebody else's folder: the database file itself is locked, no file is left beside it
+        assert sqlite_lock_file(str(theirs / "mlflow.db")) == str(theirs / "mlflow.db")
+    finally:
+        theirs.chmod(0o755)
+    assert ".registry.lock" in (REPO / ".gitignore").read_text()
