@@ -41,7 +41,8 @@ def test_train_command_logs_a_finished_run(tmp_path, data_dir, fresh_experiment)
     assert result.returncode == 0, result.stderr
     [run] = runs_of(fresh_experiment)
     assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "adam"
-    assert "| model | best_val_acc |" in result.stdout  # the seed's summary table, printed
+    assert "model\u2002|\u2002best val acc" in result.stdout  # the course report's summary table, printed
+    assert "(an epoch line ending in * set a new best" in result.stdout  # what the epoch lines' * means
     assert f"runs/{run.info.run_id}?workflowType=machine_learning" in result.stdout
 
 
