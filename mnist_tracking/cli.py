@@ -44,7 +44,7 @@ def given(config) -> frozenset[str]:
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main() -> None:
-    """Train, track, project and register the seed ConvNet on MNIST with MLflow.
+    """Train, track, project and register the course report's ConvNet on MNIST with MLflow.
 
     Runs go to MLFLOW_TRACKING_URI (default: sqlite:///mlflow.db, artifacts in ./mlruns).
     """
@@ -55,7 +55,13 @@ def main() -> None:
 
 
 
-@main.command()
+def command(function):
+    """A command of `main` whose line in `mnist-tracking --help` is its docstring's whole first line
+    (click cuts a summary it derives itself at the terminal's width, with "...")."""
+    return main.command(short_help=function.__doc__.strip().splitlines()[0])(function)
+
+
+@command
 @options(TrainConfig)
 @user_errors
 def train(**params) -> None:
@@ -72,7 +78,7 @@ def train(**params) -> None:
     train_command(config, echo=click.echo)
 
 
-@main.command()
+@command
 @options(ProjectConfig)
 @user_errors
 def project(**params) -> None:
@@ -91,7 +97,7 @@ def project(**params) -> None:
     project_command(ProjectConfig(**params), echo=click.echo)
 
 
-@main.command()
+@command
 @options(EvolutionConfig)
 @user_errors
 def evolution(**params) -> None:
@@ -107,7 +113,7 @@ def evolution(**params) -> None:
     evolution_command(EvolutionConfig(**params), echo=click.echo)
 
 
-@main.command()
+@command
 @options(CompareConfig)
 @user_errors
 def compare(**params) -> None:
@@ -124,7 +130,7 @@ def compare(**params) -> None:
     compare_command(CompareConfig(**params), echo=click.echo)
 
 
-@main.command()
+@command
 @options(RegisterConfig)
 @user_errors
 def register(**params) -> None:
@@ -138,16 +144,16 @@ def register(**params) -> None:
     register_command(RegisterConfig(**params), echo=click.echo)
 
 
-@main.command()
+@command
 @options(SweepConfig)
 @user_errors
 def sweep(**params) -> None:
-    """Train the seed's three configurations as child runs of one parent run, project each, compare.
+    """Train the course report's three configurations as child runs of one parent run, project each, compare.
 
     The trainings (plain SGD, momentum 0): lr 1e-6 for 1 epoch; lr 1e-3 for 20 epochs; lr 0.01
     with the plateau scheduler and early stopping 5, up to 50 epochs. Each child logs what `train`
     logs and gets a nested projection run; the parent run (named seed-study) gets comparison.png
-    (one row per training, one column per method) and comparison.md (the seed's table for all three).
+    (one row per training, one column per method) and comparison.md (the course report's table for all three).
     """
     from mnist_tracking.commands.sweep import sweep_and_log
 

@@ -15,17 +15,25 @@ from mnist_tracking.views import (
     COLOR_MODES,
     HOVER_SCALE,
     HOVER_SCRIPT,
+    MODEBAR_TOP,
+    NO_THUMBNAILS,
     PAGE,
+    PLOT_CONFIG,
     PLOT_ID,
     THUMB_ID,
+    TITLE_SIZE,
     TOP_MARGIN,
     marker_size,
     point_colors,
+    title_layout,
+    title_text,
 )
 
 FRAME_MS = 900  # while playing: each epoch's frame is shown this long ...
 
 TRANSITION_MS = 600  # ... of which the points glide from their places in the epoch before for this long
+
+SLIDER_TOP = 50  # px from the plot's bottom to the slider: room for the play / pause buttons above it
 
 EVOLUTION_MODES = ("label", "prediction", "correct")  # the colour modes, each with its own set of frames
 
@@ -90,13 +98,13 @@ def evolution_figure(
                                marker=dict(color=color)))
         return traces
 
-    hover = "index %{customdata[0]}<br>true %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     traces = []
     for mine, first in zip(members, frame_traces(0, "label")):
         digit = int(labels[mine][0])
         traces.append(go.Scatter(
             x=first["x"], y=first["y"], customdata=first["customdata"], ids=[str(i) for i in indices[mine]],
-            name=f"{digit} ({int(mine.sum()):,})", legendgroup=str(digit), mode="markers", hovertemplate=hover,
+            name=f"{digit} ({int(mine.sum()):,})", legendgroup=str(digit), mode="markers",
+            hoverinfo="none",  # the hover card shows the point, not Plotly's tooltip
             marker=dict(size=size, color=first["marker"]["color"], opacity=0.8, line=dict(width=0)),
         ))
     frames = [go.Frame(name=f"{mode}:{epoch}", data=frame_traces(frame, mode))
@@ -110,9 +118,8 @@ def evolution_figure(
     colour_buttons = [dict(label=text, method="skip", args=[None]) for _, text, _ in COLOR_MODES]
     steps = [dict(label=str(epoch), method="animate", args=[[name], _step_options()]) for epoch, name in zip(epochs, names)]
     layout = dict(
-        title=dict(text=f"{for_html(title)}<br><sup>{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = before "
-                        f"training); press play or drag the slider; hover a point for its image</sup>",
-                   x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container", font=dict(size=13)),
+        title=title_layout(title_text(for_html(title), f"{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = "
+                                             f"before training); press play or drag the slider; hover a point for its image")),
         template="plotly_white",
         hovermode="closest",
         legend=dict(title=dict(text="true digit"), itemsizing="constant"),
@@ -122,12 +129,14 @@ def evolution_figure(
                    scaleanchor="x", scaleratio=1),
         updatemenus=[
             dict(type="buttons", direction="right", buttons=[play, pause], showactive=False,
-                 x=0.0, xanchor="left", y=0.0, yanchor="top", pad=dict(t=30, r=10)),
+                 x=0.0, xanchor="left", y=0.0, yanchor="top", pad=dict(t=12)),
             dict(type="buttons", direction="right", buttons=colour_buttons, showactive=True,
                  x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=6), font=dict(size=11)),
         ],
-        sliders=[dict(active=0, steps=steps, x=0.12, len=0.88, xanchor="left", y=0.0, yanchor="top",
-                      pad=dict(t=20), currentvalue=dict(prefix="epoch ", font=dict(size=13)),
+        # Under the buttons, the whole width; its "epoch N" on the right, level with the buttons.
+        sliders=[dict(active=0, steps=steps, x=0.0, len=1.0, xanchor="left", y=0.0, yanchor="top",
+                      pad=dict(t=SLIDER_TOP, l=10, r=10),
+                      currentvalue=dict(prefix="epoch ", xanchor="right", font=dict(size=TITLE_SIZE)),
                       transition=dict(duration=TRANSITION_MS))],
     )
     return go.Figure(data=traces, frames=frames, layout=layout)
@@ -157,7 +166,7 @@ def evolution_html(
     epoch by epoch; hover thumbnails from `sprite` (row i = point i), as `scatter_html`."""
     fig = evolution_figure(layouts, labels, predictions, indices, epochs, title)
     if sprite is None:
-        fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
+        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
     sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
     hover = CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
@@ -171,6 +180,6 @@ def evolution_html(
     div = fig.to_html(
         include_plotlyjs=True, full_html=False, div_id=PLOT_ID, post_script=hover + modes, auto_play=False,
         default_width="100%", default_height="100%",
-        config={"displaylogo": False, "responsive": True, "scrollZoom": True},
+        config=PLOT_CONFIG,
     )
-    return PAGE.format(title=for_html(title), div=div)
+    return PAGE.format(title=for_html(title), div=div, modebar_top=MODEBAR_TOP)

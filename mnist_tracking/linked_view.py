@@ -15,6 +15,7 @@ from mnist_tracking.text import for_html
 PLOT_ID = "comparison"  # the id of the plot's <div>
 DATA_ID = "linked-points"  # the id of the <script type="application/json"> holding every map's points
 HIGHLIGHT_NAME = "highlight"  # the name of each map's one-point trace that rings the hovered image
+SUBPLOT_TITLE_ROOM = 28  # px between the colour buttons and the maps, for each map's title
 HIGHLIGHT_SIZE = 18  # px: a ring around the hovered image, drawn in every map
 CHANGED_RIGHT, CHANGED_WRONG, UNCHANGED = "#2ca02c", views.WRONG_COLOR, "#dddddd"
 COORD_DECIMALS = 3  # the linked points' coordinates in the page (maps span tens of units)
@@ -86,14 +87,15 @@ def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray,
         buttons.append(dict(label=text, method="update", args=[
             {"marker.color": colors}, {"legend.title.text": legend_title}, list(range(len(digit_traces)))]))
     fig.update_layout(
-        title=dict(text=f"{for_html(title)}<br><sup>{n:,} images in every map, each map aligned to the first; hover a point: "
-                        f"the same image is ringed in every map</sup>",
-                   x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container", font=dict(size=13)),
+        title=views.title_layout(views.title_text(for_html(title), f"{n:,} images in every map, each map aligned to the first; "
+                                                         f"hover a point: the same image is ringed in every map")),
         template="plotly_white", hovermode="closest", dragmode="pan",
         legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
-        margin=dict(l=10, r=10, t=views.TOP_MARGIN + 20, b=10),
+        margin=dict(l=10, r=10, t=views.TOP_MARGIN + SUBPLOT_TITLE_ROOM, b=10),
+        # the buttons above the maps' own titles (pixels, not a share of the height: they must not meet)
         updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True, x=0.0,
-                          xanchor="left", y=1.06, yanchor="bottom", pad=dict(b=6), font=dict(size=11))],
+                          xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=SUBPLOT_TITLE_ROOM + 6),
+                          font=dict(size=11))],
     )
     # Aligned maps share one frame: the same axis ranges, zoomed and panned together, equal scales.
     fig.update_xaxes(showticklabels=False, zeroline=False)
@@ -158,14 +160,15 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
     """
     fig, highlights = figure(layouts, run_titles, labels, predictions, title)
     if sprite is None:
-        fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
+        fig.layout.title.text = views.title_text(fig.layout.title.text, views.NO_THUMBNAILS)
     script = views.CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, data_id=DATA_ID, thumb_id=views.THUMB_ID, highlights=json.dumps(highlights),
         cols=max(1, math.ceil(math.sqrt(len(labels)))), side=sprites.THUMB_SIDE, scale=views.HOVER_SCALE,
     )
     div = fig.to_html(include_plotlyjs=True, full_html=False, div_id=PLOT_ID, post_script=script,
                       default_width="100%", default_height="100%",
-                      config={"displaylogo": False, "responsive": True, "scrollZoom": True})
+                      config=views.PLOT_CONFIG)
     data = linked_points(layouts, run_names, labels, indices, predictions, confidences, sprite)
     block = f'<script type="application/json" id="{DATA_ID}">{data}</script>\n{div}'
-    return views.PAGE.format(title=for_html(title), div=block)
+    return views.PAGE.format(title=for_html(title), div=block,
+                             modebar_top=views.MODEBAR_TOP)

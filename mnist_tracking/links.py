@@ -1,6 +1,7 @@
 """Where the tracking server and the MLflow UI are: the server check at start, the links we print."""
 from __future__ import annotations
 
+import os
 import socket
 from urllib.parse import quote, urlparse
 
@@ -11,6 +12,8 @@ from mnist_tracking.errors import UserError
 SERVER_CONNECT_TIMEOUT_S = 5  # an unreachable tracking server is reported after this, not after MLflow's retries
 
 UI_QUERY = "?workflowType=machine_learning"  # opens MLflow 3's "Model training" view
+UI_PORT_ENV = "MNIST_TRACKING_UI_PORT"  # where `mlflow ui` will listen, for the links to a local store
+DEFAULT_UI_PORT = "5000"  # `mlflow ui`'s own default
 
 
 def check_tracking_server() -> None:
@@ -35,10 +38,16 @@ def check_tracking_server() -> None:
         ) from exc
 
 
+def ui_port() -> str:
+    """The port of the `mlflow ui` our links to a local store point at: MNIST_TRACKING_UI_PORT, else 5000."""
+    port = os.environ.get(UI_PORT_ENV, "").strip() or DEFAULT_UI_PORT
+    return port if port.isdigit() else DEFAULT_UI_PORT
+
+
 def ui_base() -> str:
-    """The tracking server when there is one, else where `mlflow ui` listens by default."""
+    """The tracking server when there is one (its own host and port), else the local `mlflow ui`."""
     uri = mlflow.get_tracking_uri()
-    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    return uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else f"http://127.0.0.1:{ui_port()}"
 
 
 def ui_url(experiment_id: str, run_id: str | None = None) -> str:
@@ -56,4 +65,5 @@ def ui_hint() -> str:
     """How to start the UI that `ui_url` points at, when it is not a tracking server's."""
     if urlparse(mlflow.get_tracking_uri()).scheme in ("http", "https"):
         return ""
-    return "  (start the UI with: mlflow ui --host 127.0.0.1 --port 5000)"
+    return (f"  (start the UI with: mlflow ui --host 127.0.0.1 --port {ui_port()}; "
+            f"another port: set {UI_PORT_ENV} to it)")

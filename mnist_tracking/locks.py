@@ -1,6 +1,7 @@
 """The registry lock: registrations one at a time per store, a wait that is said and bounded."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,16 @@ ADVISORY_LOCK_KEY = 0x6D6E6973  # PostgreSQL advisory lock id of mnist-tracking'
 # a registration holds it for a few store calls (seconds); longer means a stuck or very slow one.
 REGISTRY_LOCK_WAIT_S = 120
 REGISTRY_LOCK_POLL_S = 0.5  # how often a waiting registration tries the lock again
+
+
+def sqlite_lock_file(database: str) -> str:
+    """What registrations on a sqlite store lock: a file beside its database when the folder is ours
+    (`mlflow.db.registry.lock`, git-ignored), else the database file itself, so that nothing is left
+    in a folder we do not own (flock: sqlite's own locks are POSIX locks, which flock does not see)."""
+    folder = os.path.dirname(os.path.abspath(database))
+    if os.stat(folder).st_uid == os.getuid() and os.access(folder, os.W_OK):
+        return f"{database}{LOCK_SUFFIX}"
+    return database
 
 
 def lock_wait_over(where: str) -> UserError:
@@ -59,8 +70,8 @@ def registry_lock(echo: Callable[[str], None] = print) -> Iterator[None]:
         if not database or database == ":memory:":
             yield
             return
-        path = f"{database}{LOCK_SUFFIX}"
-        with open(path, "a") as handle:
+        path = sqlite_lock_file(database)
+        with open(path, "a" if path != database else "rb") as handle:
 
             def try_lock() -> bool:
                 try:  # released when the file closes, also if the process dies

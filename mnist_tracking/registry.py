@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from mnist_tracking.attempts import attempted_run_tags
 from mnist_tracking.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.errors import UserError
-from mnist_tracking.links import ui_model_url
+from mnist_tracking.links import ui_hint, ui_model_url
 from mnist_tracking.locks import registry_lock
 from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.model_files import (
@@ -212,8 +212,10 @@ def version_of(run, model, name: str, metric: str, value: float, output: str) ->
         return min(int(v.version) for v in existing), False
     tags = {SOURCE_RUN_TAG: run_id, "source_run_name": run.info.run_name or "", "metric": metric,
             "metric_value": repr(value), OUTPUT_TAG: output}
-    # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run.
-    version = int(mlflow.register_model(source, name, tags=tags).version)
+    # The LoggedModel's URI, as MLflow 3 expects: the version links to it and to its run. Through
+    # the client, not mlflow.register_model, which prints "Registered model ... already exists"
+    # on a first registration (ensure_registered_model has just created it, with its description).
+    version = int(client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model.model_id).version)
     metrics = run.data.metrics
     others = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("best_val_acc", "test_acc", "best_val_loss")
                        if k in metrics and k != metric)
@@ -234,7 +236,7 @@ def echo_registration(reg: Registration, run_name: str, echo: Callable[[str], No
         echo(f"Alias {reg.alias!r} -> version {reg.version}: {reg.alias_reason}.")
     else:
         echo(f"No alias: {reg.alias_reason}.")
-    echo(f"View it: {ui_model_url(reg.name, reg.version)}  (start the UI with: mlflow ui --host 127.0.0.1)")
+    echo(f"View it: {ui_model_url(reg.name, reg.version)}{ui_hint()}")
     if reg.has_alias:
         echo(f"Serve it: {SERVE_ENV} mlflow models serve -m \"models:/{reg.name}@{reg.alias}\" --env-manager local")
 

@@ -14,21 +14,38 @@ if TYPE_CHECKING:
 
 KNN_TARGET = 0.9  # the sweep's comparison: the first epoch at which <method>_knn_acc of the evolution reaches it
 SUMMARY_COLUMNS = ("model", "best_val_acc", "val_loss", "lr", "optimizer", "activation", "best_epoch", "epochs_run", "test_acc")
+# The summary's columns as people read them (the run page's description, the console).
+SUMMARY_HEADERS = {"best_val_acc": "best val acc", "val_loss": "val loss", "lr": "lr (initial → last)",
+                   "best_epoch": "best epoch", "epochs_run": "epochs run", "test_acc": "test acc"}
+# MLflow's run page draws a Markdown table without cell padding ("best_val_accval_loss"): an en
+# space on each side of every cell keeps the columns apart there and costs nothing elsewhere.
+CELL_PAD = "\u2002"
 
 
-def summary_table(summary: dict) -> str:
-    """The seed's summary table as Markdown (printed, and the run description)."""
+def summary_cells(summary: dict) -> list[str]:
+    """The summary's values for people: accuracies in percent (2 decimals), losses to 4 digits, the
+    lr the training started at and the one its last epoch ran at."""
     cells = []
     for c in SUMMARY_COLUMNS:
         v = summary.get(c, "")
         if c.endswith("_acc") and isinstance(v, float):
             v = f"{v:.2%}"
-        elif c == "val_loss" and isinstance(v, float):
+        elif c.endswith("_loss") and isinstance(v, float):
             v = f"{v:.4f}"
-        elif c == "lr":
-            v = f"{v:g}"
+        elif c == "lr" and isinstance(v, (int, float)):
+            last = summary.get("last_lr")
+            v = f"{v:g} → {last:.3g}" if isinstance(last, (int, float)) else f"{v:g}"
         cells.append(str(v))
-    return "| " + " | ".join(SUMMARY_COLUMNS) + " |\n|" + "---|" * len(SUMMARY_COLUMNS) + "\n| " + " | ".join(cells) + " |\n"
+    return cells
+
+
+def summary_table(summary: dict) -> str:
+    """The course report's summary table as Markdown (printed, and the run description)."""
+    def row(cells: list[str]) -> str:
+        return "|" + "|".join(f"{CELL_PAD}{cell}{CELL_PAD}" for cell in cells) + "|\n"
+
+    headers = [SUMMARY_HEADERS.get(c, c) for c in SUMMARY_COLUMNS]
+    return row(headers) + "|" + "---|" * len(SUMMARY_COLUMNS) + "\n" + row(summary_cells(summary))
 
 
 def describe_training_run(run) -> str:

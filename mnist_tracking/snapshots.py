@@ -10,8 +10,8 @@ import torch
 
 from mnist_tracking.data import Split
 from mnist_tracking.digits import NUM_CLASSES
-from mnist_tracking.errors import UserError
 from mnist_tracking.embedding import knn_accuracy, stratified_subsample
+from mnist_tracking.errors import UserError
 from mnist_tracking.training import evaluate
 
 MIN_POINTS_PER_DIGIT = 2  # a stratified 2-fold k-NN needs two of each digit

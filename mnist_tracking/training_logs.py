@@ -67,6 +67,7 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
         f"Training {MODEL_NAME} on {config.dataset} ({len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test) on {trainer.device} in {trainer.precision}; run {run.info.run_id}"
     )
+    echo("(an epoch line ending in * set a new best: its weights are checkpoints/best.pt)")
     return datasets
 
 
@@ -160,6 +161,7 @@ def log_training_results(trainer: Trainer, run, datasets: dict, echo: Callable[[
         "best_val_acc": state.best_val_acc,
         "val_loss": state.best_val_loss,
         "lr": config.lr,
+        "last_lr": state.history[-1]["lr"] if state.history else config.lr,  # what the last epoch ran at
         "optimizer": config.optimizer,
         "activation": config.activation,
         "best_epoch": state.best_epoch,

@@ -17,7 +17,17 @@ CORRECT_COLOR = "#c7c7c7"  # "colour by correctness": right ones recede, wrong o
 
 WRONG_COLOR = "#d62728"
 
-TOP_MARGIN = 100  # px above the plot: two title lines, then the row of colour buttons
+TOP_MARGIN = 110  # px above the plot: the title, its subtitle lines, then the row of colour buttons
+
+TITLE_PAD = 24  # px: Plotly lifts a title of several lines by about one line; this keeps it in view
+TITLE_SIZE, SUBTITLE_SIZE = 16, 12  # px: a subtitle as small as <sup>'s 70% of 13 px is hard to read
+
+MODEBAR_TOP = 74  # px: Plotly's toolbar sits at the right of the colour buttons' row, not on the title
+# The toolbar's buttons a user of these maps needs: zoom, pan, zoom in / out, reset, save as PNG.
+MODEBAR_REMOVE = ["select2d", "lasso2d", "autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
+                  "hoverCompareCartesian", "hoverClosestGl2d", "tableRotation", "resetCameraLastSave3d",
+                  "hoverClosest3d"]
+PLOT_CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": True, "modeBarButtonsToRemove": MODEBAR_REMOVE}
 
 PLOT_ID = "embedding"  # the id of the plot's <div>
 
@@ -28,6 +38,20 @@ def marker_size(n_points: int, dims: int) -> float:
     """Marker diameter (px): large for a few hundred points, small for 10,000; smaller in 3-D."""
     size = float(np.clip(400 / math.sqrt(max(n_points, 1)), 3, 10))
     return size * (0.6 if dims == 3 else 1.0)
+
+
+def title_text(title: str, *subtitles: str) -> str:
+    """A view's title (already escaped) over subtitle lines at a readable size (Plotly's text markup)."""
+    return "<br>".join([title, *(f'<span style="font-size:{SUBTITLE_SIZE}px">{line}</span>' for line in subtitles)])
+
+
+def title_layout(text: str) -> dict:
+    """The title of every view: at the top left, above the colour buttons."""
+    return dict(text=text, x=0.01, xanchor="left", y=1.0, yanchor="top", yref="container", pad=dict(t=TITLE_PAD),
+                font=dict(size=TITLE_SIZE))
+
+
+NO_THUMBNAILS = "(no thumbnails: the images were not found)"
 
 
 def point_colors(labels: np.ndarray, predictions: np.ndarray, mode: str) -> list[str]:
@@ -66,7 +90,6 @@ def figure(
     rows = np.arange(n)
     customdata = np.column_stack([indices, labels, predictions, rows]).astype(np.int32)  # (n, 4)
     size = marker_size(n, dims)
-    hover = "index %{customdata[0]}<br>true %{customdata[1]}<br>predicted %{customdata[2]}<extra></extra>"
     traces, members = [], []
     for digit in range(NUM_CLASSES):
         mine = labels == digit  # (n,) bool
@@ -76,7 +99,7 @@ def figure(
         xyz = coords[mine].astype(np.float32)  # (m, dims): float32 keeps the embedded data small
         common = dict(
             name=f"{digit} ({int(mine.sum()):,})", legendgroup=str(digit), mode="markers",
-            customdata=customdata[mine], hovertemplate=hover,
+            customdata=customdata[mine], hoverinfo="none",  # the hover card shows the point, not Plotly's tooltip
         )
         if dims == 3:
             traces.append(go.Scatter3d(x=xyz[:, 0], y=xyz[:, 1], z=xyz[:, 2],
@@ -96,10 +119,8 @@ def figure(
     wrong = int((labels != predictions).sum())
     layout = dict(
         # Title lines at the top, the colour buttons under them (not beside: MLflow's viewer is narrow).
-        title=dict(text=f"{for_html(title)}<br><sup>{n:,} points, {wrong:,} misclassified; hover a point for its image, "
-                        f"click a legend entry to hide a digit</sup>",
-                   x=0.01, xanchor="left", y=0.97, yanchor="top", yref="container",
-                   font=dict(size=13)),
+        title=title_layout(title_text(for_html(title), f"{n:,} points, {wrong:,} misclassified; hover a point for "
+                                                          f"its image, click a legend entry to hide a digit")),
         template="plotly_white",
         hovermode="closest",
         legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
@@ -128,6 +149,7 @@ def figure(
 # pointer with the point's thumbnail, cut from the one embedded sprite (a data: URL, so nothing is
 # fetched) onto a canvas, and a caption. thumbnailCard(...) -> {show(row, text), hide()}.
 CARD_SCRIPT = """
+var CONTROLS = ".updatemenu-button, .slider-container, .legend, .modebar, .gtitle, .annotation";
 function thumbnailCard(id, spriteUrl, cols, side, scale, align) {
   var card = document.createElement("div");
   card.id = id;
@@ -147,6 +169,31 @@ function thumbnailCard(id, spriteUrl, cols, side, scale, align) {
   if (spriteUrl) { sprite.src = spriteUrl; }
   var pointer = {x: 0, y: 0};  // the capture phase sees the moves plotly stops from bubbling
   document.addEventListener("mousemove", function (e) { pointer.x = e.clientX; pointer.y = e.clientY; }, true);
+  // Where the card covers none of the plot's controls and stays in the window, near the pointer.
+  function freeSpot(at, width, height) {
+    var controls = Array.prototype.map.call(document.querySelectorAll(CONTROLS), function (e) {
+      return e.getBoundingClientRect();
+    });
+    var spots = [[at.x + 24, at.y - height - 12], [at.x + 24, at.y + 24], [at.x - width - 24, at.y - height - 12],
+                 [at.x - width - 24, at.y + 24]];
+    var best = null, bestCost = Infinity;
+    spots.forEach(function (spot) {
+      var left = Math.min(Math.max(0, spot[0]), Math.max(0, window.innerWidth - width));
+      var top = Math.min(Math.max(0, spot[1]), Math.max(0, window.innerHeight - height));
+      var cost = 0;  // the area of controls covered, and a little for being pushed off its place
+      controls.forEach(function (r) {
+        var w = Math.min(left + width, r.right) - Math.max(left, r.left);
+        var h = Math.min(top + height, r.bottom) - Math.max(top, r.top);
+        if (w > 0 && h > 0) { cost += w * h; }
+      });
+      if (left < at.x + 8 && at.x - 8 < left + width && top < at.y + 8 && at.y - 8 < top + height) {
+        cost += 1e9;  // never over the hovered point itself
+      }
+      cost += Math.abs(left - spot[0]) + Math.abs(top - spot[1]);
+      if (cost < bestCost) { best = [left, top]; bestCost = cost; }
+    });
+    return best;
+  }
   return {
     show: function (row, text) {  // row: the point's cell in the sprite
       if (spriteUrl) {
@@ -156,10 +203,9 @@ function thumbnailCard(id, spriteUrl, cols, side, scale, align) {
       }
       caption.innerText = text;
       card.style.display = "block";
-      var left = pointer.x + 24, top = pointer.y - card.offsetHeight - 12;
-      if (left + card.offsetWidth > window.innerWidth) { left = pointer.x - card.offsetWidth - 24; }
-      card.style.left = Math.max(0, left) + "px";
-      card.style.top = Math.max(0, top) + "px";
+      var spot = freeSpot(pointer, card.offsetWidth, card.offsetHeight);
+      card.style.left = spot[0] + "px";
+      card.style.top = spot[1] + "px";
     },
     hide: function () { card.style.display = "none"; },
   };
@@ -200,7 +246,7 @@ def scatter_html(
     n = len(coords)
     fig = figure(coords, labels, predictions, indices, title, axis_labels)
     if sprite is None:
-        fig.layout.title.text += "<br><sup>(no thumbnails: the images were not found)</sup>"
+        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
     sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
     script = CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
@@ -213,9 +259,9 @@ def scatter_html(
         post_script=script,
         default_width="100%",
         default_height="100%",
-        config={"displaylogo": False, "responsive": True, "scrollZoom": True},
+        config=PLOT_CONFIG,
     )
-    return PAGE.format(title=for_html(title), div=div)
+    return PAGE.format(title=for_html(title), div=div, modebar_top=MODEBAR_TOP)
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -223,7 +269,8 @@ PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title}</title>
-<style>html, body {{ height: 100%; margin: 0; }}</style>
+<style>html, body {{ height: 100%; margin: 0; }}
+.js-plotly-plot .plotly .modebar {{ top: {modebar_top}px !important; }}</style>
 </head>
 <body>
 {div}

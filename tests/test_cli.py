@@ -49,7 +49,8 @@ def test_train_command_logs_a_finished_run(tmp_path, data_dir, fresh_experiment)
     assert result.returncode == 0, result.stderr
     [run] = runs_of(fresh_experiment)
     assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "adam"
-    assert "| model | best_val_acc |" in result.stdout  # the seed's summary table, printed
+    assert "model\u2002|\u2002best val acc" in result.stdout  # the course report's summary table, printed
+    assert "(an epoch line ending in * set a new best" in result.stdout  # what the epoch lines' * means
     assert f"runs/{run.info.run_id}?workflowType=machine_learning" in result.stdout
 
 
@@ -168,3 +169,15 @@ class socket_on_a_free_port:
 
     def __exit__(self, *exc):
         self.socket.close()
+
+
+def test_help_lists_every_command_with_its_whole_summary(tmp_path):
+    from mnist_tracking.cli import main
+
+    result = run_cli("--help", cwd=tmp_path, env={"COLUMNS": "80"})
+    assert result.returncode == 0
+    listed = " ".join(result.stdout.split("Commands:")[1].split())  # the summaries wrap onto several lines
+    assert "..." not in listed  # click's cut
+    for name, command in main.commands.items():
+        summary = " ".join(command.help.strip().splitlines()[0].split())
+        assert f"{name} {summary}" in listed, name

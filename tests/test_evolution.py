@@ -160,6 +160,7 @@ def test_evolution_view_has_frames_a_slider_one_trace_per_digit_and_thumbnails()
     assert all(t["type"] == "scatter" for t in data)  # SVG: points glide between frames
     for digit, trace in enumerate(data):
         assert trace["ids"] == [str(i) for i in indices[labels == digit]]  # identity across frames
+        assert trace["hoverinfo"] == "none"  # the hover card shows the point; Plotly's own tooltip stays off
     frames = frames_of(page)
     assert [f["name"] for f in frames] == [f"{m}:{e}" for m in ("label", "prediction", "correct") for e in epochs]
     epoch3 = {f["name"]: f for f in frames}["label:3"]["data"][4]

@@ -13,7 +13,15 @@ import urllib.request
 import numpy as np
 import pytest
 from conftest import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
-from helpers import PROJECTION_METRICS, array, free_port, interrupt_analysis, one_error_line, plot_data, run_cli
+from helpers import (
+    PROJECTION_METRICS,
+    array,
+    free_port,
+    interrupt_analysis,
+    one_error_line,
+    plot_data,
+    run_cli,
+)
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 from PIL import Image

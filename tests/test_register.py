@@ -128,10 +128,15 @@ def test_registering_updates_an_older_registered_models_description(runs):
 
 def test_register_command_prints_the_version_and_a_ui_link(runs, tmp_path):
     name = unique_name()
-    result = run_cli("register", "--experiment", runs["experiment"], "--name", name, cwd=tmp_path)
+    result = run_cli("register", "--experiment", runs["experiment"], "--name", name, cwd=tmp_path,
+                     env={"MNIST_TRACKING_UI_PORT": "5123"})
     assert result.returncode == 0, result.stderr
     assert f"as {name} version 1" in result.stdout and runs["good"] in result.stdout
-    assert f"#/models/{name}/versions/1?workflowType=machine_learning" in result.stdout
+    # the link and the hint name the same port, the one asked for
+    assert f"http://127.0.0.1:5123/#/models/{name}/versions/1?workflowType=machine_learning" in result.stdout
+    assert "mlflow ui --host 127.0.0.1 --port 5123" in result.stdout
+    # a first registration: none of MLflow's "Registered model ... already exists" from register_model
+    assert "already exists" not in result.stdout + result.stderr
 
 
 def test_register_as_registers_the_training_run(data_dir, fresh_experiment):
@@ -563,3 +568,23 @@ def test_register_without_a_training_on_the_models_data_says_so(trained_run, fre
     result = invoke("register", "--experiment", MlflowClient().get_experiment(other).name, "--name", name)
     assert "has no finished training runs on fashion-mnist with max_samples 600, the data of registered model" in \
         one_error_line(result.stderr)
+
+
+def test_the_registry_lock_file_is_only_written_into_a_folder_we_own(tmp_path):
+    from mnist_tracking.locks import LOCK_SUFFIX, sqlite_lock_file
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    for folder in (ours, theirs):
+        folder.mkdir()
+        (folder / "mlflow.db").write_bytes(b"")
+    assert sqlite_lock_file(str(ours / "mlflow.db")) == f"{ours / 'mlflow.db'}{LOCK_SUFFIX}"
+    if os.getuid() == 0:  # root may write anywhere: a folder of another user
+        os.chown(theirs, 65534, 65534)
+    else:
+        theirs.chmod(0o555)
+    try:
+        # somebody else's folder: the database file itself is locked, no file is left beside it
+        assert sqlite_lock_file(str(theirs / "mlflow.db")) == str(theirs / "mlflow.db")
+    finally:
+        theirs.chmod(0o755)
+    assert ".registry.lock" in (REPO / ".gitignore").read_text()

@@ -217,7 +217,14 @@ def test_run_is_named_described_and_its_experiment_tagged(trained_run):
     assert run.info.status == "FINISHED"
     assert run.info.run_name == f"sgd-lr0.01-relu-{FAST['epochs']}ep"
     note = run.data.tags["mlflow.note.content"]
-    assert "| model | best_val_acc |" in note and "ConvNet" in note
+    # the summary as a table people read: separated headers, percentages, rounded losses, both lrs
+    [header, _, values] = [[cell.strip() for cell in line.strip("|").split("|")] for line in note.splitlines()[-3:]]
+    assert header[:4] == ["model", "best val acc", "val loss", "lr (initial → last)"] and values[0] == "ConvNet"
+    assert re.fullmatch(r"\d+\.\d\d%", values[1]) and re.fullmatch(r"\d\.\d{4}", values[2])
+    metrics = run.data.metrics
+    assert values[1] == f"{metrics['best_val_acc']:.2%}" and values[2] == f"{metrics['best_val_loss']:.4f}"
+    lr = client.get_metric_history(trained_run, "lr")[-1].value
+    assert values[3] == f"{float(run.data.params['lr']):g} → {lr:.3g}"
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
