@@ -1,0 +1,317 @@
+"""The Ray side of `tune`: starting or joining Ray, the search space in Tune's terms, and one trial as a training run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from mnist_tracking.errors import UserError, first_line
+from mnist_tracking.search_space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
+
+TRIAL_TAG = "mnist_tracking.trial_id"
+NODE_TAG = "mnist_tracking.ray_node_id"
+LOOPBACK = "127.0.0.1"  # a local Ray listens here only: its Jobs API has no authentication (CVE-2023-48022)
+# Tune's own Ctrl-C handler swallows the first SIGINT and returns from fit() as if the search were
+# over: ours (installed after ray.init, which sets its own SIGTERM handler) stops it and says so.
+TUNE_SIGINT_VARIABLE = "TUNE_DISABLE_SIGINT_HANDLER"
+# Variables a local Ray's workers must not inherit from this process: `mlflow run` exports the
+# run it made, and a trial would reopen it instead of starting its own.
+NOT_INHERITED = ("MLFLOW_RUN_ID",)
+# Tracking URIs only this machine can reach (a file store, a local sqlite file).
+LOCAL_SCHEMES = ("", "file", "sqlite")
+
+
+# --------------------------------------------------------------------------- Ray itself
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """The tracking URI with a relative local path made absolute: Ray runs each trial in its own
+    folder (RAY_CHDIR_TO_TRIAL_DIR), where `sqlite:///mlflow.db` would be another database."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        return f"sqlite:///{os.path.abspath(path)}" if path and path != ":memory:" else uri
+    if parsed.scheme in ("", "file") and len(parsed.scheme) != 1:  # a bare path or file:, not a Windows drive
+        path = parsed.path if parsed.scheme == "file" else uri
+        return f"file://{os.path.abspath(path)}"
+    return uri
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a store only this machine reaches: a file store or a sqlite file."""
+    return urlparse(uri).scheme in LOCAL_SCHEMES
+
+
+@contextmanager
+def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifact_location: str) -> Iterator[dict]:
+    """Ray for the search: with RAY_ADDRESS set, join that cluster (refusing a tracking store its other
+    machines cannot reach); else start a local Ray on 127.0.0.1 without the dashboard, sized to this
+    machine (or `cpus`/`gpus`), and stop it at the end. Yields what it started or joined."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        else:
+            with environment_without(NOT_INHERITED):  # the workers Ray starts inherit this environment
+                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, num_cpus=cpus,
+                         num_gpus=gpus, log_to_driver=True, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
+        where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
+        hint = ("check that `ray start --head` runs there and that this machine reaches it" if address
+                else "check free memory and /tmp space, or unset a stale RAY_ADDRESS")
+        raise UserError(f"cannot {where} ({type(exc).__name__}: {first_line(exc)}); {hint}") from None
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if address:
+            check_reachable_store(len(nodes), tracking_uri, artifact_location)
+        yield {"address": address or "local", "nodes": len(nodes),
+               "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0)}
+    finally:
+        ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
+
+
+def check_reachable_store(nodes: int, tracking_uri: str, artifact_location: str) -> None:
+    """On a cluster of several machines every trial writes to the store: refuse one only this machine reaches."""
+    if nodes < 2:
+        return
+    fix = ("start a tracking server (deploy/tracking-server.sh, with proxied artifacts: --artifacts-destination) "
+           "and set MLFLOW_TRACKING_URI=http://<host>:<port>")
+    if is_local_uri(tracking_uri):
+        raise UserError(f"the tracking store {tracking_uri} is a local file that the other {nodes - 1} machine(s) of "
+                        f"the Ray cluster cannot reach; {fix}")
+    if artifact_location and urlparse(artifact_location).scheme in ("", "file"):
+        raise UserError(f"the experiment stores artifacts in {artifact_location}, a local folder that the other "
+                        f"{nodes - 1} machine(s) of the Ray cluster cannot write; {fix} and use a new experiment "
+                        f"(its artifact root is then mlflow-artifacts:/)")
+
+
+@contextmanager
+def environment_without(names: tuple[str, ...]) -> Iterator[None]:
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@dataclass
+class Interruption:
+    """Our Ctrl-C/SIGTERM handling during the search: the first signal asks Tune to stop every trial
+    (through `stopper()`), the second one ends the command at once."""
+
+    received: str = ""  # the first signal's name
+
+    def handle(self, signum, frame) -> None:
+        if self.received:
+            raise KeyboardInterrupt(f"{self.received}, then {signal.Signals(signum).name}")
+        self.received = signal.Signals(signum).name
+
+
+# The interruption of the search running in this process. Tune pickles its stopper with the
+# experiment's state, so the stopper holds nothing and looks here.
+_RUNNING: list[Interruption] = []
+
+
+@contextmanager
+def interrupts_stop_the_search() -> Iterator[Interruption]:
+    """Install our SIGINT/SIGTERM handler (call after ray.init, which installs its own SIGTERM one)
+    and keep Tune's SIGINT handler out; restores both at the end."""
+    interruption = Interruption()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, interruption.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = os.environ.get(TUNE_SIGINT_VARIABLE)
+    os.environ[TUNE_SIGINT_VARIABLE] = "1"
+    _RUNNING.append(interruption)
+    try:
+        yield interruption
+    finally:
+        _RUNNING.remove(interruption)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if saved is None:
+            os.environ.pop(TUNE_SIGINT_VARIABLE, None)
+        else:
+            os.environ[TUNE_SIGINT_VARIABLE] = saved
+
+
+def stopper():
+    """A Tune Stopper that ends the whole search once this process was interrupted."""
+    from ray.tune.stopper import Stopper
+
+    class StopOnInterrupt(Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return any(i.received for i in _RUNNING)
+
+    return StopOnInterrupt()
+
+
+# --------------------------------------------------------------------------- the space in Tune's terms
+
+
+def tune_space(space: SearchSpace) -> dict:
+    """The searched parameters as Tune domains (Optuna's searcher reads them)."""
+    from ray import tune
+
+    def domain(d):
+        low, *rest = d.values
+        return {
+            UNIFORM: lambda: tune.uniform(low, rest[0]),
+            LOGUNIFORM: lambda: tune.loguniform(low, rest[0]),
+            INT: lambda: tune.randint(low, rest[0] + 1),  # Tune's upper bound is excluded, ours included
+            CHOICE: lambda: tune.choice(list(d.values)),
+        }[d.kind]()
+
+    return {name: domain(d) for name, d in space.searched.items()}
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the project's own training (`train_and_log`) as a run nested under the search's
+    parent, reporting each logged epoch to Tune. Its whole context comes in `config["context"]`
+    (absolute tracking URI, experiment and parent ids, data folder, threads): nothing is inherited.
+
+    A failure of the training itself (a divergence, bad data) ends its run FAILED with the reason and
+    returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
+    import mlflow
+    import ray
+    import torch
+    from ray import tune
+
+    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.runs import STATUS_REASON_TAG, end_run
+
+    context = config["context"]
+    for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):
+        os.environ.pop(name, None)
+    mlflow.set_tracking_uri(context["tracking_uri"])
+    mlflow.set_experiment(experiment_id=context["experiment_id"])
+    torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more
+    trial_id = tune.get_context().get_trial_id()
+    searched = {name: value for name, value in config.items() if name != "context"}
+    params = {**context["fixed"], **searched, **context["per_trial"]}
+    reporter = EpochReporter(context["metric"])
+    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id()}
+    try:
+        train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{trial_id}] {line}", flush=True),
+                      progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
+    except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run is KILLED
+        reporter.stopped()
+        raise
+    except Exception as exc:  # noqa: BLE001 - the training's own failure: recorded, not retried
+        run = mlflow.last_active_run()
+        if reporter.run_id or run is not None:
+            run_id = reporter.run_id or run.info.run_id
+            stored = mlflow.tracking.MlflowClient().get_run(run_id)
+            if stored.info.status == "RUNNING" or STATUS_REASON_TAG not in stored.data.tags:
+                end_run(run_id, f"{type(exc).__name__}: {first_line(exc)}", "FAILED")
+        print(f"[{trial_id}] failed: {first_line(exc)}", flush=True)
+
+
+class EpochReporter:
+    """The trainer's extra epoch callback in a trial: reports the logged epoch to Tune."""
+
+    def __init__(self, metric: str):
+        self.metric, self.run_id, self.epoch = metric, "", 0
+
+    def __call__(self, result, trainer) -> None:
+        import mlflow
+        from ray import tune
+
+        self.run_id = mlflow.active_run().info.run_id
+        self.epoch = result.epoch
+        metrics = {**result.metrics(), "epoch": result.epoch, "run_id": self.run_id}
+        if result.snapshot_knn_acc is not None:
+            metrics["snapshot_knn_acc"] = result.snapshot_knn_acc
+        try:
+            tune.report(metrics)
+        except SystemExit:  # Tune stopped the trial: end the run KILLED before start_run's exit says FAILED
+            self.stopped()
+            raise
+
+    def stopped(self) -> None:
+        """End the run KILLED (the driver adds why) and drop its local checkpoint copy."""
+        import mlflow
+
+        from mnist_tracking.commands.resume import drop_local_checkpoint
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+        if self.run_id:
+            drop_local_checkpoint(self.run_id)
+
+
+def trial_resources(cpus: float, gpus: float) -> dict:
+    return {"cpu": cpus, "gpu": gpus} if gpus else {"cpu": cpus}
+
+
+def trainable(cpus: float, gpus: float) -> Callable:
+    from ray import tune
+
+    return tune.with_resources(run_trial, trial_resources(cpus, gpus))
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float):
+    """Ray's ASHAScheduler (stop_last_trials=False: a trial at its last epoch finishes, logging its test
+    evaluation and model) that keeps, in `.reasons`, why it stopped each trial it stopped."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from mnist_tracking.tune_report import stop_reason
+
+    class ExplainedASHA(ASHAScheduler):
+        def __init__(self):
+            super().__init__(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
+                             reduction_factor=reduction_factor, stop_last_trials=False)
+            self.reasons: dict[str, str] = {}
+
+        def on_trial_result(self, tune_controller, trial, result):
+            rung = self._rung_before(trial, result)
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == self.STOP and rung is not None:
+                milestone, values, cutoff = rung
+                sign = self._metric_op
+                self.reasons[trial.trial_id] = stop_reason(
+                    int(result[self._time_attr]), max_t, metric, result[metric], sign * cutoff,
+                    sign * max(values), len(values), reduction_factor)
+            return action
+
+        def _rung_before(self, trial, result):
+            """(milestone, recorded values, cutoff) of the rung this result is judged at, before it is recorded."""
+            bracket = self._trial_info.get(trial.trial_id)
+            if bracket is None or self._time_attr not in result or metric not in result:
+                return None
+            now = result[self._time_attr]
+            for milestone, recorded in bracket._rungs:
+                if now < milestone or trial.trial_id in recorded:
+                    continue
+                values = [v for v in recorded.values() if v is not None]
+                return (milestone, values, bracket.cutoff(recorded)) if values else None
+            return None
+
+    return ExplainedASHA()
+
+
+def optuna_searcher(metric: str, mode: str, seed: int, n_startup_trials: int):
+    """Optuna's TPE, seeded, with `n_startup_trials` random configurations first."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial: Tune and we report them
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
