@@ -16,9 +16,6 @@ from mnist_tracking.search_space import CHOICE, INT, LOGUNIFORM, UNIFORM, Search
 TRIAL_TAG = "mnist_tracking.trial_id"
 NODE_TAG = "mnist_tracking.ray_node_id"
 LOOPBACK = "127.0.0.1"  # a local Ray listens here only: its Jobs API has no authentication (CVE-2023-48022)
-# Tune's own Ctrl-C handler swallows the first SIGINT and returns from fit() as if the search were
-# over: ours (installed after ray.init, which sets its own SIGTERM handler) stops it and says so.
-TUNE_SIGINT_VARIABLE = "TUNE_DISABLE_SIGINT_HANDLER"
 # Variables a local Ray's workers must not inherit from this process: `mlflow run` exports the
 # run it made, and a trial would reopen it instead of starting its own.
 NOT_INHERITED = ("MLFLOW_RUN_ID",)
@@ -103,57 +100,52 @@ def environment_without(names: tuple[str, ...]) -> Iterator[None]:
 
 @dataclass
 class Interruption:
-    """Our Ctrl-C/SIGTERM handling during the search: the first signal asks Tune to stop every trial
-    (through `stopper()`), the second one ends the command at once."""
+    """Ctrl-C and SIGTERM during a search. Tune's fit() installs its own SIGINT handler, which stops
+    the trials, saves the search's state (for --resume) and returns from fit() as if it had ended,
+    after putting back the handler it found (ours): `received` says what happened."""
 
-    received: str = ""  # the first signal's name
+    received: str = ""  # the first signal's name, once one came
+    fitting: bool = False  # inside Tune's fit()
 
     def handle(self, signum, frame) -> None:
-        if self.received:
-            raise KeyboardInterrupt(f"{self.received}, then {signal.Signals(signum).name}")
-        self.received = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        tune_stopping = self.fitting and signal.getsignal(signal.SIGINT) == self.handle  # Tune caught a Ctrl-C
+        if not self.fitting or (signum == signal.SIGINT and (self.received or tune_stopping)):
+            # Outside fit() nothing of Tune's is to be saved; a second Ctrl-C skips Tune's saving (as Tune says).
+            self.received = self.received or name
+            raise KeyboardInterrupt(name)
+        if self.received or tune_stopping:
+            self.received = self.received or "SIGINT"
+            return  # `mlflow run` sends SIGTERM after Ctrl-C: the search is already being stopped
+        self.received = name
+        signal.raise_signal(signal.SIGINT)  # SIGTERM: stop the search the way Tune stops it on Ctrl-C
 
-
-# The interruption of the search running in this process. Tune pickles its stopper with the
-# experiment's state, so the stopper holds nothing and looks here.
-_RUNNING: list[Interruption] = []
+    @contextmanager
+    def during_fit(self) -> Iterator[None]:
+        self.fitting = True
+        try:
+            yield
+        finally:
+            self.fitting = False
+            if signal.getsignal(signal.SIGINT) == self.handle:  # Tune's handler put ours back: it caught a Ctrl-C
+                self.received = self.received or "SIGINT"
+            elif threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, self.handle)  # Tune's stays installed after a search that ended
 
 
 @contextmanager
 def interrupts_stop_the_search() -> Iterator[Interruption]:
-    """Install our SIGINT/SIGTERM handler (call after ray.init, which installs its own SIGTERM one)
-    and keep Tune's SIGINT handler out; restores both at the end."""
+    """Install our SIGINT/SIGTERM handler (after ray.init, which installs its own SIGTERM one that
+    would exit at once); restores the previous handlers at the end."""
     interruption = Interruption()
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, interruption.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    saved = os.environ.get(TUNE_SIGINT_VARIABLE)
-    os.environ[TUNE_SIGINT_VARIABLE] = "1"
-    _RUNNING.append(interruption)
     try:
         yield interruption
     finally:
-        _RUNNING.remove(interruption)
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if saved is None:
-            os.environ.pop(TUNE_SIGINT_VARIABLE, None)
-        else:
-            os.environ[TUNE_SIGINT_VARIABLE] = saved
-
-
-def stopper():
-    """A Tune Stopper that ends the whole search once this process was interrupted."""
-    from ray.tune.stopper import Stopper
-
-    class StopOnInterrupt(Stopper):
-        def __call__(self, trial_id, result) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return any(i.received for i in _RUNNING)
-
-    return StopOnInterrupt()
 
 
 # --------------------------------------------------------------------------- the space in Tune's terms

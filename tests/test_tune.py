@@ -172,3 +172,168 @@ def test_cli_tune_refuses_bad_input_in_one_line_without_ray_or_a_run(args, expec
     assert result.stderr.strip().splitlines() == [f"Error: {result.stderr.strip()[7:]}"] and expected in result.stderr
     assert "Traceback" not in result.stderr and "Ray" not in result.stdout + result.stderr
     assert mlflow.search_runs([fresh_experiment]).empty  # nothing half-written
+
+
+# --------------------------------------------------------------------------- real searches on a local Ray
+
+# lr 1e-5 barely moves in 3 epochs on the fake digits, 0.05 learns them in one: ASHA must stop the former.
+TEST_SPACE = "lr=choice(0.00001,0.05); device=cpu; precision=fp32; snapshot_points=50; batch_size=32"
+SEARCH = dict(trials=4, max_epochs=3, grace_period=1, space=TEST_SPACE, startup_trials=4, ray_cpus=2, max_concurrent=2,
+              compare_top=2, register_as="tune-test-model")
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """What every Ray our tests start needs here: the loopback address, not the interface's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def search(ray_env, data_dir, tmp_path_factory):
+    """One real search (4 trials, 3 epochs, 2 at once on a local Ray of 2 CPUs), shared by the tests that read it."""
+    import mlflow
+
+    from mnist_tracking.commands.tune import tune_and_log
+
+    experiment_id = mlflow.create_experiment(f"tune-{tmp_path_factory.mktemp('x').name}")
+    ray_env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    lines = []
+    settings = TuneSettings(data_dir=str(data_dir), storage=str(tmp_path_factory.mktemp("tune-storage")), **SEARCH)
+    parent_id = tune_and_log(settings, echo=lines.append)
+    ray_env.delenv("MLFLOW_EXPERIMENT_ID")
+    return experiment_id, parent_id, lines
+
+
+def runs_of(experiment_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().search_runs([experiment_id])
+
+
+@pytest.mark.slow
+def test_every_trial_is_a_training_run_nested_under_the_tune_parent(search):
+    experiment_id, parent_id, _ = search
+    runs = runs_of(experiment_id)
+    parent = next(r for r in runs if r.info.run_id == parent_id)
+    assert parent.data.tags["mnist_tracking.kind"] == "tune" and parent.info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"]
+    assert len(trials) == 4 and len({r.data.tags["mnist_tracking.trial_id"] for r in trials}) == 4
+    assert all(r.data.tags["mlflow.parentRunId"] == parent_id for r in trials)
+    assert all(len(r.data.tags["mnist_tracking.ray_node_id"]) > 20 for r in trials)  # Ray's hex node id
+    assert all(r.data.params["epochs"] == "3" and r.data.params["lr"] in ("1e-05", "0.05") for r in trials)
+    assert [r.info.status for r in runs if r.info.status not in ("FINISHED", "KILLED")] == []  # none RUNNING
+
+
+@pytest.mark.slow
+def test_asha_stops_weak_trials_killed_with_why_and_full_budget_trials_log_everything(search):
+    from mlflow.tracking import MlflowClient
+
+    from mnist_tracking.commands.resume import local_checkpoint
+
+    experiment_id, _, _ = search
+    trials = [r for r in runs_of(experiment_id) if r.data.tags.get("mnist_tracking.kind") == "training"]
+    stopped = [r for r in trials if r.info.status == "KILLED"]
+    assert stopped, [(r.data.params["lr"], r.info.status) for r in trials]
+    for run in stopped:
+        assert run.data.tags["status_reason"].startswith("stopped by ASHA after epoch 1 of 3: its val_acc")
+        assert "test_acc" not in run.data.metrics and "no test evaluation" in run.data.tags["mlflow.note.content"]
+        assert not local_checkpoint(run.info.run_id).parent.exists()  # no checkpoint copy left behind
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) >= 2
+    for run in finished:
+        assert run.data.metrics["epochs_run"] == 3 and 0 <= run.data.metrics["test_acc"] <= 1
+        paths = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+        assert {"features", "summary.json", "checkpoints"} <= paths
+        assert MlflowClient().search_logged_models([experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+
+
+@pytest.mark.slow
+def test_the_parent_logs_the_trials_the_best_its_comparison_and_registration(search):
+    from mlflow.tracking import MlflowClient
+
+    experiment_id, parent_id, lines = search
+    client = MlflowClient()
+    parent = client.get_run(parent_id)
+    best_id = parent.data.tags["best_run_id"]
+    best = client.get_run(best_id)
+    assert best.info.status == "FINISHED" and parent.data.params["best_lr"] == best.data.params["lr"] == "0.05"
+    assert parent.data.metrics["best_val_acc"] == max(m.value for m in client.get_metric_history(best_id, "val_acc"))
+    assert parent.data.metrics["trials_run"] == 4 and parent.data.metrics["trials_stopped_by_asha"] >= 1
+    table = client.load_table(experiment_id, "tune/trials.json", run_ids=[parent_id])
+    assert len(table) == 4 and {"trial", "lr", "best_val_acc", "epochs_run", "state", "run"} <= set(table.columns)
+    assert set(table["state"]) == {"FINISHED", "KILLED"}
+    paths = {a.path for a in client.list_artifacts(parent_id, "tune")}
+    assert {"tune/trials.png", "tune/parallel_coordinates.html", "tune/trials.json"} <= paths
+    comparison = client.get_run(parent.data.tags["comparison_run_id"])
+    assert comparison.data.tags["mnist_tracking.kind"] == "comparison"
+    assert comparison.data.tags["mlflow.parentRunId"] == parent_id
+    assert best_id in comparison.data.tags["compared_run_ids"].split(",")
+    version = client.get_model_version("tune-test-model", parent.data.tags["registered_model_version"])
+    assert version.run_id == best_id
+    assert any(line.startswith("4 trials:") for line in lines)
+
+
+def tune_command(data_dir, storage, *extra):
+    return [sys.executable, "-m", "mnist_tracking", "tune", "--trials", "3", "--max-epochs", "3", "--max-concurrent", "1",
+            "--ray-cpus", "1", "--space", TEST_SPACE, "--startup-trials", "3", "--compare-top", "0",
+            "--data-dir", str(data_dir), "--storage", str(storage), *extra]
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(ray_env, data_dir, tmp_path,
+                                                                               fresh_experiment):
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    client, storage = MlflowClient(), tmp_path / "storage"
+    process = subprocess.Popen(tune_command(data_dir, storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+
+    def a_trial_epoch():
+        runs = [r for r in runs_of(fresh_experiment) if r.data.tags.get("mnist_tracking.kind") == "training"]
+        return any(client.get_metric_history(r.info.run_id, "val_acc") for r in runs)
+
+    wait_for(a_trial_epoch, 300, "a trial's first epoch")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 130, err[-2000:]
+    runs = runs_of(fresh_experiment)
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    parent = next(r for r in runs if r.data.tags.get("mnist_tracking.kind") == "tune")
+    parent_id = parent.info.run_id
+    assert parent.info.status == "KILLED" and f"--resume {parent_id}" in parent.data.tags["status_reason"]
+    assert f"--resume {parent_id}" in err.strip().splitlines()[-1]
+    interrupted = [r for r in runs if "interrupted by SIGTERM" in r.data.tags.get("status_reason", "")
+                   and r.data.tags.get("mnist_tracking.kind") == "training"]
+    assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
+    finished_before = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
+
+    resumed = subprocess.run(tune_command(data_dir, storage, "--resume", parent_id), capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = runs_of(fresh_experiment)
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    trials = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent_id}
+    latest = {}
+    for run in sorted(trials, key=lambda r: r.info.start_time):
+        latest[run.data.tags["mnist_tracking.trial_id"]] = run
+    assert len(latest) == 3 and all(r.info.status in ("FINISHED", "KILLED") for r in latest.values())
+    assert finished_before <= {r.info.run_id for r in latest.values()}  # a finished trial is not trained again

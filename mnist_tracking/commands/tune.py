@@ -13,8 +13,8 @@ from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.runs import end_active_run, ui_hint, ui_url
 from mnist_tracking.trials import (
-    absolute_tracking_uri, explained_asha, interrupts_stop_the_search, optuna_searcher, ray_session, stopper,
-    trainable, tune_space,
+    absolute_tracking_uri, explained_asha, interrupts_stop_the_search, optuna_searcher, ray_session, trainable,
+    tune_space,
 )
 from mnist_tracking.tune_settings import TuneSettings
 
@@ -49,9 +49,10 @@ def tune_and_log(settings: TuneSettings, echo: Callable[[str], None] = print) ->
                        "fixed": settings.search_space.fixed, "per_trial": settings.per_trial(),
                        "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
             tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
-            results = tuner.fit()
-        rows = account(parent_id, results, scheduler.reasons if scheduler else {}, interruption.received, settings)
-        best = log_outputs(rows, settings, parent, echo)
+            with interruption.during_fit():
+                results = tuner.fit()
+        rows = account(parent_id, results, getattr(scheduler, "reasons", {}), interruption.received, settings)
+        best = log_outputs(rows, settings, parent, echo, final=not interruption.received)
         if interruption.received:
             reason = (f"interrupted by {interruption.received}; continue the search with --resume {parent_id} "
                       f"(mlflow run: -P resume={parent_id})")
@@ -73,8 +74,7 @@ def prepared_storage(path: str) -> str:
 
 
 def search(settings: TuneSettings, context: dict, storage: str, parent_id: str, resumed: bool):
-    """The Tuner of this search (restored from its storage on --resume) and its ASHA scheduler
-    (None when restored: Tune brings back its own)."""
+    """The Tuner of this search (restored from its storage on --resume) and its ASHA scheduler."""
     from ray import tune
 
     param_space = {**tune_space(settings.search_space), "context": context}
@@ -83,8 +83,10 @@ def search(settings: TuneSettings, context: dict, storage: str, parent_id: str, 
         path = os.path.join(storage, parent_id)
         if not tune.Tuner.can_restore(path):
             raise UserError(f"search {parent_id} has no Ray Tune state in {path}: pass the --storage it ran with")
-        return tune.Tuner.restore(path, run, resume_unfinished=True, resume_errored=False, restart_errored=False,
-                                  param_space=param_space), None
+        tuner = tune.Tuner.restore(path, run, resume_unfinished=True, resume_errored=False, restart_errored=False,
+                                   param_space=param_space)
+        # Tune brings back the scheduler it saved, with the reasons of the trials it stopped so far.
+        return tuner, getattr(getattr(tuner._local_tuner, "_tune_config", None), "scheduler", None)
     scheduler = explained_asha(settings.metric, settings.mode, settings.max_epochs, settings.grace_period,
                                settings.reduction_factor)
     tuner = tune.Tuner(
@@ -96,7 +98,7 @@ def search(settings: TuneSettings, context: dict, storage: str, parent_id: str, 
             reuse_actors=True,  # a worker imports torch and MLflow once, not once per trial
         ),
         run_config=tune.RunConfig(
-            name=parent_id, storage_path=storage, stop=stopper(), verbose=0,
+            name=parent_id, storage_path=storage, verbose=0,
             failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
         ),
     )

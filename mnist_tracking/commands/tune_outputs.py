@@ -146,9 +146,11 @@ def trial_row(trial_id: str, run, settings: TuneSettings, cut: bool) -> TrialRow
 # --------------------------------------------------------------------------- the parent's outputs
 
 
-def log_outputs(rows: list[TrialRow], settings: TuneSettings, parent, echo: Callable[[str], None]) -> TrialRow | None:
-    """The trials table, figure and parallel coordinates; the best trial (its id, params and metric),
-    the comparison of the top ones and, with register_as, its registration. Returns the best row."""
+def log_outputs(rows: list[TrialRow], settings: TuneSettings, parent, echo: Callable[[str], None],
+                final: bool = True) -> TrialRow | None:
+    """The trials table, figure and parallel coordinates; the best trial (its id, params and metric)
+    and, when the search is `final` (not interrupted), the comparison of the top ones and, with
+    register_as, its registration. Returns the best row."""
     experiment_id, metric, mode = parent.info.experiment_id, settings.metric, settings.mode
     rows = sorted(rows, key=lambda r: r.trial_id)
     ranking = tune_report.ranked(rows, mode)
@@ -176,6 +178,8 @@ def log_outputs(rows: list[TrialRow], settings: TuneSettings, parent, echo: Call
     mlflow.log_metric(f"best_{metric}", best.best(mode))
     echo(f"{summary}. Best: trial {best.trial_id} (run {best.run_id}) {metric} {best.best(mode):.4f} with "
          + ", ".join(f"{k}={v}" for k, v in best.values.items()))
+    if not final:
+        return best
     compare_best(ranking, settings, echo)
     if settings.register_as:
         register_best(best, settings, echo)
