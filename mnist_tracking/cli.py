@@ -13,6 +13,7 @@ from mnist_tracking.config import (
     RegisterConfig,
     SweepConfig,
     TrainConfig,
+    TuneConfig,
 )
 from mnist_tracking.exits import BOUNDED_HTTP, OneLineErrors, user_errors
 from mnist_tracking.parameters import given_under_mlflow_run, parameters
@@ -158,45 +159,7 @@ def sweep(**params) -> None:
 
 
 @main.command()
-@click.option("--trials", type=int, default=12, show_default=True, help="Configurations tried (Ray Tune's num_samples).")
-@click.option("--max-epochs", type=int, default=6, show_default=True,
-              help="The epoch budget of one trial (ASHA's max_t; the trials' epochs).")
-@click.option("--grace-period", type=int, default=1, show_default=True,
-              help="Epochs every trial runs before ASHA may stop it.")
-@click.option("--reduction-factor", type=float, default=3.0, show_default=True,
-              help="ASHA keeps the top 1/reduction-factor of the trials at each rung.")
-@click.option("--metric", type=str, default="val_acc", show_default=True,
-              help="What ASHA and the searcher compare, per epoch: val_acc, val_loss or snapshot_knn_acc.")
-@click.option("--mode", type=str, default="", show_default=True, help="max or min; empty = the metric's own.")
-@click.option("--space", type=str, default="", show_default=True,
-              help="Search space: 'lr=loguniform(1e-4,1e-1); optimizer=choice(sgd,adam); scheduler=plateau' "
-                   "(name=value fixes a training parameter) or a .yaml file; empty = the default space.")
-@click.option("--startup-trials", type=int, default=0, show_default=True,
-              help="Random configurations before Optuna's TPE models the good ones; 0 = a third of the trials (2 to 10).")
-@click.option("--cpus-per-trial", type=float, default=1.0, show_default=True, help="CPUs (torch threads) of one trial.")
-@click.option("--gpus-per-trial", type=float, default=0.0, show_default=True,
-              help="GPUs of one trial; fractions (0.5) put several trials on one GPU.")
-@click.option("--max-concurrent", type=int, default=0, show_default=True,
-              help="The most trials at once; 0 = as many as the CPUs/GPUs allow.")
-@click.option("--ray-cpus", type=int, default=0, show_default=True,
-              help="CPUs of the local Ray the command starts; 0 = this machine's (ignored with RAY_ADDRESS).")
-@click.option("--seed", type=int, default=42, show_default=True,
-              help="Seeds the searcher and every trial (its split, init, shuffling: the same val images in all).")
-@click.option("--dataset", type=str, default="mnist", show_default=True, help="mnist, fashion-mnist or kmnist.")
-@click.option("--data-dir", type=str, default="data", show_default=True,
-              help="Folder with <DATASET>/raw/*-ubyte; on a cluster it must exist at this path on every node.")
-@click.option("--max-samples", type=int, default=0, show_default=True,
-              help="Use only the first N training images in every trial (0 = all).")
-@click.option("--register-as", type=str, default="", show_default=True,
-              help="When set, register the best trial's model under this name (as `register` does).")
-@click.option("--compare-top", type=int, default=3, show_default=True,
-              help="Compare the best this many complete trials on one aligned map; 0 = no comparison.")
-@click.option("--methods", type=str, default="pca", show_default=True,
-              help="Comma list of pca, tsne, umap: the comparison's layouts.")
-@click.option("--storage", type=str, default="", show_default=True,
-              help="Folder of Ray Tune's state (for --resume; shared by all nodes on a cluster); empty = ./tune-storage.")
-@click.option("--resume", type=str, default="", show_default=True,
-              help="Run id of an interrupted tune search: continue it into the same parent run.")
+@options(TuneConfig)
 @user_errors
 def tune(**params) -> None:
     """Search hyperparameters on Ray Tune: Optuna's TPE proposes, ASHA stops weak trials early.
@@ -208,10 +171,9 @@ def tune(**params) -> None:
     a comparison of the best trials on one aligned map and, with --register-as, the best registered.
     Without RAY_ADDRESS a local Ray is started on 127.0.0.1 (no dashboard) and stopped at the end.
     """
-    from mnist_tracking.commands.tune import tune_and_log
-    from mnist_tracking.tune_settings import TuneSettings
+    from mnist_tracking.commands.tune import tune as tune_search
 
-    tune_and_log(TuneSettings(**params), echo=click.echo)
+    tune_search(TuneConfig(**params), echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.errors import UserError
+from mnist_tracking.parameters import Parameter, parameters
 
 # Kinds of searched values, what Tune draws from: a float between two bounds (uniformly, or
 # uniformly in its logarithm), an int between two bounds (both included), or one of a list.
@@ -55,10 +56,9 @@ class SearchSpace:
         return "; ".join(entries + [f"{n}={_show(v)}" for n, v in self.fixed.items()])
 
 
-def parameter_types() -> dict[str, type]:
-    """The training's parameters and the type of each (from TrainConfig, the `main` entry point's definition)."""
-    defaults = TrainConfig()
-    return {f.name: type(getattr(defaults, f.name)) for f in fields(TrainConfig)}
+def training_parameters() -> dict[str, Parameter]:
+    """The training's parameters by name, as `main` defines them once (type, choices, range)."""
+    return {p.name: p for p in parameters(TrainConfig)}
 
 
 def load_space(space: str) -> SearchSpace:
@@ -118,7 +118,7 @@ def parse_yaml(path: Path) -> SearchSpace:
 def checked_space(entries: dict) -> SearchSpace:
     """Every name a training parameter that may be searched, every value of its type and allowed
     (each bound and choice is checked by the training's own rules); one UserError line otherwise."""
-    types = parameter_types()
+    types = training_parameters()
     searched, fixed = {}, {}
     for name, entry in entries.items():
         if name not in types:
@@ -133,17 +133,17 @@ def checked_space(entries: dict) -> SearchSpace:
             if name in NEVER_SEARCHED:
                 raise UserError(f"{name} defines the data or its split and is never searched (every trial must "
                                 f"be measured on the same images); fix it with {name}=<value>")
-            searched[name] = checked_domain(name, *entry, types[name])
+            searched[name] = checked_domain(types[name], *entry)
         else:
-            fixed[name] = checked_value(name, entry, types[name])
+            fixed[name] = checked_value(types[name], entry)
     if not searched:
         raise UserError("the search space has nothing to search: give at least one name=choice(...), "
                         "uniform(...), loguniform(...) or int(...) (empty --space: the default space)")
     return SearchSpace(searched, fixed)
 
 
-def checked_domain(name: str, kind: str, raw: list[str], kind_of: type) -> Domain:
-    kind = kind.lower()
+def checked_domain(parameter: Parameter, kind: str, raw: list[str]) -> Domain:
+    name, kind_of, kind = parameter.name, parameter.type, kind.lower()
     if kind not in KINDS:
         raise UserError(f"unknown kind {kind}(...) for {name}: use {', '.join(KINDS)}")
     if kind in (UNIFORM, LOGUNIFORM) and kind_of is not float:
@@ -152,7 +152,7 @@ def checked_domain(name: str, kind: str, raw: list[str], kind_of: type) -> Domai
     if kind == INT and kind_of is not int:
         raise UserError(f"{name} is {_type_name(kind_of)}: int(...) draws integers; use "
                         + ("uniform(...), loguniform(...) or choice(...)" if kind_of is float else "choice(...)"))
-    values = tuple(checked_value(name, v, kind_of) for v in raw)
+    values = tuple(checked_value(parameter, v) for v in raw)
     if kind == CHOICE:
         if len(set(values)) != len(values) or not values:
             raise UserError(f"{name}=choice(...) needs distinct values, got {', '.join(raw)}")
@@ -168,17 +168,17 @@ def checked_domain(name: str, kind: str, raw: list[str], kind_of: type) -> Domai
     return Domain(kind, values)
 
 
-def checked_value(name: str, raw, kind_of: type):
-    """`raw` (text) as a value of the parameter's type, allowed by TrainConfig's own checks."""
-    text = str(raw).strip()
+def checked_value(parameter: Parameter, raw):
+    """`raw` (text) as a value of the parameter's type, allowed by its own definition (choices, range),
+    normalised as the training has it (`SGD` -> `sgd`)."""
+    name, kind_of, text = parameter.name, parameter.type, str(raw).strip()
     try:
         value = kind_of(text) if kind_of is not int else _integer(text)
     except ValueError:
         raise UserError(f"{name} is {_type_name(kind_of)}, got {text!r}") from None
     if kind_of is float and not math.isfinite(value):
         raise UserError(f"{name} takes finite numbers, got {text!r}")
-    config = TrainConfig(**{name: value})  # the training's own rule for this value (one UserError line)
-    return getattr(config, name)  # normalised as the training has it (`SGD` -> `sgd`)
+    return parameter.check(value)
 
 
 def _integer(text: str) -> int:

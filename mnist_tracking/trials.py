@@ -182,7 +182,7 @@ def run_trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from mnist_tracking.commands.train import train_and_log
+    from mnist_tracking.training_run import train_and_log
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.runs import STATUS_REASON_TAG, end_run
 
@@ -238,7 +238,7 @@ class EpochReporter:
         """End the run KILLED (the driver adds why) and drop its local checkpoint copy."""
         import mlflow
 
-        from mnist_tracking.commands.resume import drop_local_checkpoint
+        from mnist_tracking.checkpoints import drop_local_checkpoint
 
         if mlflow.active_run() is not None:
             mlflow.end_run("KILLED")

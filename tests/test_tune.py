@@ -12,7 +12,8 @@ from mnist_tracking.errors import UserError
 from mnist_tracking.search_space import DEFAULT_SPACE, load_space, parse_space
 from mnist_tracking.trials import absolute_tracking_uri, check_reachable_store
 from mnist_tracking.tune_report import TrialRow, parallel_coordinates_html, ranked, trials_figure, trials_table
-from mnist_tracking.tune_settings import TuneSettings
+from mnist_tracking.config import TuneConfig
+from mnist_tracking.tune_settings import n_startup_trials, trial_config
 
 
 # --------------------------------------------------------------------------- the search space
@@ -73,24 +74,24 @@ def test_bad_search_spaces_are_refused_in_one_line(space, expected):
     ({"max_epochs": 3, "grace_period": 4}, "grace_period must be between 1 and max_epochs (3)"),
     ({"metric": "test_acc"}, "unknown metric 'test_acc'"),
     ({"metric": "snapshot_knn_acc", "space": "lr=uniform(0.01,0.1); snapshot_points=0"}, "needs feature snapshots"),
-    ({"reduction_factor": 1}, "reduction_factor must be > 1"),
+    ({"reduction_factor": 1}, "reduction_factor must be a number > 1"),
     ({"compare_top": 1}, "compare_top must be 0"),
     ({"dataset": "cifar"}, "unknown dataset"),
-    ({"gpus_per_trial": -1}, "gpus_per_trial must be >= 0"),
+    ({"gpus_per_trial": -1}, "gpus_per_trial must be at least 0"),
 ])
 def test_bad_tune_settings_are_refused_in_one_line(settings, expected):
     with pytest.raises(UserError) as caught:
-        TuneSettings(**settings)
+        TuneConfig(**settings)
     assert expected in str(caught.value)
 
 
 def test_the_settings_give_every_trial_the_same_data_and_budget(tmp_path):
-    settings = TuneSettings(trials=9, max_epochs=4, data_dir="data", seed=7, space="lr=uniform(0.01,0.1); scheduler=none")
-    config = settings.trial_config({"lr": 0.05})
+    settings = TuneConfig(trials=9, max_epochs=4, data_dir="data", seed=7, space="lr=uniform(0.01,0.1); scheduler=none")
+    config = trial_config(settings, {"lr": 0.05})
     assert (config.epochs, config.seed, config.lr, config.scheduler) == (4, 7, 0.05, "none")
     assert config.data_dir.startswith("/")  # Ray runs each trial in its own folder
-    assert settings.n_startup_trials() == 3  # a third of 9 trials, not Optuna's 10
-    assert TuneSettings(trials=100).n_startup_trials() == 10 and TuneSettings(trials=2).n_startup_trials() == 2
+    assert n_startup_trials(settings) == 3  # a third of 9 trials, not Optuna's 10
+    assert n_startup_trials(TuneConfig(trials=100)) == 10 and n_startup_trials(TuneConfig(trials=2)) == 2
 
 
 def test_a_relative_tracking_uri_is_made_absolute_for_the_trials(tmp_path, monkeypatch):
@@ -162,6 +163,7 @@ def test_the_parallel_coordinates_view_is_self_contained():
     (["--space", "scheduler=plateau"], "nothing to search"),
     (["--max-epochs", "2", "--grace-period", "3"], "grace_period must be between"),
     (["--space", "lr=choice(0.1,fast)"], "lr is a number (float), got 'fast'"),
+    (["--metric", "accuracy"], "unknown metric 'accuracy'"),
 ])
 def test_cli_tune_refuses_bad_input_in_one_line_without_ray_or_a_run(args, expected, fresh_experiment):
     import mlflow
@@ -195,12 +197,12 @@ def search(ray_env, data_dir, tmp_path_factory):
     """One real search (4 trials, 3 epochs, 2 at once on a local Ray of 2 CPUs), shared by the tests that read it."""
     import mlflow
 
-    from mnist_tracking.commands.tune import tune_and_log
+    from mnist_tracking.tune_run import tune_and_log
 
     experiment_id = mlflow.create_experiment(f"tune-{tmp_path_factory.mktemp('x').name}")
     ray_env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
     lines = []
-    settings = TuneSettings(data_dir=str(data_dir), storage=str(tmp_path_factory.mktemp("tune-storage")), **SEARCH)
+    settings = TuneConfig(data_dir=str(data_dir), storage=str(tmp_path_factory.mktemp("tune-storage")), **SEARCH)
     parent_id = tune_and_log(settings, echo=lines.append)
     ray_env.delenv("MLFLOW_EXPERIMENT_ID")
     return experiment_id, parent_id, lines
@@ -230,7 +232,7 @@ def test_every_trial_is_a_training_run_nested_under_the_tune_parent(search):
 def test_asha_stops_weak_trials_killed_with_why_and_full_budget_trials_log_everything(search):
     from mlflow.tracking import MlflowClient
 
-    from mnist_tracking.commands.resume import local_checkpoint
+    from mnist_tracking.checkpoints import local_checkpoint
 
     experiment_id, _, _ = search
     trials = [r for r in runs_of(experiment_id) if r.data.tags.get("mnist_tracking.kind") == "training"]

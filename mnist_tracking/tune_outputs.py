@@ -10,17 +10,18 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking import tune_report
-from mnist_tracking.commands.resume import drop_local_checkpoint
+from mnist_tracking.checkpoints import drop_local_checkpoint
+from mnist_tracking.config import ALIAS, REGISTER_METRIC, CompareConfig, TuneConfig
 from mnist_tracking.errors import UserError, first_line
+from mnist_tracking.links import ui_url
 from mnist_tracking.runs import (
     KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_run, get_run, log_new_params, mark_experiment,
-    ui_url,
 )
 from mnist_tracking.trials import TRIAL_TAG, environment_without
 from mnist_tracking.tune_report import TrialRow
-from mnist_tracking.tune_settings import TuneSettings
+from mnist_tracking.tune_settings import trial_config
 
-TUNE_KIND = "tune"  # runs.Kind gains it when the structure lands (issue 24)
+TUNE_KIND = Kind.TUNE
 TABLE_FILE = "tune/trials.json"
 FIGURE_FILE = "tune/trials.png"
 PARALLEL_FILE = "tune/parallel_coordinates.html"
@@ -31,7 +32,7 @@ STATUSES_DONE = ("FINISHED", "KILLED", "FAILED")
 # --------------------------------------------------------------------------- the parent run
 
 
-def resumable_search(settings: TuneSettings):
+def resumable_search(settings: TuneConfig):
     """The tune parent run `settings.resume`, refused in one line when it is not one."""
     old = get_run(settings.resume)
     if old.data.tags.get(KIND_TAG) != TUNE_KIND:
@@ -41,7 +42,7 @@ def resumable_search(settings: TuneSettings):
 
 
 @contextmanager
-def search_parent_run(settings: TuneSettings, old=None) -> Iterator:
+def search_parent_run(settings: TuneConfig, old=None) -> Iterator:
     """The parent run of the search (the one `mlflow run` made, or a new one); on --resume the old
     parent is reopened, so that the continued search's trials join the earlier ones."""
     if old is not None:
@@ -91,7 +92,7 @@ def tune_errors(results) -> dict[str, str]:
     return errors
 
 
-def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, settings: TuneSettings) -> list[TrialRow]:
+def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, settings: TuneConfig) -> list[TrialRow]:
     """End every trial run Tune stopped, lost or interrupted with a status and a reason (none stays
     RUNNING); returns one row per trial."""
     client, errors = MlflowClient(), tune_errors(results)
@@ -130,13 +131,13 @@ def record_lost_trial(parent_id: str, trial_id: str, reason: str) -> str:
     return run.info.run_id
 
 
-def trial_row(trial_id: str, run, settings: TuneSettings, cut: bool) -> TrialRow:
+def trial_row(trial_id: str, run, settings: TuneConfig, cut: bool) -> TrialRow:
     history = [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run.info.run_id, settings.metric),
                                                  key=lambda m: m.step) if m.step >= 1]
     params = run.data.params
     values = {}
     for name in settings.search_space.searched:
-        kind_of = type(getattr(settings.trial_config({}), name))
+        kind_of = type(getattr(trial_config(settings, {}), name))
         if name in params:
             values[name] = kind_of(params[name]) if kind_of is not str else params[name]
     return TrialRow(trial_id, run.info.run_id, run.info.status, run.data.tags.get(STATUS_REASON_TAG, ""), values,
@@ -146,7 +147,7 @@ def trial_row(trial_id: str, run, settings: TuneSettings, cut: bool) -> TrialRow
 # --------------------------------------------------------------------------- the parent's outputs
 
 
-def log_outputs(rows: list[TrialRow], settings: TuneSettings, parent, echo: Callable[[str], None],
+def log_outputs(rows: list[TrialRow], settings: TuneConfig, parent, echo: Callable[[str], None],
                 final: bool = True) -> TrialRow | None:
     """The trials table, figure and parallel coordinates; the best trial (its id, params and metric)
     and, when the search is `final` (not interrupted), the comparison of the top ones and, with
@@ -188,7 +189,7 @@ def log_outputs(rows: list[TrialRow], settings: TuneSettings, parent, echo: Call
     return best
 
 
-def compare_best(ranking: list[TrialRow], settings: TuneSettings, echo: Callable[[str], None]) -> str | None:
+def compare_best(ranking: list[TrialRow], settings: TuneConfig, echo: Callable[[str], None]) -> str | None:
     """The best `compare_top` complete trials on one aligned map, in a comparison run nested under the parent."""
     if not settings.compare_top:
         return None
@@ -198,13 +199,11 @@ def compare_best(ranking: list[TrialRow], settings: TuneSettings, echo: Callable
              "two are needed")
         mlflow.set_tag("comparison", f"none: only {len(top)} complete trial(s)")
         return None
-    from mnist_tracking.commands.compare import COMPARED_RUNS_TAG, common_sample, compared_runs, log_comparison
-    from mnist_tracking.config import CompareConfig
+    from mnist_tracking.comparison_run import COMPARED_RUNS_TAG, log_comparison, prepared
 
     config = CompareConfig(run_ids=",".join(r.run_id for r in top), methods=settings.methods, seed=settings.seed)
     try:
-        runs = compared_runs(config.run_id_list, config.split)
-        sample, shared = common_sample(runs, config)
+        runs, sample, shared = prepared(config)
         name = f"compare-top-{len(top)}-trials"
         with mlflow.start_run(run_name=name, nested=True, tags={
             KIND_TAG: COMPARE_KIND_TAG_VALUE, COMPARED_RUNS_TAG: config.run_ids, "mlflow.runName": name,
@@ -219,12 +218,11 @@ def compare_best(ranking: list[TrialRow], settings: TuneSettings, echo: Callable
         return None
 
 
-def register_best(best: TrialRow, settings: TuneSettings, echo: Callable[[str], None]) -> None:
+def register_best(best: TrialRow, settings: TuneConfig, echo: Callable[[str], None]) -> None:
     """The best trial registered by `register`'s own path and rule (its alias moves only if it beats the holder)."""
-    from mnist_tracking.commands.register import register_run
-    from mnist_tracking.commands.train import REGISTER_ALIAS, REGISTER_METRIC
+    from mnist_tracking.registry import register_run
 
     with environment_without(("MLFLOW_RUN_ID",)):  # the run `mlflow run` made is this parent, not a registration
         registration = register_run(best.run_id, name=settings.register_as, echo=echo, metric=REGISTER_METRIC,
-                                    alias=REGISTER_ALIAS)
+                                    alias=ALIAS)
     mlflow.set_tags({"registered_model_name": registration.name, "registered_model_version": str(registration.version)})
