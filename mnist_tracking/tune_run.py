@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 import mlflow
@@ -40,6 +41,7 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     with search_parent_run(settings, old) as parent:
         parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
         artifact_root = MlflowClient().get_experiment(experiment_id).artifact_location
+        started = time.perf_counter()
         with ray_session(settings.ray_cpus or None, None, tracking_uri, artifact_root) as cluster, \
                 interrupts_stop_the_search() as interruption:
             echo(f"Tune: {settings.trials} trials of at most {settings.max_epochs} epochs on Ray ({cluster['address']}, "
@@ -49,8 +51,12 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
                        "fixed": settings.search_space.fixed, "per_trial": per_trial(settings),
                        "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
             tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
+            fit_started = time.perf_counter()
             with interruption.during_fit():
                 results = tuner.fit()
+            # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
+            mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
+                                "ray_start_seconds": fit_started - started})
         rows = account(parent_id, results, getattr(scheduler, "reasons", {}), interruption.received, settings)
         best = log_outputs(rows, settings, parent, echo, final=not interruption.received)
         if interruption.received:
