@@ -25,8 +25,6 @@ TUNE_KIND = Kind.TUNE
 TABLE_FILE = "tune/trials.json"
 FIGURE_FILE = "tune/trials.png"
 PARALLEL_FILE = "tune/parallel_coordinates.html"
-COMPARE_KIND_TAG_VALUE = Kind.COMPARISON
-STATUSES_DONE = ("FINISHED", "KILLED", "FAILED")
 
 
 # --------------------------------------------------------------------------- the parent run
@@ -100,9 +98,13 @@ def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, 
     by_trial = trial_runs(parent_id)
     for trial_id, runs in by_trial.items():
         *earlier, run = runs
-        for lost in earlier:  # a retry started a new run: the old one's worker died
+        for lost in earlier:  # a retry (or a resumed search) started a new run for the trial
+            reason = lost.data.tags.get(STATUS_REASON_TAG, "")
             if lost.info.status == "RUNNING":
                 end_run(lost.info.run_id, f"its Ray worker or node died; the trial was retried as run {run.info.run_id}")
+            elif reason.startswith("interrupted") and "ran again" not in reason:
+                client.set_tag(lost.info.run_id, STATUS_REASON_TAG, f"{reason}; the search was resumed and the "
+                                                                     f"trial ran again as run {run.info.run_id}")
         run_id, status = run.info.run_id, run.info.status
         epochs = len(client.get_metric_history(run_id, "val_acc"))
         if trial_id in reasons:
@@ -116,7 +118,9 @@ def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, 
                                 f"--resume {parent_id}", "KILLED")
             else:
                 end_run(run_id, errors.get(trial_id, f"its Ray worker ended without ending the run after epoch {epochs}"))
-        rows.append(trial_row(trial_id, client.get_run(run_id), settings, trial_id in reasons))
+        ended = client.get_run(run_id)
+        cut = trial_id in reasons or ended.data.tags.get(STATUS_REASON_TAG, "").startswith(tune_report.STOPPED_BY_ASHA)
+        rows.append(trial_row(trial_id, ended, settings, cut))
     for trial_id, error in errors.items():  # Tune lost it before it started a run: recorded, not forgotten
         if trial_id not in by_trial:
             rows.append(TrialRow(trial_id, record_lost_trial(parent_id, trial_id, error), "FAILED", error))
@@ -206,7 +210,7 @@ def compare_best(ranking: list[TrialRow], settings: TuneConfig, echo: Callable[[
         runs, sample, shared = prepared(config)
         name = f"compare-top-{len(top)}-trials"
         with mlflow.start_run(run_name=name, nested=True, tags={
-            KIND_TAG: COMPARE_KIND_TAG_VALUE, COMPARED_RUNS_TAG: config.run_ids, "mlflow.runName": name,
+            KIND_TAG: Kind.COMPARISON, COMPARED_RUNS_TAG: config.run_ids, "mlflow.runName": name,
         }) as run:
             log_new_params(config.to_params())
             log_comparison(runs, sample, shared, config, echo)

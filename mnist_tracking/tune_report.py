@@ -10,6 +10,7 @@ import numpy as np
 from mnist_tracking.search_space import CHOICE, LOGUNIFORM, SearchSpace
 
 FIGURE_SIZE = (8.0, 5.0)  # inches
+STOPPED_BY_ASHA = "stopped by ASHA"  # how a stopped trial's status_reason starts
 STOPPED_MARKER, FINISHED_MARKER = "x", "o"
 
 
@@ -122,6 +123,6 @@ def parallel_coordinates_html(rows: list[TrialRow], space: SearchSpace, metric: 
 def stop_reason(epoch: int, max_epochs: int, metric: str, value: float, cutoff: float, best: float, compared: int,
                 reduction_factor: float) -> str:
     """Why ASHA stopped a trial, as the KILLED run's status_reason."""
-    return (f"stopped by ASHA after epoch {epoch} of {max_epochs}: its {metric} {value:.4f} was below the rung's "
+    return (f"{STOPPED_BY_ASHA} after epoch {epoch} of {max_epochs}: its {metric} {value:.4f} was below the rung's "
             f"cutoff {cutoff:.4f} (the top 1/{reduction_factor:g} of the {compared} trials that reached epoch {epoch} "
             f"before it; best {best:.4f})")

@@ -283,7 +283,7 @@ def tune_command(data_dir, storage, *extra):
             "--data-dir", str(data_dir), "--storage", str(storage), *extra]
 
 
-def wait_for(condition, timeout_s: float, what: str):
+def wait_for(condition, timeout_s: float, what: str, process, err_file):
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -291,6 +291,8 @@ def wait_for(condition, timeout_s: float, what: str):
         found = condition()
         if found:
             return found
+        if process.poll() is not None:
+            raise AssertionError(f"the search ended ({process.returncode}) before {what}: {err_file.read_text()[-2000:]}")
         time.sleep(1)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -304,16 +306,20 @@ def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(r
     from mlflow.tracking import MlflowClient
 
     client, storage = MlflowClient(), tmp_path / "storage"
-    process = subprocess.Popen(tune_command(data_dir, storage), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+    # Files, not pipes: Ray's workers print every epoch, and a full pipe would stall the search.
+    out_file, err_file = tmp_path / "out.log", tmp_path / "err.log"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        process = subprocess.Popen(tune_command(data_dir, storage), stdout=out, stderr=err, text=True,
+                                   env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
 
     def a_trial_epoch():
         runs = [r for r in runs_of(fresh_experiment) if r.data.tags.get("mnist_tracking.kind") == "training"]
         return any(client.get_metric_history(r.info.run_id, "val_acc") for r in runs)
 
-    wait_for(a_trial_epoch, 300, "a trial's first epoch")
+    wait_for(a_trial_epoch, 900, "a trial's first epoch", process, err_file)  # a loaded machine starts Ray slowly
     process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=180)
+    process.wait(timeout=300)
+    err = err_file.read_text()
     assert process.returncode == 130, err[-2000:]
     runs = runs_of(fresh_experiment)
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
