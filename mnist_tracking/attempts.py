@@ -32,7 +32,8 @@ def end_mlflow_run_command_run(reason: str, status: str = "FAILED", command: str
         pass
 
 COMMAND_KINDS = {"train": Kind.TRAINING, "project": Kind.PROJECTION, "evolution": Kind.EVOLUTION,
-                 "compare": Kind.COMPARISON, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP}
+                 "compare": Kind.COMPARISON, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP,
+                 "tune": Kind.TUNE}
 
 REFERRING_PARAMS = ("run_id", "resume_from", "resume")  # the parameters that name another run
 

@@ -13,6 +13,7 @@ from mnist_tracking.config import (
     RegisterConfig,
     SweepConfig,
     TrainConfig,
+    TuneConfig,
 )
 from mnist_tracking.exits import BOUNDED_HTTP, OneLineErrors, user_errors
 from mnist_tracking.parameters import given_under_mlflow_run, parameters
@@ -158,6 +159,27 @@ def sweep(**params) -> None:
     from mnist_tracking.commands.sweep import sweep_and_log
 
     sweep_and_log(SweepConfig(**params), echo=click.echo)
+
+
+# ---- tune: a hyperparameter search on Ray Tune, each trial a nested training run
+
+
+@main.command()
+@options(TuneConfig)
+@user_errors
+def tune(**params) -> None:
+    """Search hyperparameters on Ray Tune: Optuna's TPE proposes, ASHA stops weak trials early.
+
+    Each trial is a training run (what `train` logs) nested under one parent run (kind tune), tagged
+    mnist_tracking.trial_id and mnist_tracking.ray_node_id; a trial ASHA stops ends KILLED with the
+    reason. The parent gets the trials table (tune/trials.json), the trials figure (tune/trials.png),
+    a parallel-coordinates view (tune/parallel_coordinates.html), the best trial's params and metric,
+    a comparison of the best trials on one aligned map and, with --register-as, the best registered.
+    Without RAY_ADDRESS a local Ray is started on 127.0.0.1 (no dashboard) and stopped at the end.
+    """
+    from mnist_tracking.commands.tune import tune as tune_search
+
+    tune_search(TuneConfig(**params), echo=click.echo)
 
 
 if __name__ == "__main__":

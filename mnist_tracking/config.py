@@ -213,6 +213,55 @@ class SweepConfig:
         return values(self)
 
 
+@dataclass
+class TuneConfig:
+    """The `tune` entry point; its search space and cross-checks in tune_settings.py, all before Ray starts."""
+
+    trials: int = param(12, "Configurations tried (Ray Tune's num_samples).", low=1)
+    max_epochs: int = param(6, "The epoch budget of one trial (ASHA's max_t; the trials' epochs).", low=1)
+    grace_period: int = param(1, "Epochs every trial runs before ASHA may stop it.", low=1)
+    reduction_factor: float = param(3.0, "ASHA keeps the top 1/reduction-factor of the trials at each rung.", low=1,
+                                    low_open=True)
+    metric: str = param("val_acc", "What ASHA and the searcher compare, per epoch: val_acc, val_loss or "
+                                   "snapshot_knn_acc.", choices=("val_acc", "val_loss", "snapshot_knn_acc"))
+    mode: str = param("", "max or min; empty = the metric's own.", choices=("", "max", "min"))
+    space: str = param("", "Search space: 'lr=loguniform(1e-4,1e-1); optimizer=choice(sgd,adam); scheduler=plateau' "
+                           "(name=value fixes a training parameter) or a .yaml file; empty = the default space.")
+    startup_trials: int = param(0, "Random configurations before Optuna's TPE models the good ones; 0 = a third "
+                                   "of the trials (2 to 10).", low=0, note="0 = automatic")
+    trial_scheduler: str = param("asha", "asha (stop weak trials early) or fifo (every trial runs its whole budget).",
+                                 choices=("asha", "fifo"))
+    cpus_per_trial: float = param(1.0, "CPUs (torch threads) of one trial.", low=0, low_open=True)
+    gpus_per_trial: float = param(0.0, "GPUs of one trial; fractions (0.5) put several trials on one GPU.", low=0)
+    max_concurrent: int = param(0, "The most trials at once; 0 = as many as the CPUs/GPUs allow.", low=0,
+                                note="0 = as resources allow")
+    ray_cpus: int = param(0, "CPUs of the local Ray the command starts; 0 = this machine's (ignored with "
+                             "RAY_ADDRESS).", low=0, note="0 = this machine's")
+    seed: int = _seed("Seeds the searcher and every trial (its split, init, shuffling: the same val images in all).")
+    dataset: str = param("mnist", "mnist, fashion-mnist or kmnist.", choices=tuple(DATASETS))
+    data_dir: str = param("data", "Folder with <DATASET>/raw/*-ubyte; on a cluster it must exist at this path on "
+                                  "every node.", mlproject_type="path")
+    max_samples: int = param(0, "Use only the first N training images in every trial (0 = all).", low=0,
+                             note="0 = all")
+    register_as: str = param("", "When set, register the best trial's model under this name (as `register` does).")
+    compare_top: int = param(3, "Compare the best this many complete trials on one aligned map; 0 = no comparison.",
+                             low=0, note="0 = no comparison")
+    methods: str = param("pca", "Comma list of pca, tsne, umap: the comparison's layouts.")
+    storage: str = param("", "Folder of Ray Tune's state (for --resume; shared by all nodes on a cluster); empty = "
+                             "./tune-storage.")
+    resume: str = param("", "Run id of an interrupted tune search: continue it into the same parent run.")
+    search_space: object = field(default=None, init=False, repr=False, compare=False)  # a search_space.SearchSpace
+
+    def __post_init__(self) -> None:
+        check_all(self)
+        from mnist_tracking.tune_settings import check_tune  # the search space is checked against TrainConfig
+
+        check_tune(self)
+
+    def to_params(self) -> dict:
+        return {**values(self), "space": self.search_space.text()}
+
+
 # Each MLproject entry point, the click command that runs it and the dataclass of its parameters.
 ENTRY_POINTS = {
     "main": ("train", TrainConfig),
@@ -221,6 +270,7 @@ ENTRY_POINTS = {
     "compare": ("compare", CompareConfig),
     "register": ("register", RegisterConfig),
     "sweep": ("sweep", SweepConfig),
+    "tune": ("tune", TuneConfig),
 }
 
 

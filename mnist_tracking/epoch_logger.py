@@ -49,6 +49,7 @@ class EpochLogger:
             mlflow.log_metrics(result.metrics(), step=result.epoch)
             if snapshot is not None:
                 log_snapshot(*snapshot)
+                result.snapshot_knn_acc = snapshot[1]  # for `then` (a search may stop trials on it)
             if result.improved:  # logged at once, so a killed run still has its best weights
                 log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
             log_last_checkpoint(trainer, checkpoint)

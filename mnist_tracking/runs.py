@@ -44,6 +44,7 @@ class Kind:
     SWEEP = "sweep"
     REGISTRATION = "registration"
     COMPARISON = "comparison"
+    TUNE = "tune"
 
 
 def get_run(run_id: str):

@@ -159,6 +159,7 @@ class EpochResult:
     improved: bool  # a new best val accuracy: its weights are now the best
     lr_reduced_to: float | None = None  # set when the plateau scheduler lowered the lr after it
     val_confusion: np.ndarray | None = None  # (10, 10) counts on the val split; not kept in the history
+    snapshot_knn_acc: float | None = None  # set once the epoch's feature snapshot is judged (snapshots on)
 
     def metrics(self) -> dict[str, float]:
         """The per-epoch metrics, by name."""
@@ -166,7 +167,7 @@ class EpochResult:
 
     def history_entry(self) -> dict:
         """What TrainState.history keeps of the epoch (plain numbers: checkpoints load weights_only)."""
-        return {k: v for k, v in asdict(self).items() if k != "val_confusion"}
+        return {k: v for k, v in asdict(self).items() if k not in ("val_confusion", "snapshot_knn_acc")}
 
 
 def _divergence(loss: torch.Tensor, step: int, check_every: int) -> str:

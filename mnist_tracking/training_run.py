@@ -35,12 +35,15 @@ SYSTEM_METRICS_INTERVAL_S = 5
 
 
 def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
-                  on_epoch: Callable[[EpochResult, Trainer], None] | None = None) -> str:
+                  on_epoch: Callable[[EpochResult, Trainer], None] | None = None, *, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
     """Train as configured inside an MLflow run (nested under the active one, if any), logging params,
     epochs, checkpoints, features, plots and the model. Returns the run id.
 
     A resume (`resume_from`) keeps every parameter the user did not give (`config.given`).
-    on_epoch: called after each epoch is in the store, e.g. to report it to a search engine."""
+    on_epoch: called after each epoch is in the store, e.g. to report it to a search engine.
+    parent_run_id: nest the run under this one when it is not this thread's active run (a `tune`
+    trial, in a Ray worker); tags: set on the run when it starts (a trial's id and node)."""
     resume = None
     if config.resume_from:  # everything about the resumed run is checked before any work starts
         resume, config = checked_resume(config)
@@ -58,7 +61,7 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
     on_epoch = EpochLogger(echo=echo, points=points, logged_epoch=trainer.state.epoch, then=on_epoch)
     # An interrupt reports the last epoch that is whole in the store, not the trainer's count.
     with store_errors_say_what_is_safe(trainer) as safe, Interrupts() as interrupts, \
-            training_run(name, interrupts, lambda: on_epoch.logged_epoch) as run:
+            training_run(name, interrupts, lambda: on_epoch.logged_epoch, parent_run_id, tags) as run:
         safe["run_id"] = run.info.run_id
         on_epoch.interrupts = interrupts
         datasets = log_training_start(run, name, trainer, world_size, echo)
@@ -112,7 +115,8 @@ def progress_bars(epochs: int):
 
 
 @contextmanager
-def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], int]) -> Iterator:
+def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], int], parent_run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> Iterator:
     """`mlflow.start_run`, but Ctrl-C/SIGTERM ends the run KILLED, never leaving it RUNNING."""
     with ExitStack() as stack:
         with interrupts.critical():  # a signal while the run is being created waits until it is guarded
@@ -122,7 +126,8 @@ def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], in
             with environment(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=interval):
                 # nested: a training of a sweep runs inside the sweep's parent run
                 run = stack.enter_context(mlflow.start_run(
-                    run_name=name, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics_enabled()
+                    run_name=name, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics_enabled(),
+                    parent_run_id=parent_run_id, tags=tags,
                 ))
             stack.enter_context(killed_on_interrupt(interrupts, epochs_done))
         yield run

@@ -1,0 +1,236 @@
+"""The Ray side of `tune`: starting or joining Ray, our Ctrl-C/SIGTERM handling around Tune, and one trial as a training run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from mnist_tracking.errors import UserError, first_line
+
+TRIAL_TAG = "mnist_tracking.trial_id"
+NODE_TAG = "mnist_tracking.ray_node_id"
+LOOPBACK = "127.0.0.1"  # a local Ray listens here only: its Jobs API has no authentication (CVE-2023-48022)
+# Variables a local Ray's workers must not inherit from this process: `mlflow run` exports the
+# run it made, and a trial would reopen it instead of starting its own.
+NOT_INHERITED = ("MLFLOW_RUN_ID",)
+# Tracking URIs only this machine can reach (a file store, a local sqlite file).
+LOCAL_SCHEMES = ("", "file", "sqlite")
+
+
+# --------------------------------------------------------------------------- Ray itself
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """The tracking URI with a relative local path made absolute: Ray runs each trial in its own
+    folder (RAY_CHDIR_TO_TRIAL_DIR), where `sqlite:///mlflow.db` would be another database."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///"):]
+        return f"sqlite:///{os.path.abspath(path)}" if path and path != ":memory:" else uri
+    if parsed.scheme in ("", "file") and len(parsed.scheme) != 1:  # a bare path or file:, not a Windows drive
+        path = parsed.path if parsed.scheme == "file" else uri
+        return f"file://{os.path.abspath(path)}"
+    return uri
+
+
+def is_local_uri(uri: str) -> bool:
+    """True for a store only this machine reaches: a file store or a sqlite file."""
+    return urlparse(uri).scheme in LOCAL_SCHEMES
+
+
+@contextmanager
+def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifact_location: str) -> Iterator[dict]:
+    """Ray for the search: with RAY_ADDRESS set, join that cluster (refusing a tracking store its other
+    machines cannot reach); else start a local Ray on 127.0.0.1 without the dashboard, sized to this
+    machine (or `cpus`/`gpus`), and stop it at the end. Yields what it started or joined."""
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        else:
+            with environment_without(NOT_INHERITED):  # the workers Ray starts inherit this environment
+                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, num_cpus=cpus,
+                         num_gpus=gpus, log_to_driver=True, configure_logging=False)
+    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
+        where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
+        hint = ("check that `ray start --head` runs there and that this machine reaches it" if address
+                else "check free memory and /tmp space, or unset a stale RAY_ADDRESS")
+        raise UserError(f"cannot {where} ({type(exc).__name__}: {first_line(exc)}); {hint}") from None
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if address:
+            check_reachable_store(len(nodes), tracking_uri, artifact_location)
+        yield {"address": address or "local", "nodes": len(nodes),
+               "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0)}
+    finally:
+        ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
+
+
+def check_reachable_store(nodes: int, tracking_uri: str, artifact_location: str) -> None:
+    """On a cluster of several machines every trial writes to the store: refuse one only this machine reaches."""
+    if nodes < 2:
+        return
+    fix = ("start a tracking server (deploy/tracking-server.sh, with proxied artifacts: --artifacts-destination) "
+           "and set MLFLOW_TRACKING_URI=http://<host>:<port>")
+    if is_local_uri(tracking_uri):
+        raise UserError(f"the tracking store {tracking_uri} is a local file that the other {nodes - 1} machine(s) of "
+                        f"the Ray cluster cannot reach; {fix}")
+    if artifact_location and urlparse(artifact_location).scheme in ("", "file"):
+        raise UserError(f"the experiment stores artifacts in {artifact_location}, a local folder that the other "
+                        f"{nodes - 1} machine(s) of the Ray cluster cannot write; {fix} and use a new experiment "
+                        f"(its artifact root is then mlflow-artifacts:/)")
+
+
+@contextmanager
+def environment_without(names: tuple[str, ...]) -> Iterator[None]:
+    saved = {n: os.environ.pop(n) for n in names if n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@dataclass
+class Interruption:
+    """Ctrl-C and SIGTERM during a search. Tune's fit() installs its own SIGINT handler, which stops
+    the trials, saves the search's state (for --resume) and returns from fit() as if it had ended,
+    after putting back the handler it found (ours): `received` says what happened."""
+
+    received: str = ""  # the first signal's name, once one came
+    fitting: bool = False  # inside Tune's fit()
+
+    def handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        tune_stopping = self.fitting and signal.getsignal(signal.SIGINT) == self.handle  # Tune caught a Ctrl-C
+        if not self.fitting or (signum == signal.SIGINT and (self.received or tune_stopping)):
+            # Outside fit() nothing of Tune's is to be saved; a second Ctrl-C skips Tune's saving (as Tune says).
+            self.received = self.received or name
+            raise KeyboardInterrupt(name)
+        if self.received or tune_stopping:
+            self.received = self.received or "SIGINT"
+            return  # `mlflow run` sends SIGTERM after Ctrl-C: the search is already being stopped
+        self.received = name
+        signal.raise_signal(signal.SIGINT)  # SIGTERM: stop the search the way Tune stops it on Ctrl-C
+
+    @contextmanager
+    def during_fit(self) -> Iterator[None]:
+        self.fitting = True
+        try:
+            yield
+        finally:
+            self.fitting = False
+            if signal.getsignal(signal.SIGINT) == self.handle:  # Tune's handler put ours back: it caught a Ctrl-C
+                self.received = self.received or "SIGINT"
+            elif threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, self.handle)  # Tune's stays installed after a search that ended
+
+
+@contextmanager
+def interrupts_stop_the_search() -> Iterator[Interruption]:
+    """Install our SIGINT/SIGTERM handler (after ray.init, which installs its own SIGTERM one that
+    would exit at once); restores the previous handlers at the end."""
+    interruption = Interruption()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, interruption.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield interruption
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the project's own training (`train_and_log`) as a run nested under the search's
+    parent, reporting each logged epoch to Tune. Its whole context comes in `config["context"]`
+    (absolute tracking URI, experiment and parent ids, data folder, threads): nothing is inherited.
+
+    A failure of the training itself (a divergence, bad data) ends its run FAILED with the reason and
+    returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
+    import mlflow
+    import ray
+    import torch
+    from ray import tune
+
+    from mnist_tracking.training_run import train_and_log
+    from mnist_tracking.config import TrainConfig
+    from mnist_tracking.runs import STATUS_REASON_TAG, end_run
+
+    context = config["context"]
+    for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):
+        os.environ.pop(name, None)
+    mlflow.set_tracking_uri(context["tracking_uri"])
+    mlflow.set_experiment(experiment_id=context["experiment_id"])
+    torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more
+    trial_id = tune.get_context().get_trial_id()
+    searched = {name: value for name, value in config.items() if name != "context"}
+    params = {**context["fixed"], **searched, **context["per_trial"]}
+    reporter = EpochReporter(context["metric"])
+    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id()}
+    try:
+        train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{trial_id}] {line}", flush=True),
+                      progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
+    except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run is KILLED
+        reporter.stopped()
+        raise
+    except Exception as exc:  # noqa: BLE001 - the training's own failure: recorded, not retried
+        run = mlflow.last_active_run()
+        if reporter.run_id or run is not None:
+            run_id = reporter.run_id or run.info.run_id
+            stored = mlflow.tracking.MlflowClient().get_run(run_id)
+            if stored.info.status == "RUNNING" or STATUS_REASON_TAG not in stored.data.tags:
+                end_run(run_id, f"{type(exc).__name__}: {first_line(exc)}", "FAILED")
+        print(f"[{trial_id}] failed: {first_line(exc)}", flush=True)
+
+
+class EpochReporter:
+    """The trainer's extra epoch callback in a trial: reports the logged epoch to Tune."""
+
+    def __init__(self, metric: str):
+        self.metric, self.run_id, self.epoch = metric, "", 0
+
+    def __call__(self, result, trainer) -> None:
+        import mlflow
+        from ray import tune
+
+        self.run_id = mlflow.active_run().info.run_id
+        self.epoch = result.epoch
+        metrics = {**result.metrics(), "epoch": result.epoch, "run_id": self.run_id}
+        if result.snapshot_knn_acc is not None:
+            metrics["snapshot_knn_acc"] = result.snapshot_knn_acc
+        try:
+            tune.report(metrics)
+        except SystemExit:  # Tune stopped the trial: end the run KILLED before start_run's exit says FAILED
+            self.stopped()
+            raise
+
+    def stopped(self) -> None:
+        """End the run KILLED (the driver adds why) and drop its local checkpoint copy."""
+        import mlflow
+
+        from mnist_tracking.checkpoints import drop_local_checkpoint
+
+        if mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+        if self.run_id:
+            drop_local_checkpoint(self.run_id)
+
+
+def trial_resources(cpus: float, gpus: float) -> dict:
+    return {"cpu": cpus, "gpu": gpus} if gpus else {"cpu": cpus}
+
+
+def trainable(cpus: float, gpus: float) -> Callable:
+    from ray import tune
+
+    return tune.with_resources(run_trial, trial_resources(cpus, gpus))
