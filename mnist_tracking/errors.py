@@ -10,6 +10,24 @@ def first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+CAUSE_DEPTH = 10  # how far down an exception's causes the database's own error is looked for
+
+
+def store_error_line(exc: BaseException) -> str:
+    """One line for a store error: the database driver's own words when it wraps one (sqlite3's
+    "attempt to write a readonly database", not SQLAlchemy's "(raised as a result of Query-invoked
+    autoflush ...)" first line), else the first line."""
+    cause: BaseException | None = exc
+    for _ in range(CAUSE_DEPTH):
+        if cause is None:
+            break
+        driver = getattr(cause, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's exception
+        if isinstance(driver, BaseException) and str(driver):
+            return f"{type(driver).__name__}: {first_line(driver)}"
+        cause = cause.__cause__ or cause.__context__
+    return first_line(exc)
+
+
 # The libraries whose exceptions mean the tracking store (a file, a database, a server) failed.
 STORE_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy")
 

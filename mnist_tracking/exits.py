@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import sys
 from typing import NoReturn
@@ -20,6 +21,8 @@ BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BAC
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, over the file size limit
 
+
+SQL_ERROR_LOGGER = "mlflow.store.db.utils"  # MLflow's logger of "SQLAlchemy database error ..." with a traceback
 
 SIGNAL_NAMES = ("", "SIGINT", "SIGTERM")  # a KeyboardInterrupt that says no more than which signal it was
 
@@ -96,6 +99,9 @@ def user_errors(command):
         from mnist_tracking.errors import UserError
 
         interrupts.listen()  # SIGTERM ends a run KILLED, like Ctrl-C; a second signal is ignored
+        # MLflow logs every database error with its traceback and SQL before raising it; the one
+        # line below names the database's own reason (errors.store_error_line) instead.
+        logging.getLogger(SQL_ERROR_LOGGER).setLevel(logging.CRITICAL)
         try:
             from mnist_tracking.links import check_tracking_server
 
@@ -114,7 +120,7 @@ def user_errors(command):
             click.echo(f"Error: {message}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as exc:  # the disk, the store or the network: still one line, with the cause
-            from mnist_tracking.errors import first_line, is_store_error
+            from mnist_tracking.errors import is_store_error, store_error_line
 
             if isinstance(exc, OSError) and exc.errno in DISK_FULL:
                 # e.g. `[Errno 28] No space left on device` while an artifact is copied into the store
@@ -122,7 +128,8 @@ def user_errors(command):
                            f"(what was logged before it, every finished epoch's checkpoints included, is kept), then "
                            f"run the command again (a training: --resume-from the run it names)")
             elif is_store_error(exc):
-                message = f"tracking store error ({type(exc).__name__}): {first_line(exc)}; check MLFLOW_TRACKING_URI"
+                message = (f"tracking store error ({type(exc).__name__}): {store_error_line(exc)}; check "
+                           "MLFLOW_TRACKING_URI, and that this user may write the store")
             else:
                 raise
         from mnist_tracking.attempts import end_mlflow_run_command_run

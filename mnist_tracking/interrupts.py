@@ -91,13 +91,23 @@ class Interrupts:
     def name(self) -> str:
         return received_name()
 
-    @contextmanager
-    def critical(self):
+    def hold(self) -> None:
+        """Start a critical block (see `critical`); `release` ends it."""
         self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
+
+    def release(self) -> None:
+        """End a critical block: a signal held during it is raised now, once no block is left."""
+        self._depth -= 1
         if self._pending and not self._depth:
             self._pending = False
             raise KeyboardInterrupt(self.name)
+
+    @contextmanager
+    def critical(self):
+        self.hold()
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1  # the block's own error goes on; a held signal waits for the next release
+            raise
+        self.release()

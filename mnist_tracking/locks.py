@@ -71,7 +71,14 @@ def registry_lock(echo: Callable[[str], None] = print) -> Iterator[None]:
             yield
             return
         path = sqlite_lock_file(database)
-        with open(path, "a" if path != database else "rb") as handle:
+        try:
+            handle = open(path, "a" if path != database else "rb")  # noqa: SIM115 - closed below, releasing the lock
+        except OSError as exc:  # a store (or folder) we may not open: one line, not a traceback
+            raise UserError(
+                f"cannot open the registry lock {path}: {exc.strerror}; registering writes the tracking store: "
+                f"register as a user who may write {os.path.dirname(path) or '.'}, or check MLFLOW_TRACKING_URI"
+            ) from None
+        with handle:
 
             def try_lock() -> bool:
                 try:  # released when the file closes, also if the process dies

@@ -118,7 +118,11 @@ def progress_bars(epochs: int):
 def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], int], parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None) -> Iterator:
     """`mlflow.start_run`, but Ctrl-C/SIGTERM ends the run KILLED, never leaving it RUNNING."""
+    # Ending the run (MLflow's end_run, which also stops the system metrics) is critical too: a
+    # signal then waits until the run is ended, and is raised after it, as the stack's last exit.
+    held: list = []
     with ExitStack() as stack:
+        stack.callback(lambda: held and interrupts.release())
         with interrupts.critical():  # a signal while the run is being created waits until it is guarded
             # MLflow's monitor reads the interval when the run starts: set it for that moment only.
             interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or str(SYSTEM_METRICS_INTERVAL_S)
@@ -130,6 +134,7 @@ def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], in
                     parent_run_id=parent_run_id, tags=tags,
                 ))
             stack.enter_context(killed_on_interrupt(interrupts, epochs_done))
+            stack.callback(lambda: (interrupts.hold(), held.append(True)))  # exits run last to first: this first
         yield run
 
 

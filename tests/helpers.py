@@ -220,3 +220,14 @@ def interrupt_analysis(command: str, run_id: str, experiment_id: str, cwd, *args
     _, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
     [run] = runs_of(experiment_id)
     return stderr, process.returncode, run
+
+
+def read_only(folder, command: list[str]) -> list[str]:
+    """`command` run where `folder` is a read-only bind mount of itself (a mount namespace of its own):
+    writes there really fail, also for root, whom chmod does not stop; other processes see no change."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to make a read-only store")
+    return ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
+            str(folder), *command]

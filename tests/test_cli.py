@@ -181,3 +181,24 @@ def test_help_lists_every_command_with_its_whole_summary(tmp_path):
     for name, command in main.commands.items():
         summary = " ".join(command.help.strip().splitlines()[0].split())
         assert f"{name} {summary}" in listed, name
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("train", "tracking store error (MlflowException): OperationalError: attempt to write a readonly database; "
+              "check MLFLOW_TRACKING_URI, and that this user may write the store"),
+    ("project", "tracking store error (MlflowException): OperationalError: attempt to write a readonly database; "
+                "check MLFLOW_TRACKING_URI, and that this user may write the store"),
+    # main's locks.sqlite_lock_file locks the database file itself in a folder it may not write: the store's line
+    ("register", "tracking store error (MlflowException): OperationalError: attempt to write a readonly database; "
+                 "check MLFLOW_TRACKING_URI, and that this user may write the store"),
+])
+def test_a_read_only_store_is_said_in_one_line(command, expected, tmp_path, data_dir, trained_run, tracking_store):
+    from helpers import read_only
+
+    store = tracking_store.split(":///", 1)[1].rsplit("/", 1)[0]
+    args = {"train": ["--data-dir", str(data_dir), *TINY, "--epochs", "1"],
+            "project": ["--run-id", trained_run, "--methods", "pca"], "register": ["--run-id", trained_run]}[command]
+    result = subprocess.run(read_only(store, cli_command(command, *args)), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=STARTUP_TIMEOUT_S, env={**os.environ, **SUBPROCESS_ENV})
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert one_error_line(result.stderr) == "Error: " + expected.format(store=store)
