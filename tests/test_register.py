@@ -461,7 +461,8 @@ def test_register_refuses_runs_that_are_not_finished_trainings(fresh_experiment)
     assert "is a projection run, not a training run" in one_error_line(result.stderr)
     running = MlflowClient().create_run(fresh_experiment, tags={KIND_TAG: "training"})
     result = invoke("register", "--run-id", running.info.run_id)
-    assert "is RUNNING, not FINISHED; only a finished training can be registered" in one_error_line(result.stderr)
+    assert "is still RUNNING (by a process of unknown host); wait for its training to finish, then register it" in \
+        one_error_line(result.stderr)
 
 
 def test_the_printed_serve_command_refuses_pickles(trained_run):
