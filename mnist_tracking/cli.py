@@ -6,6 +6,7 @@ import os
 
 import click
 
+from mnist_tracking.cli_options import given, options
 from mnist_tracking.config import (
     CompareConfig,
     EvolutionConfig,
@@ -16,31 +17,6 @@ from mnist_tracking.config import (
     TuneConfig,
 )
 from mnist_tracking.exits import BOUNDED_HTTP, OneLineErrors, user_errors
-from mnist_tracking.parameters import given_under_mlflow_run, parameters
-
-# Heavy imports (torch, mlflow) happen inside the commands, so `--help` answers at once.
-GIVEN_SOURCES = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
-
-
-def options(config_class):
-    """The command's click options: one per parameter of `config_class`, same name, type, default and help."""
-
-    def decorate(command):
-        for p in reversed(parameters(config_class)):
-            command = click.option(p.flag, type=p.type, required=p.required, help=p.help,
-                                   **({} if p.required else {"default": p.default, "show_default": True}))(command)
-        return command
-
-    return decorate
-
-
-def given(config) -> frozenset[str]:
-    """The parameters the user gave: typed on the command line; under `mlflow run`, which passes every
-    MLproject parameter, those that differ from their default (parameters.given_under_mlflow_run)."""
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return given_under_mlflow_run(config)
-    context = click.get_current_context()
-    return frozenset(p.name for p in parameters(type(config)) if context.get_parameter_source(p.name) in GIVEN_SOURCES)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -53,7 +29,6 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name, value in BOUNDED_HTTP.items():  # unless the user chose otherwise
         os.environ.setdefault(name, value)
-
 
 
 def command(function):

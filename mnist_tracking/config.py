@@ -254,7 +254,9 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         check_all(self)
-        from mnist_tracking.tune_settings import check_tune  # the search space is checked against TrainConfig
+        from mnist_tracking.tune_settings import (
+            check_tune,  # the search space is checked against TrainConfig
+        )
 
         check_tune(self)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from mnist_tracking.search_space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
 
-
 # --------------------------------------------------------------------------- the space in Tune's terms
 
 

@@ -14,7 +14,8 @@ from mnist_tracking.embedding import knn_accuracy, stratified_subsample
 from mnist_tracking.errors import UserError
 from mnist_tracking.training import evaluate
 
-MIN_POINTS_PER_DIGIT = 2  # a stratified 2-fold k-NN needs two of each digit
+MIN_POINTS_PER_DIGIT = 2  # a stratified 2-fold k-NN needs two points of some digit
+MIN_SNAPSHOT_SIZE = 3  # ... and 3 points, so that half of them leave one neighbour to ask
 FEATURE_DTYPE = np.float16  # the features' values keep 3 significant digits: enough to draw and to compare
 FOLDER = "snapshots"  # snapshots/epoch_000.npz, epoch_001.npz, ...: one file per epoch, written once
 ARRAYS = ("features", "predictions", "labels", "indices")
@@ -56,11 +57,12 @@ def snapshot_points(split: Split, n_points: int, seed: int) -> Split:
     cross-validation needs MIN_POINTS_PER_DIGIT of each)."""
     keep = torch.from_numpy(stratified_subsample(split.labels.numpy(), n_points, seed))
     counts = np.bincount(split.labels[keep].numpy(), minlength=NUM_CLASSES)
-    if counts.min() < MIN_POINTS_PER_DIGIT:
+    # a 2-fold stratified k-NN needs two points of some digit, and a neighbour left in each training fold
+    if counts.max() < MIN_POINTS_PER_DIGIT or len(keep) < MIN_SNAPSHOT_SIZE:
         raise UserError(
-            f"snapshot_points={n_points} of the {len(split.labels):,} val images leaves {int(counts.min())} point(s) of "
-            f"digit {int(counts.argmin())}, fewer than the {MIN_POINTS_PER_DIGIT} a snapshot needs of each: use more "
-            f"images (max_samples, val_fraction) or more snapshot_points, or snapshot_points=0 (no snapshots)")
+            f"snapshot_points={n_points} of the {len(split.labels):,} val images leaves {len(keep)} point(s), too few "
+            f"for a snapshot's cross-validated k-NN (at least {MIN_SNAPSHOT_SIZE}, {MIN_POINTS_PER_DIGIT} of one digit): "
+            f"use more images (max_samples, val_fraction), or snapshot_points=0 (no snapshots)")
     return Split(split.images[keep].contiguous(), split.labels[keep], split.indices[keep])
 
 

@@ -162,9 +162,9 @@ def run_trial(config: dict) -> None:
     import torch
     from ray import tune
 
-    from mnist_tracking.training_run import train_and_log
     from mnist_tracking.config import TrainConfig
     from mnist_tracking.runs import STATUS_REASON_TAG, end_run
+    from mnist_tracking.training_run import train_and_log
 
     context = config["context"]
     for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):

@@ -15,7 +15,15 @@ from mnist_tracking.config import ALIAS, REGISTER_METRIC, CompareConfig, TuneCon
 from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.links import ui_url
 from mnist_tracking.runs import (
-    KIND_TAG, NOTE_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_run, get_run, log_new_params, mark_experiment,
+    KIND_TAG,
+    NOTE_TAG,
+    PARENT_RUN_TAG,
+    STATUS_REASON_TAG,
+    Kind,
+    end_run,
+    get_run,
+    log_new_params,
+    mark_experiment,
 )
 from mnist_tracking.trials import TRIAL_TAG, environment_without
 from mnist_tracking.tune_report import TrialRow
@@ -203,7 +211,11 @@ def compare_best(ranking: list[TrialRow], settings: TuneConfig, echo: Callable[[
              "two are needed")
         mlflow.set_tag("comparison", f"none: only {len(top)} complete trial(s)")
         return None
-    from mnist_tracking.comparison_run import COMPARED_RUNS_TAG, log_comparison, prepared
+    from mnist_tracking.comparison_run import (
+        COMPARED_RUNS_TAG,
+        log_comparison,
+        prepared,
+    )
 
     config = CompareConfig(run_ids=",".join(r.run_id for r in top), methods=settings.methods, seed=settings.seed)
     try:

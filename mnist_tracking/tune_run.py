@@ -16,9 +16,24 @@ from mnist_tracking.links import ui_hint, ui_url
 from mnist_tracking.registry import check_names
 from mnist_tracking.runs import end_active_run
 from mnist_tracking.search_engine import explained_asha, optuna_searcher, tune_space
-from mnist_tracking.trials import absolute_tracking_uri, interrupts_stop_the_search, ray_session, trainable
-from mnist_tracking.tune_outputs import account, log_outputs, resumable_search, search_parent_run
-from mnist_tracking.tune_settings import n_startup_trials, per_trial, storage_path, trial_config
+from mnist_tracking.trials import (
+    absolute_tracking_uri,
+    interrupts_stop_the_search,
+    ray_session,
+    trainable,
+)
+from mnist_tracking.tune_outputs import (
+    account,
+    log_outputs,
+    resumable_search,
+    search_parent_run,
+)
+from mnist_tracking.tune_settings import (
+    n_startup_trials,
+    per_trial,
+    storage_path,
+    trial_config,
+)
 
 MAX_FAILURES = 1  # a trial whose Ray actor or node died is retried once (its own failures are not: see trials.run_trial)
 STORAGE_MODE = 0o700  # Tune's state is unpickled on --resume: only its owner may write it

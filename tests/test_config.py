@@ -122,7 +122,7 @@ def test_too_few_snapshot_points_to_judge_are_refused_up_front(points):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--max-samples", "12"], "snapshot_points=1000 of the 2 val images leaves 0 point(s) of digit"),
+    (["--max-samples", "12"], "snapshot_points=1000 of the 2 val images leaves 2 point(s), too few"),
     (["--val-fraction", "0.999"], "val_fraction=0.999 of 400 images leaves 0 training and 400 val images"),
 ])
 def test_ranges_that_depend_on_the_data_are_checked_before_any_run(data_dir, fresh_experiment, args, expected):
