@@ -212,7 +212,8 @@ def test_resume_from_an_unknown_or_unfit_run_is_one_line(fresh_experiment):
     with mlflow.start_run() as other:
         mlflow.set_tag(KIND_TAG, "projection")
     result = invoke("train", "--resume-from", other.info.run_id)
-    assert f"run {other.info.run_id} is a projection run, not a training run" in one_error_line(result.stderr)
+    assert f"run {other.info.run_id} (" in one_error_line(result.stderr)
+    assert "is a projection run, not a training run; pass the id of a training run" in one_error_line(result.stderr)
     assert [r.info.run_id for r in runs_of(fresh_experiment)] == [other.info.run_id, bare.info.run_id]
 
 
