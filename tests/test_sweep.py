@@ -62,7 +62,7 @@ def test_epochs_scale_scales_every_epoch_count_but_never_below_one():
     (dict(epochs_scale=0), "epochs_scale must be a number > 0"),
     (dict(epochs_scale=float("nan")), "epochs_scale must be a number > 0"),
     (dict(methods="pca,isomap"), "unknown method 'isomap'"),
-    (dict(max_samples=-1), "max_samples must be >= 0"),
+    (dict(max_samples=-1), "max_samples must be at least 0"),
 ])
 def test_bad_sweep_parameters_are_refused(params, expected):
     with pytest.raises(UserError, match=expected):
@@ -189,7 +189,7 @@ def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_e
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "Error: epochs_scale must be a number > 0 (1 = the seed's epochs), got -1.0"
+        "Error: epochs_scale must be a number > 0 (1 = the course report's epochs), got -1.0"
     ]
     assert MlflowClient().search_runs([fresh_experiment]) == []
 
