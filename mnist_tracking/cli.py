@@ -139,7 +139,7 @@ def sweep(**params) -> None:
 # ---- tune: a hyperparameter search on Ray Tune, each trial a nested training run
 
 
-@main.command()
+@command
 @options(TuneConfig)
 @user_errors
 def tune(**params) -> None:
