@@ -1,28 +1,21 @@
 """The animated HTML view of an evolution (no MLflow here): every epoch a frame, a play button and an epoch slider."""
 from __future__ import annotations
 
-import base64
 import json
-import math
 
 import numpy as np
 
 from mnist_tracking.digits import NUM_CLASSES
-from mnist_tracking.sprites import THUMB_SIDE
 from mnist_tracking.text import for_html
 from mnist_tracking.views import (
-    CARD_SCRIPT,
     COLOR_MODES,
-    HOVER_SCALE,
-    HOVER_SCRIPT,
     MODEBAR_TOP,
-    NO_THUMBNAILS,
     PAGE,
     PLOT_CONFIG,
     PLOT_ID,
-    THUMB_ID,
     TITLE_SIZE,
     TOP_MARGIN,
+    hover_script,
     marker_size,
     point_colors,
     title_layout,
@@ -165,13 +158,7 @@ def evolution_html(
     """A self-contained HTML page (plotly.js inline, no network) animating layouts (frames, n, 2)
     epoch by epoch; hover thumbnails from `sprite` (row i = point i), as `scatter_html`."""
     fig = evolution_figure(layouts, labels, predictions, indices, epochs, title)
-    if sprite is None:
-        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
-    sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
-    hover = CARD_SCRIPT + HOVER_SCRIPT % dict(
-        plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
-        cols=max(1, math.ceil(math.sqrt(len(labels)))), side=THUMB_SIDE, scale=HOVER_SCALE,
-    )
+    hover = hover_script(fig, sprite, len(labels))
     modes = EVOLUTION_SCRIPT % dict(
         plot_id=PLOT_ID, epochs=json.dumps([int(e) for e in epochs]), modes=json.dumps(list(EVOLUTION_MODES)),
         by_text=json.dumps({text: mode for mode, text, _ in COLOR_MODES}),

@@ -243,15 +243,8 @@ def scatter_html(
     `sprite`: PNG bytes of `sprite(thumbnails)` in the points' order (row i = point i); without
     it, hovering shows the index, label and prediction but no image.
     """
-    n = len(coords)
     fig = figure(coords, labels, predictions, indices, title, axis_labels)
-    if sprite is None:
-        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
-    sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
-    script = CARD_SCRIPT + HOVER_SCRIPT % dict(
-        plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
-        cols=max(1, math.ceil(math.sqrt(n))), side=THUMB_SIDE, scale=HOVER_SCALE,
-    )
+    script = hover_script(fig, sprite, len(coords))
     div = fig.to_html(
         include_plotlyjs=True,  # the whole plotly.js inline: opens offline and in MLflow's sandboxed viewer
         full_html=False,
@@ -262,6 +255,18 @@ def scatter_html(
         config=PLOT_CONFIG,
     )
     return PAGE.format(title=for_html(title), div=div, modebar_top=MODEBAR_TOP)
+
+def hover_script(fig, sprite: bytes | None, n_points: int) -> str:
+    """The hover card's script of a one-plot view (the scatter, the evolution) for `n_points` points
+    in `sprite`'s order; without a sprite the title says there are no thumbnails."""
+    if sprite is None:
+        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
+    sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
+    return CARD_SCRIPT + HOVER_SCRIPT % dict(
+        plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
+        cols=max(1, math.ceil(math.sqrt(n_points))), side=THUMB_SIDE, scale=HOVER_SCALE,
+    )
+
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
