@@ -200,11 +200,16 @@ def search(ray_env, data_dir, tmp_path_factory):
     from mnist_tracking.tune_run import tune_and_log
 
     experiment_id = mlflow.create_experiment(f"tune-{tmp_path_factory.mktemp('x').name}")
-    ray_env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    # An earlier test's set_experiment() leaves MLflow's active experiment set, and that wins over
+    # MLFLOW_EXPERIMENT_ID: the search would land in "Default" (so set both, as fresh_experiment does).
+    ray_env.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)  # (the module's end removes it)
+    mlflow.set_experiment(experiment_id=experiment_id)
     lines = []
     settings = TuneConfig(data_dir=str(data_dir), storage=str(tmp_path_factory.mktemp("tune-storage")), **SEARCH)
-    parent_id = tune_and_log(settings, echo=lines.append)
-    ray_env.delenv("MLFLOW_EXPERIMENT_ID")
+    try:
+        parent_id = tune_and_log(settings, echo=lines.append)
+    finally:
+        mlflow.set_experiment("Default")  # what conftest's fresh_experiment leaves, too
     return experiment_id, parent_id, lines
 
 
