@@ -1,12 +1,14 @@
 """The Model Registry: a training run's model registered once, the alias moved only to a better one, under a lock."""
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from mnist_tracking.attempts import attempted_run_tags
 from mnist_tracking.config import ALIAS, REGISTER_METRIC
@@ -216,6 +218,7 @@ def version_of(run, model, name: str, metric: str, value: float, output: str) ->
     # the client, not mlflow.register_model, which prints "Registered model ... already exists"
     # on a first registration (ensure_registered_model has just created it, with its description).
     version = int(client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=model.model_id).version)
+    link_logged_model(client, model.model_id, name, version)
     metrics = run.data.metrics
     others = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("best_val_acc", "test_acc", "best_val_loss")
                        if k in metrics and k != metric)
@@ -227,6 +230,14 @@ def version_of(run, model, name: str, metric: str, value: float, output: str) ->
         ),
     )
     return version, True
+
+
+def link_logged_model(client: MlflowClient, model_id: str, name: str, version: int) -> None:
+    """Tag the LoggedModel with its registered versions, as mlflow.register_model does: the runs
+    table's Models column reads this tag to show "mnist-convnet v1" instead of the bare "model"."""
+    versions = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    versions.append({"name": name, "version": str(version)})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
 
 
 def echo_registration(reg: Registration, run_name: str, echo: Callable[[str], None]) -> None:

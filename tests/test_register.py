@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -117,6 +118,10 @@ def test_version_links_the_logged_model_and_carries_tags(runs):
     description = MlflowClient().get_registered_model(name).description
     assert '{"probabilities": (N, 10)}' in description and "at most 1000 per request" in description
     assert "`logits`" in description and "without the tag" in description
+    # The logged model names its versions, as mlflow.register_model tags it: the runs table's
+    # Models column shows "<name> v1" from this tag, else only "model".
+    tagged = json.loads(MlflowClient().get_logged_model(model.model_id).tags["mlflow.modelVersions"])
+    assert {"name": name, "version": str(registration.version)} in tagged
 
 
 def test_registering_updates_an_older_registered_models_description(runs):
