@@ -35,3 +35,21 @@ STORE_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy")
 def is_store_error(exc: BaseException) -> bool:
     """Whether an exception comes from the tracking store's side (MLflow, its HTTP client, its database)."""
     return type(exc).__module__.startswith(STORE_MODULES)
+
+
+HTTP_FORBIDDEN = 403
+
+
+def is_permission_denied(exc: BaseException) -> bool:
+    """Whether a store error is a server's refusal of this user (HTTP 403): MLflow's REST client
+    says PERMISSION_DENIED, its artifact uploads raise requests' HTTPError with the response."""
+    cause: BaseException | None = exc
+    for _ in range(CAUSE_DEPTH):
+        if cause is None:
+            return False
+        if getattr(cause, "error_code", None) == "PERMISSION_DENIED":
+            return True
+        if getattr(getattr(cause, "response", None), "status_code", None) == HTTP_FORBIDDEN:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False

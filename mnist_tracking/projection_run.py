@@ -12,7 +12,7 @@ from mnist_tracking import embedding, plots, projector, sprites, views
 from mnist_tracking.artifacts import log_files
 from mnist_tracking.config import ProjectConfig
 from mnist_tracking.embedding import METHOD_TITLES
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, is_permission_denied
 from mnist_tracking.feature_files import load_features
 from mnist_tracking.reports import (
     coordinates_csv,
@@ -27,6 +27,7 @@ PROJECTION_SUFFIX = "-projection"
 TENSORBOARD_FOLDER = "projections/tensorboard"
 
 PROJECTION_SCORES_TAG = "projection_scores_from"  # on a training run: the projection its <method>_* metrics came from
+PROJECTION_VIEWS_TAG = "projection_views_from"  # on a training run: the projection its projections/ files came from
 
 
 def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) -> str:
@@ -59,9 +60,9 @@ def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) 
         figures["overview"] = plots.embedding_overview(
             panels, sample["labels"], sample["predictions"], f"{describe_training_run(source)} ({_shape(config, n_points)})"
         )
-        log_views(figures, pages, config.run_id)
-        if config.split == "test":
-            log_scores_on_training_run(config.run_id, run.info.run_id, scores)
+        for key, figure in figures.items():
+            mlflow.log_figure(figure, f"projections/{key}.png")
+        share_with_training_run(source, run.info.run_id, figures, pages, scores if config.split == "test" else {}, echo)
     return run.info.run_id
 
 
@@ -99,15 +100,29 @@ def project_with(method: str, sample: dict, source, config: ProjectConfig, sprit
     return figure, page, (f"{title}: kNN acc {metrics['knn_acc']:.3f}", result.coords, result.axis_labels), metrics
 
 
-def log_views(figures: dict, pages: dict[str, str], training_run_id: str) -> None:
-    """The PNGs and HTML views on the projection run, and on the training run too, so that
-    browsing it shows its projections (the latest ones)."""
+def share_with_training_run(source, projection_run_id: str, figures: dict, pages: dict[str, str],
+                            scores: dict[str, dict[str, float]], echo: Callable[[str], None]) -> bool:
+    """The PNGs and HTML views on the training run too, so that browsing it shows its latest
+    projections, and a test projection's scores (`log_scores_on_training_run`). Only where this user
+    may write that run: on a shared server a reader of another user's run gets one warning, and the
+    projection run keeps everything. Returns whether they were shared."""
     client = MlflowClient()
+    training_run_id = source.info.run_id
+    try:  # first the tag: a refused write leaves nothing half-shared
+        client.set_tag(training_run_id, PROJECTION_VIEWS_TAG, projection_run_id)
+    except Exception as exc:
+        if not is_permission_denied(exc):
+            raise
+        echo(f"Warning: this user may read run {training_run_id} ({source.info.run_name}) but not write it (the "
+             f"server answered 403): its projections and scores are on the projection run {projection_run_id} only")
+        return False
     for key, figure in figures.items():
-        mlflow.log_figure(figure, f"projections/{key}.png")
         client.log_figure(training_run_id, figure, f"projections/{key}.png")
     for method, page in pages.items():
         client.log_text(training_run_id, page, f"projections/{method}.html")
+    if scores:
+        log_scores_on_training_run(training_run_id, projection_run_id, scores)
+    return True
 
 
 def log_scores_on_training_run(training_run_id: str, projection_run_id: str, scores: dict[str, dict[str, float]]) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from mnist_tracking import interrupts
 from mnist_tracking.artifacts import has_artifact
 from mnist_tracking.attempts import COMMAND_KINDS
-from mnist_tracking.errors import UserError
+from mnist_tracking.errors import UserError, is_permission_denied
 from mnist_tracking.runs import (
     KIND_TAG,
     PARENT_RUN_TAG,
@@ -71,8 +71,17 @@ def analysis_run(kind: str, source, name: str, tags: dict[str, str], nested_unde
     experiment_id = None if chosen else source.info.experiment_id
     with interrupts.Interrupts() as signals, ExitStack() as stack:
         with signals.critical():  # a signal while the run is being created waits until it is guarded
-            run = stack.enter_context(mlflow.start_run(run_name=name, experiment_id=experiment_id,
-                                                       nested=mlflow.active_run() is not None))
+            try:
+                run = stack.enter_context(mlflow.start_run(run_name=name, experiment_id=experiment_id,
+                                                           nested=mlflow.active_run() is not None))
+            except Exception as exc:
+                if experiment_id is None or not is_permission_denied(exc):
+                    raise
+                raise UserError(
+                    f"this user may read run {source.info.run_id} ({source.info.run_name}) but not write into its "
+                    f"experiment {experiment_id} (the server answered 403), where the {kind} run would go; log it "
+                    "into an experiment of yours: set MLFLOW_EXPERIMENT_NAME=<name> (under `mlflow run`: "
+                    "--experiment-name <name>)") from None
             stack.enter_context(killed_on_interrupt(kind, source, run, name))
         mark_experiment(run.info.experiment_id)
         all_tags = {"mlflow.runName": name, KIND_TAG: kind, **tags}

@@ -190,41 +190,118 @@ def test_parallel_trainings_keep_every_metric(server, data_dir, tmp_path):
         assert counts == {name: epochs for name in EPOCH_METRICS}, (seed, counts)
 
 
-def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(data_dir, tmp_path, monkeypatch):
-    """AUTH=1: MLflow's basic-auth app with a generated admin password (MLflow 3.17 starts it only
-    with one); anonymous requests get 401, the admin's credentials train as usual."""
+@pytest.fixture(scope="module")
+def auth_server():
+    """(uri, folder, env) of an AUTH=1 server (MLflow's basic-auth app) for this module."""
     if not have_postgres():
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
     folder = Path(tempfile.mkdtemp(prefix="mnist-tracking-auth-"))
     env = server_env(AUTH="1")
     try:
         uri, _ = start(SCRIPT, folder, env)
-        password = (folder / "admin-password").read_text().strip()
-        secret_key = (folder / "flask-secret").read_text().strip()
-        assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])
-        import urllib.error
-        import urllib.request
-
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
-        assert refused.value.code == 401
-
-        anonymous = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
-        _, err = anonymous.communicate(timeout=600)
-        assert anonymous.returncode != 0 and "Traceback" not in err, err[-2000:]
-        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
-        assert line.startswith("Error: tracking store error") and "401" in line, line
-
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # train() passes os.environ on
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-        admin = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
-        _, err = admin.communicate(timeout=600)
-        assert admin.returncode == 0, err[-2000:]
-        assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])  # basic_auth.db too, now
+        yield uri, folder, env
     finally:
         stop(SCRIPT, folder, env)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def admin_of(folder: Path) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": (folder / "admin-password").read_text().strip()}
+
+
+def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(auth_server, data_dir, tmp_path,
+                                                                             monkeypatch):
+    """AUTH=1: MLflow's basic-auth app with a generated admin password (MLflow 3.17 starts it only
+    with one); anonymous requests get 401, the admin's credentials train as usual."""
+    uri, folder, env = auth_server
+    password = admin_of(folder)["MLFLOW_TRACKING_PASSWORD"]
+    secret_key = (folder / "flask-secret").read_text().strip()
+    assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+            f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+    assert refused.value.code == 401
+
+    anonymous = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
+    _, err = anonymous.communicate(timeout=600)
+    assert anonymous.returncode != 0 and "Traceback" not in err, err[-2000:]
+    [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert line.startswith("Error: tracking store error") and "401" in line, line
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # train() passes os.environ on
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    admin = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
+    _, err = admin.communicate(timeout=600)
+    assert admin.returncode == 0, err[-2000:]
+    assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])  # basic_auth.db too, now
+
+
+def project_as(uri: str, credentials: dict[str, str], cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`mnist-tracking project` as the user of `credentials`, with only `env`'s experiment choice."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_EXPERIMENT", "MLFLOW_RUN_ID"))}
+    return subprocess.run([sys.executable, "-m", "mnist_tracking", "project", "--methods", "pca", *args],
+                          cwd=cwd, env={**clean, "MLFLOW_TRACKING_URI": uri, **credentials, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_own(auth_server, data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 25, case 9: a user who may read the admin's training run (default_permission READ) but
+    not write it gets the whole projection in their own experiment and one warning; the training
+    run is left as it was. Without an experiment of their own, one line before any work."""
+    import base64
+    import json
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    uri, folder, _ = auth_server
+    admin = admin_of(folder)
+    for name, value in admin.items():
+        monkeypatch.setenv(name, value)  # train() and this test's client act as the admin
+    trained = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "300", "--seed", "9")
+    _, err = trained.communicate(timeout=600)
+    assert trained.returncode == 0, err[-2000:]
+    client = MlflowClient(tracking_uri=uri)
+    owners = client.get_experiment_by_name("server-test").experiment_id
+    [run] = client.search_runs([owners], "params.seed = '9'")
+    before = {path.path for path in client.list_artifacts(run.info.run_id)}
+
+    reader = {"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": os.urandom(12).hex()}
+    basic = base64.b64encode(f"{admin['MLFLOW_TRACKING_USERNAME']}:{admin['MLFLOW_TRACKING_PASSWORD']}".encode())
+    request = urllib.request.Request(  # the basic-auth app's own API: the admin creates a user
+        f"{uri}/api/2.0/mlflow/users/create", method="POST",
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {basic.decode()}"},
+        data=json.dumps({"username": reader["MLFLOW_TRACKING_USERNAME"],
+                         "password": reader["MLFLOW_TRACKING_PASSWORD"]}).encode())
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as response:
+        assert response.status == 200
+
+    # No experiment chosen: the projection run would go into the admin's experiment. One line, no run.
+    refused = project_as(uri, reader, tmp_path, "--run-id", run.info.run_id)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    [line] = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert f"may read run {run.info.run_id}" in line and "MLFLOW_EXPERIMENT_NAME" in line, line
+    assert "Projecting" not in refused.stdout  # before any work
+    assert {r.data.tags.get("mnist_tracking.kind") for r in client.search_runs([owners])} == {"training"}
+
+    # Their own experiment: the projection is whole there, the training run is not written.
+    done = project_as(uri, reader, tmp_path, "--run-id", run.info.run_id, MLFLOW_EXPERIMENT_NAME="readers-projections")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [warning] = [line for line in done.stdout.splitlines() if line.startswith("Warning: this user may read")]
+    assert run.info.run_id in warning and "403" in warning
+    mine = client.get_experiment_by_name("readers-projections").experiment_id
+    [projection] = client.search_runs([mine])
+    assert projection.info.status == "FINISHED" and projection.data.tags["source_run_id"] == run.info.run_id
+    assert "pca_knn_acc" in projection.data.metrics
+    logged = {path.path for path in client.list_artifacts(projection.info.run_id, "projections")}
+    assert {"projections/pca.png", "projections/pca.html", "projections/pca.csv", "projections/overview.png"} <= logged
+    after = client.get_run(run.info.run_id)
+    assert {path.path for path in client.list_artifacts(run.info.run_id)} == before  # no projections/ added
+    assert "pca_knn_acc" not in after.data.metrics and "projection_views_from" not in after.data.tags
 
 
 def test_a_folder_of_the_earlier_script_is_migrated_on_its_next_start(tmp_path):

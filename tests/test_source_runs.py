@@ -37,3 +37,31 @@ def test_a_run_whose_process_still_lives_is_still_running(fresh_experiment):
     run = client.create_run(fresh_experiment, tags={KIND_TAG: "training", PROCESS_TAG: f"{socket.gethostname()}:1"})
     line = one_error_line(invoke("project", "--run-id", run.info.run_id).stderr)
     assert "is still RUNNING (process 1 on" in line and "wait for its training to finish, then project it" in line
+
+
+def test_a_servers_refusal_of_this_user_is_told_from_other_store_errors():
+    """A 403 (MLflow's REST client: PERMISSION_DENIED; an artifact upload: requests' HTTPError) is
+    what `project` answers with a warning; a 401, a 404 or a lost connection are not."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
+
+    from mnist_tracking.errors import is_permission_denied
+
+    def http_error(status: int) -> requests.HTTPError:
+        response = requests.Response()
+        response.status_code = status
+        return requests.HTTPError(f"{status} Client Error", response=response)
+
+    assert is_permission_denied(MlflowException("runs/set-tag failed with 403", error_code=PERMISSION_DENIED))
+    assert is_permission_denied(http_error(403))
+    try:  # as a caller sees it: wrapped by another exception
+        try:
+            raise http_error(403)
+        except requests.HTTPError as exc:
+            raise MlflowException("upload failed") from exc
+    except MlflowException as wrapped:
+        assert is_permission_denied(wrapped)
+    assert not is_permission_denied(MlflowException("no credentials", error_code=UNAUTHENTICATED))
+    assert not is_permission_denied(http_error(401)) and not is_permission_denied(http_error(404))
+    assert not is_permission_denied(requests.ConnectionError("refused"))
