@@ -7,19 +7,22 @@ import numpy as np
 
 from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.text import for_html
-from mnist_tracking.views import (
-    COLOR_MODES,
-    MODEBAR_TOP,
+from mnist_tracking.view_frame import (
     PAGE,
     PLOT_CONFIG,
-    PLOT_ID,
     TITLE_SIZE,
-    TOP_MARGIN,
+    colour_menu,
+    modebar_top,
+    title_layout,
+    title_text,
+    top_margin,
+)
+from mnist_tracking.views import (
+    COLOR_MODES,
+    PLOT_ID,
     hover_script,
     marker_size,
     point_colors,
-    title_layout,
-    title_text,
 )
 
 FRAME_MS = 900  # while playing: each epoch's frame is shown this long ...
@@ -31,7 +34,7 @@ SLIDER_TOP = 50  # px from the plot's bottom to the slider: room for the play / 
 EVOLUTION_MODES = ("label", "prediction", "correct")  # the colour modes, each with its own set of frames
 
 
-# The colour buttons switch to the frames of their mode: the slider and play button are rebuilt to
+# The colour menu switches to the frames of its mode: the slider and play button are rebuilt to
 # name those frames (plotly moves the slider along only with the frames its steps name).
 EVOLUTION_SCRIPT = """
 (function () {
@@ -110,21 +113,21 @@ def evolution_figure(
                  args=[[None], dict(mode="immediate", frame=dict(duration=0, redraw=False), transition=dict(duration=0))])
     colour_buttons = [dict(label=text, method="skip", args=[None]) for _, text, _ in COLOR_MODES]
     steps = [dict(label=str(epoch), method="animate", args=[[name], _step_options()]) for epoch, name in zip(epochs, names)]
+    heading = title_text(for_html(title), f"{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = before "
+                                          "training); press play or drag the slider; hover a point for its image")
     layout = dict(
-        title=title_layout(title_text(for_html(title), f"{n:,} val points followed over {len(epochs)} epochs ({epochs[0]} = "
-                                             f"before training); press play or drag the slider; hover a point for its image")),
+        title=title_layout(heading),
         template="plotly_white",
         hovermode="closest",
         legend=dict(title=dict(text="true digit"), itemsizing="constant"),
-        margin=dict(l=10, r=10, t=TOP_MARGIN, b=10),
+        margin=dict(l=10, r=10, t=top_margin(heading), b=10),
         xaxis=dict(range=[low[0] - pad[0], high[0] + pad[0]], showticklabels=False, zeroline=False, autorange=False),
         yaxis=dict(range=[low[1] - pad[1], high[1] + pad[1]], showticklabels=False, zeroline=False, autorange=False,
                    scaleanchor="x", scaleratio=1),
         updatemenus=[
             dict(type="buttons", direction="right", buttons=[play, pause], showactive=False,
                  x=0.0, xanchor="left", y=0.0, yanchor="top", pad=dict(t=12)),
-            dict(type="buttons", direction="right", buttons=colour_buttons, showactive=True,
-                 x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=6), font=dict(size=11)),
+            colour_menu(colour_buttons),
         ],
         # Under the buttons, the whole width; its "epoch N" on the right, level with the buttons.
         sliders=[dict(active=0, steps=steps, x=0.0, len=1.0, xanchor="left", y=0.0, yanchor="top",
@@ -169,4 +172,4 @@ def evolution_html(
         default_width="100%", default_height="100%",
         config=PLOT_CONFIG,
     )
-    return PAGE.format(title=for_html(title), div=div, modebar_top=MODEBAR_TOP)
+    return PAGE.format(title=for_html(title), div=div, modebar_top=modebar_top(fig))

@@ -8,14 +8,14 @@ import math
 
 import numpy as np
 
-from mnist_tracking import sprites, views
+from mnist_tracking import sprites, view_frame, views
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
 from mnist_tracking.text import for_html
 
 PLOT_ID = "comparison"  # the id of the plot's <div>
 DATA_ID = "linked-points"  # the id of the <script type="application/json"> holding every map's points
 HIGHLIGHT_NAME = "highlight"  # the name of each map's one-point trace that rings the hovered image
-SUBPLOT_TITLE_ROOM = 28  # px between the colour buttons and the maps, for each map's title
+SUBPLOT_TITLE_ROOM = 28  # px between the colour menu and the maps, for each map's title
 HIGHLIGHT_SIZE = 18  # px: a ring around the hovered image, drawn in every map
 CHANGED_RIGHT, CHANGED_WRONG, UNCHANGED = "#2ca02c", views.WRONG_COLOR, "#dddddd"
 COORD_DECIMALS = 3  # the linked points' coordinates in the page (maps span tens of units)
@@ -86,16 +86,15 @@ def figure(layouts: list[np.ndarray], run_titles: list[str], labels: np.ndarray,
             colors = [DIGIT_COLORS[int(labels[mine][0])] for _, mine in digit_traces]
         buttons.append(dict(label=text, method="update", args=[
             {"marker.color": colors}, {"legend.title.text": legend_title}, list(range(len(digit_traces)))]))
+    heading = view_frame.title_text(for_html(title), f"{n:,} images in every map, each map aligned to the first; hover a "
+                                                "point: the same image is ringed in every map")
     fig.update_layout(
-        title=views.title_layout(views.title_text(for_html(title), f"{n:,} images in every map, each map aligned to the first; "
-                                                         f"hover a point: the same image is ringed in every map")),
+        title=view_frame.title_layout(heading),
         template="plotly_white", hovermode="closest", dragmode="pan",
         legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
-        margin=dict(l=10, r=10, t=views.TOP_MARGIN + SUBPLOT_TITLE_ROOM, b=10),
-        # the buttons above the maps' own titles (pixels, not a share of the height: they must not meet)
-        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True, x=0.0,
-                          xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=SUBPLOT_TITLE_ROOM + 6),
-                          font=dict(size=11))],
+        margin=dict(l=10, r=10, t=view_frame.top_margin(heading) + SUBPLOT_TITLE_ROOM, b=10),
+        # the colour menu above the maps' own titles (pixels, not a share of the height: they must not meet)
+        updatemenus=[view_frame.colour_menu(buttons, gap_px=SUBPLOT_TITLE_ROOM + 6)],
     )
     # Aligned maps share one frame: the same axis ranges, zoomed and panned together, equal scales.
     fig.update_xaxes(showticklabels=False, zeroline=False)
@@ -160,15 +159,14 @@ def linked_html(layouts: list[np.ndarray], run_names: list[str], run_titles: lis
     """
     fig, highlights = figure(layouts, run_titles, labels, predictions, title)
     if sprite is None:
-        fig.layout.title.text = views.title_text(fig.layout.title.text, views.NO_THUMBNAILS)
+        view_frame.add_subtitle(fig, views.NO_THUMBNAILS)
     script = views.CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, data_id=DATA_ID, thumb_id=views.THUMB_ID, highlights=json.dumps(highlights),
         cols=max(1, math.ceil(math.sqrt(len(labels)))), side=sprites.THUMB_SIDE, scale=views.HOVER_SCALE,
     )
     div = fig.to_html(include_plotlyjs=True, full_html=False, div_id=PLOT_ID, post_script=script,
                       default_width="100%", default_height="100%",
-                      config=views.PLOT_CONFIG)
+                      config=view_frame.PLOT_CONFIG)
     data = linked_points(layouts, run_names, labels, indices, predictions, confidences, sprite)
     block = f'<script type="application/json" id="{DATA_ID}">{data}</script>\n{div}'
-    return views.PAGE.format(title=for_html(title), div=block,
-                             modebar_top=views.MODEBAR_TOP)
+    return view_frame.PAGE.format(title=for_html(title), div=block, modebar_top=view_frame.modebar_top(fig))

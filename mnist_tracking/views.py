@@ -10,24 +10,22 @@ import numpy as np
 from mnist_tracking.digits import DIGIT_COLORS, NUM_CLASSES
 from mnist_tracking.sprites import THUMB_SIDE
 from mnist_tracking.text import for_html
+from mnist_tracking.view_frame import (
+    PAGE,
+    PLOT_CONFIG,
+    add_subtitle,
+    colour_menu,
+    modebar_top,
+    title_layout,
+    title_text,
+    top_margin,
+)
 
 HOVER_SCALE = 4  # the hovered thumbnail is drawn 4x (112 x 112 CSS pixels), pixels kept sharp
 
 CORRECT_COLOR = "#c7c7c7"  # "colour by correctness": right ones recede, wrong ones stand out
 
 WRONG_COLOR = "#d62728"
-
-TOP_MARGIN = 110  # px above the plot: the title, its subtitle lines, then the row of colour buttons
-
-TITLE_PAD = 24  # px: Plotly lifts a title of several lines by about one line; this keeps it in view
-TITLE_SIZE, SUBTITLE_SIZE = 16, 12  # px: a subtitle as small as <sup>'s 70% of 13 px is hard to read
-
-MODEBAR_TOP = 74  # px: Plotly's toolbar sits at the right of the colour buttons' row, not on the title
-# The toolbar's buttons a user of these maps needs: zoom, pan, zoom in / out, reset, save as PNG.
-MODEBAR_REMOVE = ["select2d", "lasso2d", "autoScale2d", "toggleSpikelines", "hoverClosestCartesian",
-                  "hoverCompareCartesian", "hoverClosestGl2d", "tableRotation", "resetCameraLastSave3d",
-                  "hoverClosest3d"]
-PLOT_CONFIG = {"displaylogo": False, "responsive": True, "scrollZoom": True, "modeBarButtonsToRemove": MODEBAR_REMOVE}
 
 PLOT_ID = "embedding"  # the id of the plot's <div>
 
@@ -38,17 +36,6 @@ def marker_size(n_points: int, dims: int) -> float:
     """Marker diameter (px): large for a few hundred points, small for 10,000; smaller in 3-D."""
     size = float(np.clip(400 / math.sqrt(max(n_points, 1)), 3, 10))
     return size * (0.6 if dims == 3 else 1.0)
-
-
-def title_text(title: str, *subtitles: str) -> str:
-    """A view's title (already escaped) over subtitle lines at a readable size (Plotly's text markup)."""
-    return "<br>".join([title, *(f'<span style="font-size:{SUBTITLE_SIZE}px">{line}</span>' for line in subtitles)])
-
-
-def title_layout(text: str) -> dict:
-    """The title of every view: at the top left, above the colour buttons."""
-    return dict(text=text, x=0.01, xanchor="left", y=1.0, yanchor="top", yref="container", pad=dict(t=TITLE_PAD),
-                font=dict(size=TITLE_SIZE))
 
 
 NO_THUMBNAILS = "(no thumbnails: the images were not found)"
@@ -117,17 +104,16 @@ def figure(
         buttons.append(dict(label=text, method="update",
                             args=[{"marker.color": colors}, {"legend.title.text": legend_title}]))
     wrong = int((labels != predictions).sum())
+    heading = title_text(for_html(title), f"{n:,} points, {wrong:,} misclassified; hover a point for its image, "
+                                          "click a legend entry to hide a digit")
     layout = dict(
-        # Title lines at the top, the colour buttons under them (not beside: MLflow's viewer is narrow).
-        title=title_layout(title_text(for_html(title), f"{n:,} points, {wrong:,} misclassified; hover a point for "
-                                                          f"its image, click a legend entry to hide a digit")),
+        # Title lines at the top, the colour menu under them (not beside: MLflow's viewer is narrow).
+        title=title_layout(heading),
         template="plotly_white",
         hovermode="closest",
         legend=dict(title=dict(text=COLOR_MODES[0][2]), itemsizing="constant"),
-        margin=dict(l=10, r=10, t=TOP_MARGIN, b=10),
-        updatemenus=[dict(type="buttons", direction="right", buttons=buttons, showactive=True,
-                          x=0.0, xanchor="left", y=1.0, yanchor="bottom", pad=dict(b=6),
-                          font=dict(size=11))],
+        margin=dict(l=10, r=10, t=top_margin(heading), b=10),
+        updatemenus=[colour_menu(buttons)],
     )
     if dims == 3:
         # The coordinates of t-SNE/UMAP mean nothing: axes without tick labels, as in the PNGs.
@@ -149,12 +135,16 @@ def figure(
 # pointer with the point's thumbnail, cut from the one embedded sprite (a data: URL, so nothing is
 # fetched) onto a canvas, and a caption. thumbnailCard(...) -> {show(row, text), hide()}.
 CARD_SCRIPT = """
-var CONTROLS = ".updatemenu-button, .slider-container, .legend, .modebar, .gtitle, .annotation";
+var CONTROLS = ".updatemenu-button, .updatemenu-header, .slider-container, .legend, .modebar, .gtitle, .annotation";
+var CARD_HEIGHT_SHARE = 4;  // the card's image is at most a quarter of the window's height
 function thumbnailCard(id, spriteUrl, cols, side, scale, align) {
   var card = document.createElement("div");
   card.id = id;
   card.style.cssText = "position:fixed;display:none;pointer-events:none;z-index:1000;background:#fff;" +
     "border:1px solid #888;border-radius:4px;padding:4px;font:12px sans-serif;text-align:" + align;
+  // In a short frame (MLflow's artifact viewer gives a view about 425 px) a smaller image, so the
+  // card finds room beside the point without covering the title or the controls.
+  scale = Math.max(2, Math.min(scale, Math.floor(window.innerHeight / CARD_HEIGHT_SHARE / side)));
   var canvas = document.createElement("canvas");
   canvas.width = canvas.height = side * scale;
   canvas.style.display = spriteUrl ? "block" : "none";
@@ -254,31 +244,15 @@ def scatter_html(
         default_height="100%",
         config=PLOT_CONFIG,
     )
-    return PAGE.format(title=for_html(title), div=div, modebar_top=MODEBAR_TOP)
+    return PAGE.format(title=for_html(title), div=div, modebar_top=modebar_top(fig))
 
 def hover_script(fig, sprite: bytes | None, n_points: int) -> str:
     """The hover card's script of a one-plot view (the scatter, the evolution) for `n_points` points
     in `sprite`'s order; without a sprite the title says there are no thumbnails."""
     if sprite is None:
-        fig.layout.title.text = title_text(fig.layout.title.text, NO_THUMBNAILS)
+        add_subtitle(fig, NO_THUMBNAILS)
     sprite_url = "data:image/png;base64," + base64.b64encode(sprite).decode("ascii") if sprite else ""
     return CARD_SCRIPT + HOVER_SCRIPT % dict(
         plot_id=PLOT_ID, thumb_id=THUMB_ID, sprite_url=json.dumps(sprite_url),
         cols=max(1, math.ceil(math.sqrt(n_points))), side=THUMB_SIDE, scale=HOVER_SCALE,
     )
-
-
-PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{title}</title>
-<style>html, body {{ height: 100%; margin: 0; }}
-.js-plotly-plot .plotly .modebar {{ top: {modebar_top}px !important; }}</style>
-</head>
-<body>
-{div}
-</body>
-</html>
-"""

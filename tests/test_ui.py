@@ -561,3 +561,73 @@ def test_the_evolution_gif_plays_inline_and_its_html_view_plays_to_the_last_epoc
     finally:
         driver.switch_to.default_content()
     browser.shot("14-evolution-html-played")
+
+
+# The windows a user browses in, and the assistant panel MLflow opens on a first visit (it takes
+# a third of the window from the artifact viewer).
+WINDOWS = [(1280, 800), (1600, 900)]
+
+
+def assistant(browser, shown: bool) -> None:
+    """Open or close MLflow's assistant panel, as its own buttons do."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser.driver
+    close = "[data-component-id='mlflow.assistant.chat_panel.close']"
+    is_open = lambda: any(b.is_displayed() for b in driver.find_elements(By.CSS_SELECTOR, close))  # noqa: E731
+    if is_open() == shown:
+        return
+    if shown:
+        [button] = [b for b in driver.find_elements(By.XPATH, "//button[normalize-space(.)='MLflow Assistant']")
+                    if b.is_displayed()]
+        button.click()
+    else:
+        [button] = [b for b in driver.find_elements(By.CSS_SELECTOR, close) if b.is_displayed()]
+        button.click()
+    browser.wait_until(lambda: is_open() == shown, f"the assistant panel does not {'open' if shown else 'close'}")
+
+
+@pytest.mark.parametrize("view", ["projection", "evolution"])
+def test_the_views_look_finished_in_the_artifact_viewer(ui, browser, view):
+    """Issue 27: each HTML view inside MLflow's artifact viewer, in a window of 1280 and of 1600 px,
+    with the assistant panel open and closed: view_checks.layout_problems on the frame it is given."""
+    from selenium.webdriver.common.by import By
+    from view_checks import layout_problems
+
+    from mnist_tracking import views
+
+    run, driver = ui[view], browser.driver
+    method = run.data.params["methods"].split(",")[0]
+    folder = "projections" if view == "projection" else "evolution"
+    if view == "evolution":  # its param epochs = "first-last": one slider step per epoch
+        first, last = map(int, run.data.params["epochs"].split("-"))
+        steps = last - first + 1
+    else:
+        steps = 0
+    problems, sizes = [], []
+    try:
+        for width, height in WINDOWS:
+            driver.set_window_size(width, height)
+            browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/artifacts/{folder}/{method}.html{Q}",
+                         f"{method}.html")
+            for shown in (False, True):
+                assistant(browser, shown)
+                frame = browser.wait_until(lambda: [f for f in driver.find_elements(By.TAG_NAME, "iframe") if f.is_displayed()],
+                                           "the view's frame")[0]
+                time.sleep(1)  # the frame's new size reaches the plot (responsive) before it is measured
+                sizes.append((width, shown, frame.size["width"], frame.size["height"]))
+                driver.switch_to.frame(frame)
+                try:
+                    browser.wait_until(lambda: driver.execute_script(
+                        f"var p = document.getElementById('{views.PLOT_ID}'); return !!(p && p._fullLayout);"), "the plot")
+                    found = layout_problems(driver, views.PLOT_ID, steps=steps)
+                finally:
+                    driver.switch_to.default_content()
+                browser.shot(f"15-view-{view}-{width}-assistant-{'open' if shown else 'closed'}")
+                problems += [f"window {width} px, assistant {'open' if shown else 'closed'}: {p}" for p in found]
+    finally:
+        driver.set_window_size(1500, 1000)  # the fixture's window, for the tests after this one
+        assistant(browser, False)
+    print(f"\n{view}: frames (window, assistant open, width, height): {sizes}")
+    assert len({(w, h) for *_, w, h in sizes}) == 4, sizes  # four different frames were measured
+    assert not problems, "\n".join(problems)

@@ -19,7 +19,7 @@ from helpers import (
 )
 from PIL import Image
 
-from mnist_tracking import projector, sprites, views
+from mnist_tracking import projector, sprites, view_frame, views
 
 N_POINTS = 150
 DIMS_2D, DIMS_3D = 2, 3
@@ -306,7 +306,7 @@ def test_a_run_name_with_html_shows_as_text_in_the_views():
     page = views.scatter_html(coords, labels, labels, np.arange(20), f"PCA of {name}")
     _, layout = plot_data(page)
     assert '<a href="https://example.invalid/">' not in layout["title"]["text"]
-    assert "&lt;a href=" in layout["title"]["text"]
+    assert "&lt;a href=" in layout["title"]["text"].replace("<br>", " ")  # (long titles are wrapped at spaces)
     assert '<a href="https://example.invalid/">' not in page.split("<body>")[0]  # nor in <title>
 
 
@@ -329,5 +329,27 @@ def test_a_hostile_name_shows_as_text_in_the_evolution_and_comparison_views():
         _, layout = plot_data(page, "comparison" if kind == "comparison" else "")
         texts = [layout["title"]["text"]] + [a["text"] for a in layout.get("annotations", [])]  # subplot titles
         assert not any("<a href" in text for text in texts), (kind, texts)
-        assert any("&lt;a href=" in text for text in texts), kind
+        assert any("&lt;a href=" in text.replace("<br>", " ") for text in texts), kind  # (wrapped at spaces)
         assert "<a href" not in page.split("<body>")[0], kind  # nor in <title>
+
+
+def test_long_titles_wrap_to_the_narrow_frame_and_the_plot_moves_down_to_make_room():
+    """MLflow's artifact viewer leaves a view 514 px with its assistant open: titles and subtitles are
+    wrapped at spaces (an escaped name stays whole), and the room above the plot grows with the lines."""
+    import re
+
+    name = "sgd-lr0.01-relu-5ep, sgd lr=0.01, 5 epochs, best epoch 5, val acc 98.50% &lt;b&gt;"
+    text = view_frame.title_text(f"t-SNE (2-D) of {name} (test)", "300 points, 18 misclassified; hover a point for its "
+                            "image, click a legend entry to hide a digit")
+    lines = [re.sub("<[^>]+>", "", line) for line in text.split("<br>")]
+    title_lines = [line for line, raw in zip(lines, text.split("<br>")) if not raw.startswith("<span")]
+    assert len(title_lines) == 2 and all(len(line) <= view_frame.TITLE_CHARS for line in title_lines)
+    assert all(len(line) <= view_frame.SUBTITLE_CHARS for line in lines[len(title_lines):]) and len(lines) == 4
+    assert " ".join(lines).startswith(f"t-SNE (2-D) of {name}")  # nothing lost, entities whole
+    short = view_frame.title_text("PCA of a run", "one line")
+    assert view_frame.top_margin(text) - view_frame.top_margin(short) == view_frame.TITLE_LINE_PX + view_frame.LINE_PX
+
+    fig = views.figure(np.zeros((20, 2)), np.arange(20) % 10, np.arange(20) % 10, np.arange(20), "PCA of a run")
+    before = fig.layout.margin.t
+    view_frame.add_subtitle(fig, views.NO_THUMBNAILS)
+    assert fig.layout.margin.t == before + view_frame.LINE_PX and view_frame.modebar_top(fig) == fig.layout.margin.t - view_frame.MENU_ROW_PX
