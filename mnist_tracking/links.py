@@ -8,6 +8,7 @@ from urllib.parse import quote, urlparse
 import mlflow
 
 from mnist_tracking.errors import UserError
+from mnist_tracking.runs_view import SHARE_KEY_PARAM, VIEW_ID
 
 SERVER_CONNECT_TIMEOUT_S = 5  # an unreachable tracking server is reported after this, not after MLflow's retries
 
@@ -54,6 +55,12 @@ def ui_url(experiment_id: str, run_id: str | None = None) -> str:
     """The UI link of an experiment or run, for the current tracking URI."""
     path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
     return f"{ui_base()}/{path}{UI_QUERY}"
+
+
+def ui_runs_url(experiment_id: str) -> str:
+    """The UI link of an experiment's runs table with this project's columns (runs_view); the path
+    ends in /runs: the UI drops the share key when it redirects from the experiment's own path."""
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs{UI_QUERY}&{SHARE_KEY_PARAM}={VIEW_ID}"
 
 
 def ui_model_url(name: str, version: int) -> str:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.errors import UserError
+from mnist_tracking.runs_view import VIEW_TAG, view_tag_value
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
@@ -103,11 +105,14 @@ def running_where(run) -> str:
 
 
 def mark_experiment(experiment_id: str) -> None:
-    """Tag the experiment as model development, so the UI opens it in the training view."""
+    """Tag the experiment as model development, so the UI opens it in the training view, and give
+    it the runs table's saved view of this project (kept once there: a user may have changed it)."""
     client = MlflowClient()
     experiment = client.get_experiment(experiment_id)
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if VIEW_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment_id, VIEW_TAG, view_tag_value(int(time.time() * 1000)))
 
 
 def log_new_params(params: dict) -> None:

@@ -15,7 +15,7 @@ from mnist_tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.config import TrainConfig
 from mnist_tracking.data import PIXEL_MAX, Splits
 from mnist_tracking.errors import UserError, first_line
-from mnist_tracking.links import ui_hint, ui_url
+from mnist_tracking.links import ui_hint, ui_runs_url, ui_url
 from mnist_tracking.model import MODEL_NAME
 from mnist_tracking.reports import misclassified_table, summary_table
 from mnist_tracking.runs import (
@@ -185,6 +185,7 @@ def log_training_results(trainer: Trainer, run, datasets: dict, echo: Callable[[
     mlflow.set_tag(NOTE_TAG, f"**{config.run_name()}** on {config.dataset}\n\n{table}")
     echo("\n" + table)
     echo(f"View the run: {ui_url(run.info.experiment_id, run.info.run_id)}" + ui_hint())
+    echo(f"Compare the experiment's runs (accuracy, epochs and projection columns): {ui_runs_url(run.info.experiment_id)}")
 
 
 def log_misclassified(test_split, test) -> None:

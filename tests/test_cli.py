@@ -52,6 +52,8 @@ def test_train_command_logs_a_finished_run(tmp_path, data_dir, fresh_experiment)
     assert "model\u2002|\u2002best val acc" in result.stdout  # the course report's summary table, printed
     assert "(an epoch line ending in * set a new best" in result.stdout  # what the epoch lines' * means
     assert f"runs/{run.info.run_id}?workflowType=machine_learning" in result.stdout
+    # the experiment's runs table, opened with this project's saved view (its columns)
+    assert f"#/experiments/{fresh_experiment}/runs?workflowType=machine_learning&viewStateShareKey=mnist-tracking" in result.stdout
 
 
 @pytest.mark.slow

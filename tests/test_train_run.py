@@ -229,6 +229,28 @@ def test_run_is_named_described_and_its_experiment_tagged(trained_run):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_the_experiment_gets_the_runs_table_view_of_this_project_once(trained_run):
+    """A saved view of MLflow's runs table (experiment tag mlflow.sharedViewState.<id>, as the UI's
+    "Save as new view" writes it) with the accuracy, epochs and projection columns; a user's
+    change to it is kept."""
+    import json
+
+    from mnist_tracking.runs import mark_experiment
+    from mnist_tracking.runs_view import VIEW_TAG
+
+    client = MlflowClient()
+    experiment_id = client.get_run(trained_run).info.experiment_id
+    envelope = json.loads(client.get_experiment(experiment_id).tags[VIEW_TAG])
+    assert envelope["name"].startswith("mnist-tracking") and envelope["createdAt"] == envelope["updatedAt"] > 0
+    columns = json.loads(envelope["state"])["selectedColumns"]
+    assert columns[:3] == ["attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`"]  # MLflow's own
+    assert {"metrics.`best_val_acc`", "metrics.`test_acc`", "metrics.`epochs_run`", "metrics.`tsne_knn_acc`"} <= set(columns)
+    changed = json.dumps({**envelope, "name": "mine"})
+    client.set_experiment_tag(experiment_id, VIEW_TAG, changed)
+    mark_experiment(experiment_id)  # as the next run in it does
+    assert client.get_experiment(experiment_id).tags[VIEW_TAG] == changed
+
+
 def test_dataset_is_logged_as_an_input(trained_run):
     inputs = MlflowClient().get_run(trained_run).inputs.dataset_inputs
     names = {d.dataset.name for d in inputs}

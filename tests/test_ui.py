@@ -631,3 +631,29 @@ def test_the_views_look_finished_in_the_artifact_viewer(ui, browser, view):
     print(f"\n{view}: frames (window, assistant open, width, height): {sizes}")
     assert len({(w, h) for *_, w, h in sizes}) == 4, sizes  # four different frames were measured
     assert not problems, "\n".join(problems)
+
+
+def test_the_printed_experiment_link_opens_the_runs_table_with_this_projects_columns(ui, browser):
+    """MLflow has no default columns per experiment; the saved view `train` prints a link to opens
+    the runs table with the accuracy, epochs and projection score columns, chosen under "Views"."""
+    from selenium.webdriver.common.by import By
+
+    from mnist_tracking.runs_view import METRIC_COLUMNS, SHARE_KEY_PARAM, VIEW_ID, VIEW_NAME
+
+    driver = browser.driver
+    browser.open(f"/#/experiments/{ui['experiment_id']}/runs{Q}&{SHARE_KEY_PARAM}={VIEW_ID}", ui["run_name"],
+                 "You're viewing a shared view")
+    shown = [m for m in METRIC_COLUMNS if m in ui["run"].data.metrics]
+    assert {"best_val_acc", "test_acc", "epochs_run"} <= set(shown)
+    seen = set()
+
+    def headers() -> set[str]:  # the grid draws only the columns in view: scroll it to the right, step by step
+        seen.update(e.get_attribute("col-id") for e in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]"))
+        driver.execute_script("document.querySelectorAll('.ag-center-cols-viewport, .ag-body-horizontal-scroll-viewport')"
+                              ".forEach(function (e) { e.scrollLeft += 300; });")
+        return seen
+
+    browser.wait_until(lambda: {f"metrics.`{m}`" for m in shown} <= headers(),
+                       f"not every column of the saved view in the runs table: {shown}")
+    browser.wait_for(VIEW_NAME[:24])  # the view chosen in "Views" (its name cut to fit the button)
+    browser.shot("16-runs-table-saved-view")
