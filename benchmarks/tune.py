@@ -89,6 +89,12 @@ def search_summary(client, parent_id: str, searched: list[str]) -> dict:
         "best_val_acc": best.data.metrics.get("best_val_acc") if best else None,
         "best_test_acc": best.data.metrics.get("test_acc") if best else None,
         "best_params": {n: best.data.params[n] for n in searched} if best else None,
+        # per trial: the early signals a scheduler could stop on, and where the trial ended
+        "curves": [{"run_id": t.info.run_id, "best_val_acc": t.data.metrics.get("best_val_acc"),
+                    "val_acc": [m.value for m in sorted(client.get_metric_history(t.info.run_id, "val_acc"),
+                                                        key=lambda m: m.step)],
+                    "snapshot_knn_acc": [m.value for m in sorted(client.get_metric_history(t.info.run_id, "snapshot_knn_acc"),
+                                                                 key=lambda m: m.step)]} for t in trials],
     }
 
 
@@ -133,6 +139,7 @@ def main() -> None:
                          **search_summary(client, parent.info.run_id, searched)}
         print(name, json.dumps({k: v for k, v in results[name].items() if k != "configurations"}), flush=True)
     results["same_configurations"] = results["asha"]["configurations"] == results["fifo"]["configurations"]
+    results["early_signals"] = early_signals(results["fifo"]["curves"])
     fifo_fit, asha_fit = results["fifo"]["fit_seconds"], results["asha"]["fit_seconds"]
     results["fit_ratio_fifo_over_asha"] = fifo_fit / asha_fit if fifo_fit and asha_fit else None
 
@@ -150,9 +157,30 @@ def main() -> None:
     print(report(results))
 
 
+def early_signals(curves: list[dict]) -> dict:
+    """Over the FIFO trials (every one ran its whole budget): Spearman's rank correlation of each early
+    signal with the trial's final best_val_acc. snapshot_knn_acc's step 1 is after epoch 1 (step 0 is
+    before training), val_acc's first value is epoch 1's."""
+    from scipy.stats import spearmanr
+
+    final = [c["best_val_acc"] for c in curves]
+    out = {"trials": len(curves)}
+    for epoch in (1, 2):
+        for name, at in (("val_acc", epoch - 1), ("snapshot_knn_acc", epoch)):
+            values = [c[name][at] if len(c[name]) > at else None for c in curves]
+            pairs = [(v, f) for v, f in zip(values, final) if v is not None and f is not None]
+            if len(pairs) >= 3:
+                rho = spearmanr(*zip(*pairs)).statistic
+                out[f"{name}_epoch{epoch}_spearman"] = None if rho != rho else float(rho)  # NaN: a constant signal
+    return out
+
+
 def report(r: dict) -> str:
     def pct(v):
         return "-" if v is None else f"{v:.2%}"
+
+    def fmt(v):
+        return "-" if v is None else f"{v:+.2f}"
 
     asha, fifo, default = r["asha"], r["fifo"], r["default_recipe"]
     s = r["settings"]
@@ -174,6 +202,12 @@ def report(r: dict) -> str:
         "", f"Fit phase FIFO / ASHA: x{r['fit_ratio_fifo_over_asha']:.2f}. `main`'s default recipe at the same budget: "
         f"val acc {pct(default['best_val_acc'])}, test acc {pct(default['test_acc'])} (run {default['run_id']}).",
         f"Parents: ASHA {asha['parent_run_id']}, FIFO {fifo['parent_run_id']}.", "",
+        "Does an early signal predict where a trial ends? Spearman's rank correlation with the final best val acc "
+        f"over the {r['early_signals']['trials']} FIFO trials (each ran its whole budget):", "",
+        "| signal | after epoch 1 | after epoch 2 |", "|---|---|---|",
+        *(f"| `{name}` | {fmt(r['early_signals'].get(f'{name}_epoch1_spearman'))} | "
+          f"{fmt(r['early_signals'].get(f'{name}_epoch2_spearman'))} |" for name in ("val_acc", "snapshot_knn_acc")),
+        "",
     ]
     return "\n".join(lines)
 
