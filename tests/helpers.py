@@ -231,3 +231,53 @@ def read_only(folder, command: list[str]) -> list[str]:
         pytest.skip("needs unshare(1) to make a read-only store")
     return ["unshare", "--map-root-user", "--mount", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"',
             str(folder), *command]
+
+
+# --------------------------------------------------------------------------- an MLflow server for the UI
+
+SERVER_TIMEOUT_S = 240  # a first start migrates the store's schema: slow on a busy machine
+
+
+def start_mlflow_server(uri: str, folder):
+    """(the process, its base URL) of `mlflow server` on 127.0.0.1 over the store `uri`, logging to
+    folder/server.log; it answers once wait_for_mlflow_server returns."""
+    port = free_port()
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", uri, "--default-artifact-root", (folder / "artifacts").as_uri(), "--workers", "1"],
+            cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
+        )
+    return server, f"http://127.0.0.1:{port}"
+
+
+def wait_for_mlflow_server(server, base: str, folder) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + SERVER_TIMEOUT_S
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
+    while True:
+        try:
+            with direct.open(f"{base}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert server.poll() is None, f"mlflow server exited: {(folder / 'server.log').read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"mlflow server did not answer in {SERVER_TIMEOUT_S}s"
+        time.sleep(1)
+
+
+def stop_mlflow_server(server) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+            server.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -209,10 +209,27 @@ def admin_of(folder: Path) -> dict[str, str]:
     return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": (folder / "admin-password").read_text().strip()}
 
 
-def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(auth_server, data_dir, tmp_path,
-                                                                             monkeypatch):
+@pytest.fixture(scope="module")
+def admins_run(auth_server, data_dir, tmp_path_factory) -> str:
+    """The id of a training the admin ran through the AUTH=1 server with their credentials."""
+    from mlflow.tracking import MlflowClient
+
+    uri, folder, _ = auth_server
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in admin_of(folder).items():
+            patch.setenv(name, value)  # train() passes os.environ on; the client below reads them too
+        trained = train(uri, data_dir, tmp_path_factory.mktemp("admin"), "--epochs", "1", "--max-samples", "300",
+                        "--seed", "9")
+        _, err = trained.communicate(timeout=600)
+        assert trained.returncode == 0, err[-2000:]
+        client = MlflowClient(tracking_uri=uri)
+        [run] = client.search_runs([client.get_experiment_by_name("server-test").experiment_id], "params.seed = '9'")
+    return run.info.run_id
+
+
+def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(auth_server, data_dir, tmp_path):
     """AUTH=1: MLflow's basic-auth app with a generated admin password (MLflow 3.17 starts it only
-    with one); anonymous requests get 401, the admin's credentials train as usual."""
+    with one) and its secrets private; anonymous requests get 401, an anonymous training one line."""
     uri, folder, env = auth_server
     password = admin_of(folder)["MLFLOW_TRACKING_PASSWORD"]
     secret_key = (folder / "flask-secret").read_text().strip()
@@ -231,12 +248,19 @@ def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(au
     [line] = [line for line in err.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: tracking store error") and "401" in line, line
 
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")  # train() passes os.environ on
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    admin = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "100")
-    _, err = admin.communicate(timeout=600)
-    assert admin.returncode == 0, err[-2000:]
-    assert_private(folder, env["PG_PORT"], secrets=[password, secret_key])  # basic_auth.db too, now
+
+def test_the_admin_trains_through_the_basic_auth_server_and_its_files_stay_private(auth_server, admins_run):
+    """With the admin's credentials a training runs as usual; basic_auth.db, written by then, is private too."""
+    from mlflow.tracking import MlflowClient
+
+    uri, folder, env = auth_server
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in admin_of(folder).items():
+            patch.setenv(name, value)
+        run = MlflowClient(tracking_uri=uri).get_run(admins_run)
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs_run"] == 1
+    secrets = [admin_of(folder)["MLFLOW_TRACKING_PASSWORD"], (folder / "flask-secret").read_text().strip()]
+    assert_private(folder, env["PG_PORT"], secrets=secrets)
 
 
 def project_as(uri: str, credentials: dict[str, str], cwd, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -247,7 +271,7 @@ def project_as(uri: str, credentials: dict[str, str], cwd, *args: str, **env: st
                           capture_output=True, text=True, timeout=600)
 
 
-def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_own(auth_server, data_dir, tmp_path,
+def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_own(auth_server, admins_run, tmp_path,
                                                                                    monkeypatch):
     """Issue 25, case 9: a user who may read the admin's training run (default_permission READ) but
     not write it gets the whole projection in their own experiment and one warning; the training
@@ -261,13 +285,10 @@ def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_o
     uri, folder, _ = auth_server
     admin = admin_of(folder)
     for name, value in admin.items():
-        monkeypatch.setenv(name, value)  # train() and this test's client act as the admin
-    trained = train(uri, data_dir, tmp_path, "--epochs", "1", "--max-samples", "300", "--seed", "9")
-    _, err = trained.communicate(timeout=600)
-    assert trained.returncode == 0, err[-2000:]
+        monkeypatch.setenv(name, value)  # this test's client acts as the admin
     client = MlflowClient(tracking_uri=uri)
-    owners = client.get_experiment_by_name("server-test").experiment_id
-    [run] = client.search_runs([owners], "params.seed = '9'")
+    run = client.get_run(admins_run)
+    owners = run.info.experiment_id
     before = {path.path for path in client.list_artifacts(run.info.run_id)}
 
     reader = {"MLFLOW_TRACKING_USERNAME": "reader", "MLFLOW_TRACKING_PASSWORD": os.urandom(12).hex()}

@@ -483,6 +483,7 @@ def test_a_signal_inside_generated_code_still_exits_130(tmp_path, data_dir, fres
 
 SIGNAL_MOMENTS = 16  # signals sent this many times into a tiny training's life, SIGNAL_STEP_S apart
 SIGNAL_STEP_S = 0.3  # from the moment its run is in the store until after it has ended (no signal sent then)
+SIGNALLED_AT_ONCE = 2  # trainings signalled side by side: one thread each (OMP_NUM_THREADS=1) on our two cores
 
 
 @pytest.mark.slow
@@ -491,9 +492,12 @@ def test_a_signal_at_any_moment_exits_130_or_finishes(tmp_path, data_dir, fresh_
     epochs and their checkpoints, the test set, the model, the exit): always exit status 130 with one
     line and the run ended KILLED with its reason (or FINISHED when the signal came after its end),
     or status 0 when the process had ended first; never a traceback or death by a signal."""
-    outcomes = []
-    for moment in range(SIGNAL_MOMENTS):
-        experiment = mlflow.create_experiment(f"{fresh_experiment}-moment-{moment}")
+    from concurrent.futures import ThreadPoolExecutor
+
+    experiments = [mlflow.create_experiment(f"{fresh_experiment}-moment-{moment}") for moment in range(SIGNAL_MOMENTS)]
+
+    def signalled(moment: int) -> tuple[int, int, str]:
+        experiment = experiments[moment]
         process = start_training(data_dir, experiment, "--epochs", "2", cwd=tmp_path)
         wait_until(lambda: runs_of(experiment), process, STARTUP_TIMEOUT_S, "its run")
         time.sleep(moment * SIGNAL_STEP_S)
@@ -502,11 +506,10 @@ def test_a_signal_at_any_moment_exits_130_or_finishes(tmp_path, data_dir, fresh_
             process.send_signal(signum)
         _, stderr = process.communicate(timeout=STARTUP_TIMEOUT_S)
         [run] = runs_of(experiment)
-        outcomes.append((moment, process.returncode, run.info.status))
         assert process.returncode in (0, exits.EXIT_INTERRUPTED), (moment, process.returncode, stderr[-2000:])
         if process.returncode == 0:
             assert run.info.status == "FINISHED" and "Error:" not in stderr, stderr[-2000:]
-            continue
+            return moment, process.returncode, run.info.status
         line = one_error_line(stderr)
         assert f"interrupted by {signum.name}" in line, line
         if run.info.status == "KILLED":
@@ -514,4 +517,8 @@ def test_a_signal_at_any_moment_exits_130_or_finishes(tmp_path, data_dir, fresh_
             assert_store_consistent(run, tmp_path)
         else:
             assert run.info.status == "FINISHED", (moment, run.info.status, run.data.tags)
+        return moment, process.returncode, run.info.status
+
+    with ThreadPoolExecutor(SIGNALLED_AT_ONCE) as pool:
+        outcomes = list(pool.map(signalled, range(SIGNAL_MOMENTS)))  # re-raises the first moment that failed
     print("moment, exit status, run status:", outcomes)

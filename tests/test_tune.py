@@ -350,3 +350,45 @@ def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(r
         latest[run.data.tags["mnist_tracking.trial_id"]] = run
     assert len(latest) == 3 and all(r.info.status in ("FINISHED", "KILLED") for r in latest.values())
     assert finished_before <= {r.info.run_id for r in latest.values()}  # a finished trial is not trained again
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_mlflow_ui_shows_the_search_its_nested_trials_the_trials_table_and_figure(search, tmp_path):
+    """What a user browses after `tune` (issue 26): the parent with its trials nested under it in the
+    runs table, the trials table (`log_table`) and the trials figure on the parent's artifacts."""
+    import mlflow
+    from helpers import start_mlflow_server, stop_mlflow_server, wait_for_mlflow_server
+    from mlflow.tracking import MlflowClient
+    from selenium.webdriver.common.by import By
+    from test_ui import Q, Browser, ui_chromium
+
+    experiment_id, parent_id, _ = search
+    parent = MlflowClient().get_run(parent_id)
+    trials = [r for r in runs_of(experiment_id) if r.data.tags.get("mnist_tracking.kind") == "training"]
+    server, base = start_mlflow_server(mlflow.get_tracking_uri(), tmp_path)  # over the tests' own store
+    driver = None
+    try:
+        wait_for_mlflow_server(server, base, tmp_path)
+        driver = ui_chromium()
+        browser = Browser(driver, base, tmp_path)
+        name = parent.info.run_name
+        browser.open(f"/#/experiments/{experiment_id}/runs{Q}", name)
+        driver.find_element(By.XPATH, f"//*[text()='{name}']/ancestor::*[contains(@class,'ag-cell-value')]//button").click()
+        browser.wait_until(lambda: all(driver.find_elements(By.XPATH, f"//a[contains(@href, '{t.info.run_id}')]")
+                                       for t in trials), "the trials are not shown nested under the search")
+        browser.shot("tune-1-nested-trials")
+
+        page = f"/#/experiments/{experiment_id}/runs/{parent_id}/artifacts/tune"
+        browser.open(f"{page}/trials.json{Q}", "trial", "epochs_run", "state", "best_val_acc",
+                     *{t.data.tags["mnist_tracking.trial_id"] for t in trials})
+        browser.shot("tune-2-trials-table")
+        browser.open(f"{page}/trials.png{Q}", "trials.png")
+        browser.wait_until(lambda: [i for i in driver.find_elements(By.TAG_NAME, "img")  # the figure, not an icon
+                                    if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 200", i)],
+                           "tune/trials.png is not shown as a loaded image")
+        browser.shot("tune-3-trials-figure")
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop_mlflow_server(server)

@@ -14,9 +14,6 @@ MNIST_TRACKING_UI_UNTRAINED (a barely trained run, for the misclassified table).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -24,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST
-from helpers import EPOCH_METRICS, free_port
+from helpers import EPOCH_METRICS, start_mlflow_server, stop_mlflow_server, wait_for_mlflow_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -34,7 +31,6 @@ SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usa
 MODEL_NAME = "mnist-convnet"
 PAGE_TIMEOUT_S = 180  # the UI is a React app that loads its data after the page: the machine may be slow
 PAGE_LOADS = 2  # tries per page: the time above is shared between them
-SERVER_TIMEOUT_S = 240
 
 
 def need_browser() -> None:
@@ -62,31 +58,12 @@ def ui(data_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("ui-store")
     uri = f"sqlite:///{Path(real).resolve() if real else folder}/mlflow.db"
     MlflowClient(uri).search_experiments()  # creates the schema before the server opens the file
-    port = free_port()
     started = time.monotonic()
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(  # starts now, while the store is filled: both take a while
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", uri, "--default-artifact-root", (folder / "artifacts").as_uri(), "--workers", "1"],
-        cwd=folder, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: stopping it stops its uvicorn workers too
-    )
+    server, base = start_mlflow_server(uri, folder)  # starts now, while the store is filled: both take a while
     try:
         runs = real_runs(uri) if real else fill_store(uri, folder, data_dir)
         filled = time.monotonic() - started
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SERVER_TIMEOUT_S
-        while True:
-            try:
-                direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1: never via a proxy
-                with direct.open(f"{base}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, f"mlflow server exited: {(folder / 'server.log').read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow server did not answer in {SERVER_TIMEOUT_S}s"
-            time.sleep(1)
+        wait_for_mlflow_server(server, base, folder)
         print(f"\nUI store filled in {filled:.0f}s, server answering after {time.monotonic() - started:.0f}s")
         run, projection = runs["run"], runs["projection"]
         yield {
@@ -97,16 +74,7 @@ def ui(data_dir, tmp_path_factory):
             "knn_metric": "tsne_knn_acc" if "tsne_knn_acc" in run.data.metrics else "pca_knn_acc",
         }
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=30)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+        stop_mlflow_server(server)
 
 
 def fill_store(uri: str, folder: Path, data_dir: Path) -> dict:
@@ -177,11 +145,12 @@ def shots(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def browser(ui, shots):
+def ui_chromium():
+    """Headless Chromium for the MLflow UI on 127.0.0.1 (never through a proxy), 1500 x 1000."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    need_browser()
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
@@ -189,6 +158,12 @@ def browser(ui, shots):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # Debian's driver: no download
     driver.set_page_load_timeout(PAGE_TIMEOUT_S)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(ui, shots):
+    driver = ui_chromium()
     try:
         yield Browser(driver, ui["base"], shots)
     finally:
