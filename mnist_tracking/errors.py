@@ -13,18 +13,24 @@ def first_line(exc: BaseException) -> str:
 CAUSE_DEPTH = 10  # how far down an exception's causes the database's own error is looked for
 
 
+def causes(exc: BaseException):
+    """The exception, then what it was raised from or during, at most CAUSE_DEPTH of them."""
+    cause: BaseException | None = exc
+    for _ in range(CAUSE_DEPTH):
+        if cause is None:
+            return
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
 def store_error_line(exc: BaseException) -> str:
     """One line for a store error: the database driver's own words when it wraps one (sqlite3's
     "attempt to write a readonly database", not SQLAlchemy's "(raised as a result of Query-invoked
     autoflush ...)" first line), else the first line."""
-    cause: BaseException | None = exc
-    for _ in range(CAUSE_DEPTH):
-        if cause is None:
-            break
+    for cause in causes(exc):
         driver = getattr(cause, "orig", None)  # sqlalchemy.exc.DBAPIError: the driver's exception
         if isinstance(driver, BaseException) and str(driver):
             return f"{type(driver).__name__}: {first_line(driver)}"
-        cause = cause.__cause__ or cause.__context__
     return first_line(exc)
 
 
@@ -43,13 +49,6 @@ HTTP_FORBIDDEN = 403
 def is_permission_denied(exc: BaseException) -> bool:
     """Whether a store error is a server's refusal of this user (HTTP 403): MLflow's REST client
     says PERMISSION_DENIED, its artifact uploads raise requests' HTTPError with the response."""
-    cause: BaseException | None = exc
-    for _ in range(CAUSE_DEPTH):
-        if cause is None:
-            return False
-        if getattr(cause, "error_code", None) == "PERMISSION_DENIED":
-            return True
-        if getattr(getattr(cause, "response", None), "status_code", None) == HTTP_FORBIDDEN:
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    return any(getattr(cause, "error_code", None) == "PERMISSION_DENIED"
+               or getattr(getattr(cause, "response", None), "status_code", None) == HTTP_FORBIDDEN
+               for cause in causes(exc))

@@ -101,11 +101,11 @@ def project_with(method: str, sample: dict, source, config: ProjectConfig, sprit
 
 
 def share_with_training_run(source, projection_run_id: str, figures: dict, pages: dict[str, str],
-                            scores: dict[str, dict[str, float]], echo: Callable[[str], None]) -> bool:
+                            scores: dict[str, dict[str, float]], echo: Callable[[str], None]) -> None:
     """The PNGs and HTML views on the training run too, so that browsing it shows its latest
     projections, and a test projection's scores (`log_scores_on_training_run`). Only where this user
     may write that run: on a shared server a reader of another user's run gets one warning, and the
-    projection run keeps everything. Returns whether they were shared."""
+    projection run keeps everything."""
     client = MlflowClient()
     training_run_id = source.info.run_id
     try:  # first the tag: a refused write leaves nothing half-shared
@@ -115,14 +115,13 @@ def share_with_training_run(source, projection_run_id: str, figures: dict, pages
             raise
         echo(f"Warning: this user may read run {training_run_id} ({source.info.run_name}) but not write it (the "
              f"server answered 403): its projections and scores are on the projection run {projection_run_id} only")
-        return False
+        return
     for key, figure in figures.items():
         client.log_figure(training_run_id, figure, f"projections/{key}.png")
     for method, page in pages.items():
         client.log_text(training_run_id, page, f"projections/{method}.html")
     if scores:
         log_scores_on_training_run(training_run_id, projection_run_id, scores)
-    return True
 
 
 def log_scores_on_training_run(training_run_id: str, projection_run_id: str, scores: dict[str, dict[str, float]]) -> None:
