@@ -22,8 +22,8 @@ import json
 import random
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -33,8 +33,7 @@ REDUCTION_FACTORS = (2, 3, 4, 5)
 GRACE_PERIODS = (1, 2)
 
 
-@dataclass
-class RecordedTrial:
+class RecordedTrial(NamedTuple):
     val_acc: list[float]  # per epoch
     epoch_seconds: list[float]  # epoch 1's includes the run's start (data, model)
     after_last_seconds: float  # test evaluation, features, model logging
@@ -68,8 +67,7 @@ def replay(trials: list[RecordedTrial], slots: int, max_t: int, grace_period: in
     """Replayed fit seconds and the epochs at which ASHA stopped trials (grace_period None: FIFO)."""
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    @dataclass
-    class Trial:  # what _Bracket reads of a trial
+    class Trial(NamedTuple):  # what _Bracket reads of a trial
         trial_id: str
 
     bracket = _Bracket(grace_period, max_t, reduction_factor, 0, stop_last_trials=False) if grace_period else None
