@@ -127,9 +127,10 @@ def sweep(**params) -> None:
     """Train the course report's three configurations as child runs of one parent run, project each, compare.
 
     The trainings (plain SGD, momentum 0): lr 1e-6 for 1 epoch; lr 1e-3 for 20 epochs; lr 0.01
-    with the plateau scheduler and early stopping 5, up to 50 epochs. Each child logs what `train`
-    logs and gets a nested projection run; the parent run (named seed-study) gets comparison.png
-    (one row per training, one column per method) and comparison.md (the course report's table for all three).
+    with the plateau scheduler and early stopping 5, up to 50 epochs. They train as Ray Tune trials
+    (tune's runner), side by side as the CPUs allow. Each child logs what `train` logs and gets a
+    nested projection run; the parent run (named seed-study) gets comparison.png (one row per
+    training, one column per method) and comparison.md (the course report's table for all three).
     """
     from mnist_tracking.commands.sweep import sweep_and_log
 

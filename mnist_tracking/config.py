@@ -37,6 +37,20 @@ def _seed(help: str = "Seed of the subsample and the methods."):
     return param(42, help, low=0, high=MAX_SEED)
 
 
+# Ray's resources of one trial: `tune`'s trials and the sweep's trainings run on the same trial runner (trials.py).
+def _cpus_per_trial(one: str):
+    return param(1.0, f"CPUs (torch threads) of one {one}.", low=0, low_open=True)
+
+
+def _gpus_per_trial(one: str):
+    return param(0.0, f"GPUs of one {one}; fractions (0.5) put several on one GPU.", low=0)
+
+
+def _max_concurrent(many: str):
+    return param(0, f"The most {many} at once; 0 = as many as the CPUs/GPUs allow.", low=0,
+                 note="0 = as resources allow")
+
+
 @dataclass
 class TrainConfig:
     """The `main` entry point (CLI `train`). The same dict is logged as the run's params and stored in each checkpoint."""
@@ -201,6 +215,9 @@ class SweepConfig:
     methods: str = param("pca,tsne", "Comma list of pca, tsne, umap: how each training's test features are projected.")
     epochs_scale: float = param(1.0, "Multiplies every epoch count (epochs, early-stopping patience; rounded, at "
                                      "least 1).", low=0, low_open=True, note="1 = the course report's epochs")
+    cpus_per_trial: float = _cpus_per_trial("training")
+    gpus_per_trial: float = _gpus_per_trial("training")
+    max_concurrent: int = _max_concurrent("trainings")
     resume: str = param("", "Run id of an interrupted sweep (same parameters): its finished trainings and projections "
                             "are reused and moved under this sweep's run; the others are trained again.")
     method_list: tuple[str, ...] = field(init=False)
@@ -231,10 +248,9 @@ class TuneConfig:
                                    "of the trials (2 to 10).", low=0, note="0 = automatic")
     trial_scheduler: str = param("asha", "asha (stop weak trials early) or fifo (every trial runs its whole budget).",
                                  choices=("asha", "fifo"))
-    cpus_per_trial: float = param(1.0, "CPUs (torch threads) of one trial.", low=0, low_open=True)
-    gpus_per_trial: float = param(0.0, "GPUs of one trial; fractions (0.5) put several trials on one GPU.", low=0)
-    max_concurrent: int = param(0, "The most trials at once; 0 = as many as the CPUs/GPUs allow.", low=0,
-                                note="0 = as resources allow")
+    cpus_per_trial: float = _cpus_per_trial("trial")
+    gpus_per_trial: float = _gpus_per_trial("trial")
+    max_concurrent: int = _max_concurrent("trials")
     ray_cpus: int = param(0, "CPUs of the local Ray the command starts; 0 = this machine's (ignored with "
                              "RAY_ADDRESS).", low=0, note="0 = this machine's")
     seed: int = _seed("Seeds the searcher and every trial (its split, init, shuffling: the same val images in all).")

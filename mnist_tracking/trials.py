@@ -1,4 +1,4 @@
-"""The Ray side of `tune`: starting or joining Ray, our Ctrl-C/SIGTERM handling around Tune, and one trial as a training run."""
+"""The trial runner of `tune` and the sweep on Ray: starting or joining Ray, our Ctrl-C/SIGTERM handling around Tune, and one trial as a training run."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ LOOPBACK = "127.0.0.1"  # a local Ray listens here only: its Jobs API has no aut
 # Variables a local Ray's workers must not inherit from this process: `mlflow run` exports the
 # run it made, and a trial would reopen it instead of starting its own.
 NOT_INHERITED = ("MLFLOW_RUN_ID",)
+# A trial's config key holding a whole training (params, tags, label) rather than searched values: the sweep's grid.
+TRAINING_KEY = "training"
 # Tracking URIs only this machine can reach (a file store, a local sqlite file).
 LOCAL_SCHEMES = ("", "file", "sqlite")
 
@@ -152,8 +154,10 @@ def interrupts_stop_the_search() -> Iterator[Interruption]:
 
 def run_trial(config: dict) -> None:
     """One Tune trial: the project's own training (`train_and_log`) as a run nested under the search's
-    parent, reporting each logged epoch to Tune. Its whole context comes in `config["context"]`
-    (absolute tracking URI, experiment and parent ids, data folder, threads): nothing is inherited.
+    (or the sweep's) parent, reporting each logged epoch to Tune. Its whole context comes in
+    `config["context"]` (absolute tracking URI, experiment and parent ids, data folder, threads):
+    nothing is inherited. Its parameters are the context's fixed ones, a sweep's whole training
+    (`config["training"]`) or the searched values, then the context's per-trial ones.
 
     A failure of the training itself (a divergence, bad data) ends its run FAILED with the reason and
     returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
@@ -173,12 +177,14 @@ def run_trial(config: dict) -> None:
     mlflow.set_experiment(experiment_id=context["experiment_id"])
     torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more
     trial_id = tune.get_context().get_trial_id()
-    searched = {name: value for name, value in config.items() if name != "context"}
-    params = {**context["fixed"], **searched, **context["per_trial"]}
+    training = config.get(TRAINING_KEY, {})  # a sweep's trial: one whole training of its grid
+    searched = {name: value for name, value in config.items() if name not in ("context", TRAINING_KEY)}
+    params = {**context["fixed"], **training.get("params", {}), **searched, **context["per_trial"]}
     reporter = EpochReporter(context["metric"])
-    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id()}
+    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id(), **training.get("tags", {})}
+    prefix = training.get("label", trial_id)
     try:
-        train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{trial_id}] {line}", flush=True),
+        train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{prefix}] {line}", flush=True),
                       progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
     except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run is KILLED
         reporter.stopped()
@@ -190,7 +196,7 @@ def run_trial(config: dict) -> None:
             stored = mlflow.tracking.MlflowClient().get_run(run_id)
             if stored.info.status == "RUNNING" or STATUS_REASON_TAG not in stored.data.tags:
                 end_run(run_id, f"{type(exc).__name__}: {first_line(exc)}", "FAILED")
-        print(f"[{trial_id}] failed: {first_line(exc)}", flush=True)
+        print(f"[{prefix}] failed: {first_line(exc)}", flush=True)
 
 
 class EpochReporter:

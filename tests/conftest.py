@@ -65,6 +65,8 @@ def tracking_store(tmp_path_factory) -> str:
         patch.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
         patch.chdir(store)  # the default artifact root, ./mlruns, lands here too
         patch.setenv("MNIST_TRACKING_CHECKPOINT_CACHE", str(store / "checkpoint-cache"))  # not the user's ~/.cache
+        # Every Ray the tests start (tune, sweep) advertises the loopback address, not the interface's.
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import mlflow
         except ImportError:  # the GPU machine of benchmarks/gpu_check.py: pure-layer tests only

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from mnist_tracking.config import SweepConfig
 from mnist_tracking.errors import UserError
 from mnist_tracking.runs import PARENT_RUN_TAG
 from mnist_tracking.study import SEED_TRAININGS, scaled, trainings
+from mnist_tracking.trials import NODE_TAG, TRIAL_TAG
 
 TINY_SCALE = 0.05  # (1) 1 epoch, (2) 20 -> 1 epoch, (3) 50 -> 2 epochs (patience 5 -> 1)
 
@@ -69,16 +71,32 @@ def test_bad_sweep_parameters_are_refused(params, expected):
         SweepConfig(**params)
 
 
+def by_label(runs):
+    return sorted(runs, key=lambda r: r.data.tags["sweep_label"])  # "(1) …", "(2) …", "(3) …"
+
+
+def overlapping(runs) -> int:
+    """How many pairs of the runs were running at the same time."""
+    spans = [(r.info.start_time, r.info.end_time) for r in runs]
+    return sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
+
+
 def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_experiment):
-    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
-    parent_id = sweep_and_log(config, echo=lambda line: None, progress=False)
+    # Half a CPU a training: all three fit on a local Ray of even one core, so they train side by side.
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE, cpus_per_trial=0.5)
+    lines = []
+    parent_id = sweep_and_log(config, echo=lines.append)
 
     kinds = runs_by_kind(fresh_experiment)
     [parent] = kinds["sweep"]
     assert parent.info.run_id == parent_id and parent.info.status == "FINISHED"
-    children = sorted(kinds["training"], key=lambda r: r.info.start_time)
+    children = by_label(kinds["training"])
     assert [r.data.tags[PARENT_RUN_TAG] for r in children] == [parent_id] * 3
     assert [r.data.tags["sweep_label"] for r in children] == [t.label for t in SEED_TRAININGS]
+    # They ran on the trial runner of `tune`: Ray trials, tagged, and side by side.
+    assert len({r.data.tags[TRIAL_TAG] for r in children}) == 3 and all(NODE_TAG in r.data.tags for r in children)
+    assert overlapping(children) >= 1, [(r.info.start_time, r.info.end_time) for r in children]
+    assert any(line.startswith("3 training(s) on Ray (local, ") and "0.5 CPU(s) each" in line for line in lines), lines
     assert [r.info.status for r in children] == ["FINISHED"] * 3
     assert [float(r.data.params["lr"]) for r in children] == [1e-6, 1e-3, 0.01]
     assert {r.data.params["momentum"] for r in children} == {"0.0"}
@@ -118,12 +136,12 @@ def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_d
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
     lines = []
     with pytest.raises(UserError, match=r"1 of 3 trainings failed: \(2\) lr 1e-3, 20 epochs \(run \w+\): .*diverged"):
-        sweep_and_log(config, echo=lines.append, progress=False, study=study)
+        sweep_and_log(config, echo=lines.append, study=study)
 
     kinds = runs_by_kind(fresh_experiment)
     [parent] = kinds["sweep"]
     assert parent.info.status == "FAILED" and "1 of 3 trainings failed" in parent.data.tags["status_reason"]
-    children = sorted(kinds["training"], key=lambda r: r.info.start_time)
+    children = by_label(kinds["training"])
     assert [r.info.status for r in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "diverged" in children[1].data.tags["status_reason"]
     assert children[1].data.tags[PARENT_RUN_TAG] == parent.info.run_id
@@ -141,7 +159,7 @@ def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_
     diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
     with pytest.raises(UserError):
-        sweep_and_log(config, echo=lambda line: None, progress=False,
+        sweep_and_log(config, echo=lambda line: None,
                       study=(SEED_TRAININGS[0], diverging, SEED_TRAININGS[2]))
     [old] = runs_by_kind(fresh_experiment)["sweep"]
     old_id = old.info.run_id
@@ -152,7 +170,7 @@ def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_
     assert len(finished) == 2
 
     lines = []
-    parent_id = sweep_and_log(replace(config, resume=old_id), echo=lines.append, progress=False)
+    parent_id = sweep_and_log(replace(config, resume=old_id), echo=lines.append)
 
     kinds = runs_by_kind(fresh_experiment)
     parent = client.get_run(parent_id)
@@ -174,7 +192,7 @@ def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_
 
 def test_resume_refuses_a_run_that_is_not_a_like_sweep(data_dir, fresh_experiment):
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
-    parent_id = sweep_and_log(config, echo=lambda line: None, progress=False, study=SEED_TRAININGS[:1])
+    parent_id = sweep_and_log(config, echo=lambda line: None, study=SEED_TRAININGS[:1])
     child = runs_by_kind(fresh_experiment)["training"][0].info.run_id
     before = len(MlflowClient().search_runs([fresh_experiment]))  # parent, training, projection, evolution
     with pytest.raises(UserError, match=rf"^run {child} \(.*\) is not a sweep; pass the id of a seed-study"):
@@ -227,7 +245,7 @@ def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, 
         assert live.data.tags["mnist_tracking.process"].endswith(f":{process.pid}")
         config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE, resume=live.info.run_id)
         with pytest.raises(UserError) as error:
-            sweep_and_log(config, echo=lambda line: None, progress=False)
+            sweep_and_log(config, echo=lambda line: None)
     finally:
         process.terminate()
         process.communicate(timeout=STARTUP_TIMEOUT_S)
@@ -240,7 +258,7 @@ def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, 
 
 def test_resuming_an_already_resumed_sweep_names_the_newest(data_dir, fresh_experiment):
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
-    quiet = dict(echo=lambda line: None, progress=False, study=SEED_TRAININGS[:1])
+    quiet = dict(echo=lambda line: None, study=SEED_TRAININGS[:1])
     first = sweep_and_log(config, **quiet)
     second = sweep_and_log(replace(config, resume=first), **quiet)
     before = len(MlflowClient().search_runs([fresh_experiment]))
@@ -252,3 +270,43 @@ def test_resuming_an_already_resumed_sweep_names_the_newest(data_dir, fresh_expe
     assert len(MlflowClient().search_runs([fresh_experiment])) == before  # nothing started, nothing moved
     third = sweep_and_log(replace(config, resume=second), **quiet)  # the newest resumes soundly
     assert MlflowClient().get_run(third).data.tags["resumed_from"] == second
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_sweep_and_the_trainings_it_cut_killed(tmp_path, data_dir, fresh_experiment):
+    import signal
+
+    from helpers import STARTUP_TIMEOUT_S, cli_command, env_for
+
+    client = MlflowClient()
+    # (2) trains 20 epochs: it is still training when the signal comes. Files, not pipes: Ray's
+    # workers print every epoch, and a full pipe would stall the sweep.
+    out_file, err_file = tmp_path / "out.log", tmp_path / "err.log"
+    with out_file.open("w") as out, err_file.open("w") as err:
+        process = subprocess.Popen(cli_command("sweep", "--data-dir", str(data_dir), "--methods", "pca"), cwd=tmp_path,
+                                   env=env_for(fresh_experiment), stdout=out, stderr=err, text=True)
+
+    def an_epoch_logged():
+        return any(client.get_metric_history(r.info.run_id, "val_acc") for r in runs_by_kind(fresh_experiment).get("training", []))
+
+    try:
+        deadline = time.monotonic() + 3 * STARTUP_TIMEOUT_S  # Ray and its workers start slowly on a busy machine
+        while not an_epoch_logged():
+            assert process.poll() is None and time.monotonic() < deadline, err_file.read_text()[-2000:]
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=STARTUP_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, err_file.read_text()[-2000:]
+    kinds = runs_by_kind(fresh_experiment)
+    [parent] = kinds["sweep"]
+    parent_id = parent.info.run_id
+    assert parent.info.status == "KILLED" and f"--resume {parent_id}" in parent.data.tags["status_reason"]
+    assert err_file.read_text().strip().splitlines()[-1].startswith(
+        f"Error: sweep {parent_id} interrupted (by SIGTERM during its trainings); resume it with --resume {parent_id}")
+    assert [r.info.run_id for r in MlflowClient().search_runs([fresh_experiment]) if r.info.status == "RUNNING"] == []
+    cut = [r for r in kinds["training"] if r.info.status == "KILLED"]
+    assert cut and all(r.data.tags["status_reason"].startswith("interrupted by SIGTERM after epoch") for r in cut)
+    assert "projection" not in kinds  # nothing was projected after the interruption

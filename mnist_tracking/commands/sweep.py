@@ -30,7 +30,6 @@ from mnist_tracking.runs import (
     NOTE_TAG,
     PARENT_RUN_TAG,
     PROCESS_TAG,
-    STATUS_REASON_TAG,
     Kind,
     end_active_run,
     end_run,
@@ -43,12 +42,11 @@ from mnist_tracking.study import SweepRow, Training, scale_note
 from mnist_tracking.sweep_runs import (
     SWEEP_LABEL_TAG,
     SWEEP_RUN_NAME,
-    children,
     latest_projection_of,
     resumable_sweep,
     take_over,
 )
-from mnist_tracking.training_run import train_and_log
+from mnist_tracking.sweep_trials import Trained, train_side_by_side
 
 PROJECTION_SCORES = ("knn_acc", "trustworthiness", "silhouette")
 
@@ -56,12 +54,12 @@ PROJECTION_SCORES = ("knn_acc", "trustworthiness", "silhouette")
 def sweep_and_log(
     config: SweepConfig,
     echo: Callable[[str], None] = print,
-    progress: bool = True,
     study: tuple[Training, ...] = studies.SEED_TRAININGS,
 ) -> str:
-    """Train each training of the study as a child run, project it, and log the comparison on
-    the parent; returns the parent run id. A failed child is recorded FAILED on that child and
-    the others still run; a UserError at the end names the ones that failed."""
+    """Train the study's trainings as child runs (Ray Tune trials, side by side where there is
+    room), project each, and log the comparison on the parent; returns the parent run id. A failed
+    child is recorded FAILED on that child and the others still run; a UserError at the end names
+    the ones that failed."""
     planned = studies.trainings(config, study)  # every config checked here
     old, earlier, stale = resumable_sweep(config, planned) if config.resume else (None, {}, [])
     first = planned[0].config
@@ -81,15 +79,18 @@ def sweep_and_log(
             take_over(old, stale, parent_id, echo)
         rows = []
         try:
+            fresh = [training for training in planned if training.label not in earlier]
+            trained = train_side_by_side(parent_id, fresh, config, echo) if fresh else {}
             for number, training in enumerate(planned, 1):
                 echo(f"\n=== {number}/{len(planned)}: {training.label}")
                 if training.label in earlier:
                     rows.append(reused_child(parent_id, training, config, *earlier[training.label], echo))
                 else:
-                    rows.append(new_child(parent_id, training, config, echo, progress))
+                    rows.append(new_child(parent_id, training, trained[training.label], config, echo))
         except KeyboardInterrupt as exc:
-            end_active_run(f"interrupted during the sweep: {exc}", "KILLED")
-            raise
+            reason = f"interrupted ({exc}); resume it with --resume {parent_id} (-P resume={parent_id})"
+            end_active_run(reason, "KILLED")
+            raise KeyboardInterrupt(f"sweep {parent_id} {reason}") from None
         log_comparison(rows, config.method_list, compare_trainings(rows, config, echo), scale_note(config))
         echo("\n" + comparison_table(rows, list(config.method_list)))
         echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
@@ -100,19 +101,15 @@ def sweep_and_log(
 # --------------------------------------------------------------------------- children
 
 
-def new_child(parent_id: str, training: Training, config: SweepConfig, echo: Callable[[str], None],
-              progress: bool) -> SweepRow:
-    """Train and project one training of a sweep; a failure is recorded on its child run."""
-    before = {r.info.run_id for r in children(parent_id)}
-    try:
-        run_id = train_and_log(training.config, echo=echo, progress=progress)
-    except Exception as exc:  # noqa: BLE001 - any failure of one training must not end the sweep
-        reason = first_line(exc)
-        echo(f"Error: {training.label} failed: {reason}")
-        return SweepRow.of(training, status="FAILED", reason=reason,
-                           run_id=record_failed_child(parent_id, before, training, reason))
-    MlflowClient().set_tag(run_id, SWEEP_LABEL_TAG, training.label)
-    return evolve_child(project_child(trained_row(training, get_run(run_id)), config, echo), config, echo)
+def new_child(parent_id: str, training: Training, trained: Trained, config: SweepConfig,
+              echo: Callable[[str], None]) -> SweepRow:
+    """The row of a training this sweep trained: projected and followed when it finished; a failure
+    is recorded on its child run (made FAILED when it failed before starting one)."""
+    if trained.status != "FINISHED":
+        echo(f"Error: {training.label} failed: {trained.reason}")
+        return SweepRow.of(training, status="FAILED", reason=trained.reason,
+                           run_id=trained.run_id or record_failed_child(parent_id, training, trained.reason))
+    return evolve_child(project_child(trained_row(training, get_run(trained.run_id)), config, echo), config, echo)
 
 
 def reused_child(parent_id: str, training: Training, config: SweepConfig, run, projection,
@@ -184,16 +181,9 @@ def evolved_row(row: SweepRow, evolution_id: str, config: SweepConfig) -> SweepR
     return row
 
 
-def record_failed_child(parent_id: str, before: set, training: Training, reason: str) -> str:
-    """Record a failed training on its child run (created FAILED if it failed before starting one)."""
+def record_failed_child(parent_id: str, training: Training, reason: str) -> str:
+    """A FAILED child run for a training that failed before it started one, with its params and reason."""
     client = MlflowClient()
-    started = [r for r in children(parent_id) if r.info.run_id not in before]
-    if started:
-        run = started[0]
-        if run.info.status == "RUNNING" or STATUS_REASON_TAG not in run.data.tags:
-            end_run(run.info.run_id, reason)
-        client.set_tag(run.info.run_id, SWEEP_LABEL_TAG, training.label)
-        return run.info.run_id
     run = client.create_run(
         get_run(parent_id).info.experiment_id,
         run_name=training.config.run_name(),
@@ -204,9 +194,6 @@ def record_failed_child(parent_id: str, before: set, training: Training, reason:
     ])
     end_run(run.info.run_id, reason)
     return run.info.run_id
-
-
-# --------------------------------------------------------------------------- resuming a sweep
 
 
 # --------------------------------------------------------------------------- the comparison
