@@ -12,8 +12,8 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.config import SweepConfig
-from mnist_tracking.errors import first_line
-from mnist_tracking.runs import STATUS_REASON_TAG, end_run, get_run
+from mnist_tracking.errors import UserError, first_line
+from mnist_tracking.runs import STATUS_REASON_TAG, end_active_run, end_run, get_run
 from mnist_tracking.study import Training
 from mnist_tracking.sweep_runs import SWEEP_LABEL_TAG, children
 from mnist_tracking.trials import (
@@ -22,6 +22,7 @@ from mnist_tracking.trials import (
     interrupts_stop_the_search,
     ray_session,
     trainable,
+    unfit_trial,
 )
 
 MAX_FAILURES = 1  # as in `tune`: a training whose Ray worker or node died is retried once; its own failure is not
@@ -51,6 +52,10 @@ def train_side_by_side(parent_id: str, trainings: list[Training], config: SweepC
     try:
         with ray_session(None, None, tracking_uri, artifact_root) as cluster, \
                 interrupts_stop_the_search() as interruption:
+            unfit = unfit_trial(cluster, config.cpus_per_trial, config.gpus_per_trial, "training")
+            if unfit:
+                end_active_run(unfit, "FAILED")
+                raise UserError(unfit)
             echo(f"{len(trainings)} training(s) on Ray ({cluster['address']}, {cluster['cpus']:g} CPUs), "
                  f"{config.cpus_per_trial:g} CPU(s) each")
             context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,

@@ -70,9 +70,24 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
         if address:
             check_reachable_store(len(nodes), tracking_uri, artifact_location)
         yield {"address": address or "local", "nodes": len(nodes),
-               "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0)}
+               "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0),
+               # a trial runs on one node: what the largest offers is the most one trial can get
+               "node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
+               "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
     finally:
         ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
+
+
+def unfit_trial(cluster: dict, cpus: float, gpus: float, one: str = "trial") -> str:
+    """Why a trial asking for `cpus` and `gpus` can never start on this Ray (Tune would only warn and
+    wait for ever), or "" when it fits on the largest node."""
+    for name, asked, has in (("cpus", cpus, cluster["node_cpus"]), ("gpus", gpus, cluster["node_gpus"])):
+        if asked > has:
+            unit = name[:-1].upper() + "s"
+            more = " (or start the local Ray with more: --ray-cpus)" if name == "cpus" and one == "trial" else ""
+            return (f"{name}_per_trial {asked:g} is more than any node of the Ray cluster has (the largest has {has:g} "
+                    f"{unit}): no {one} could start; give at most {has:g}{more}")
+    return ""
 
 
 def check_reachable_store(nodes: int, tracking_uri: str, artifact_location: str) -> None:

@@ -21,6 +21,7 @@ from mnist_tracking.trials import (
     interrupts_stop_the_search,
     ray_session,
     trainable,
+    unfit_trial,
 )
 from mnist_tracking.tune_outputs import (
     account,
@@ -57,6 +58,10 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
         started = time.perf_counter()
         with ray_session(settings.ray_cpus or None, None, tracking_uri, artifact_root) as cluster, \
                 interrupts_stop_the_search() as interruption:
+            unfit = unfit_trial(cluster, settings.cpus_per_trial, settings.gpus_per_trial)
+            if unfit:
+                end_active_run(unfit, "FAILED")
+                raise UserError(unfit)
             echo(f"Tune: {settings.trials} trials of at most {settings.max_epochs} epochs on Ray ({cluster['address']}, "
                  f"{cluster['nodes']} node(s), {cluster['cpus']:g} CPUs), {settings.cpus_per_trial:g} CPU(s) a trial; "
                  f"parent run {parent_id}")

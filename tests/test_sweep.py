@@ -212,6 +212,22 @@ def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_e
     assert MlflowClient().search_runs([fresh_experiment]) == []
 
 
+def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_waiting(tmp_path, data_dir,
+                                                                                     fresh_experiment):
+    from helpers import env_for, one_error_line
+
+    result = subprocess.run([sys.executable, "-m", "mnist_tracking", "sweep", "--data-dir", str(data_dir),
+                             "--cpus-per-trial", "4096"], cwd=tmp_path, env=env_for(fresh_experiment),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    line = one_error_line(result.stderr)
+    assert line.startswith("Error: cpus_per_trial 4096 is more than any node of the Ray cluster has (the largest has ")
+    assert line.endswith("): no training could start; give at most " + line.split("the largest has ")[1].split(" ")[0])
+    [parent] = runs_by_kind(fresh_experiment)["sweep"]
+    assert parent.info.status == "FAILED" and parent.data.tags["status_reason"] == line.removeprefix("Error: ")
+    assert "training" not in runs_by_kind(fresh_experiment)  # nothing trained, nothing left RUNNING
+
+
 @pytest.mark.slow
 def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
     result = subprocess.run(

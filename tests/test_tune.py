@@ -111,6 +111,19 @@ def test_a_cluster_refuses_a_store_its_other_machines_cannot_reach():
     check_reachable_store(3, "http://10.0.0.1:5000", "mlflow-artifacts:/0")
 
 
+def test_a_trial_larger_than_every_node_is_refused_not_left_waiting():
+    from mnist_tracking.trials import unfit_trial
+
+    two_cpus = {"node_cpus": 2.0, "node_gpus": 0.0}  # Tune would only warn, and wait for ever
+    assert unfit_trial(two_cpus, 2, 0) == "" and unfit_trial(two_cpus, 0.5, 0) == ""
+    assert unfit_trial(two_cpus, 4, 0) == ("cpus_per_trial 4 is more than any node of the Ray cluster has (the largest "
+                                           "has 2 CPUs): no trial could start; give at most 2 (or start the local Ray "
+                                           "with more: --ray-cpus)")
+    assert unfit_trial(two_cpus, 1, 0.5, "training") == ("gpus_per_trial 0.5 is more than any node of the Ray cluster "
+                                                         "has (the largest has 0 GPUs): no training could start; give "
+                                                         "at most 0")
+
+
 # --------------------------------------------------------------------------- the parent's builders
 
 
