@@ -8,7 +8,6 @@ from helpers import (
     CreatesAFile,
     invoke,
     one_error_line,
-    run_cli,
     runs_of,
 )
 
@@ -57,8 +56,8 @@ def test_feature_files_are_checked_before_any_work(fresh_experiment, tmp_path, d
     elif damage == "bomb":  # compresses to a few hundred kB, unpacks to 164 MB
         arrays["features"] = np.zeros((80_000, 512), dtype=np.float32)
     run_id = training_with_features(arrays)
-    result = run_cli("project", "--run-id", run_id, "--methods", "pca", cwd=tmp_path)
-    assert result.returncode != 0
+    result = invoke("project", "--run-id", run_id, "--methods", "pca")  # in this process: the check comes first
+    assert result.exit_code != 0
     line = one_error_line(result.stderr)
     assert f"refusing to load features/test.npz of run {run_id}: " in line and expected in line, line
     assert [r.info.run_id for r in runs_of(fresh_experiment)] == [run_id]  # no projection run was left
@@ -111,8 +110,8 @@ def test_snapshot_files_are_checked_like_feature_files(fresh_experiment, tmp_pat
     elif damage == "bomb":  # compresses to a few hundred kB, unpacks to 164 MB
         arrays["features"] = np.zeros((80_000, 512), dtype=np.float32)
     run_id = training_with_snapshots(arrays)
-    result = run_cli("evolution", "--run-id", run_id, "--methods", "pca", cwd=tmp_path)
-    assert result.returncode != 0
+    result = invoke("evolution", "--run-id", run_id, "--methods", "pca")  # in this process: the check comes first
+    assert result.exit_code != 0
     line = one_error_line(result.stderr)
     assert f"refusing to load snapshots/epoch_001.npz of run {run_id}: " in line and expected in line, line
     assert [r.info.run_id for r in runs_of(fresh_experiment)] == [run_id]  # no evolution run was left
