@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAST, N_TRAIN
-from helpers import array, interrupt_analysis, plot_data, run_cli
+from helpers import array, interrupt_analysis, invoke, plot_data
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -246,8 +246,8 @@ def test_evolution_refuses_a_run_without_snapshots_a_running_one_and_a_non_train
         evolution_run[0]: "is an evolution run, not a training run; pass its training run",
     }
     for run_id, expected in cases.items():
-        result = run_cli("evolution", "--run-id", run_id, cwd=tmp_path)
-        assert result.returncode != 0
+        result = invoke("evolution", "--run-id", run_id)  # in this process: each check comes before any work
+        assert result.exit_code != 0
         assert expected in one_error_line(result.stderr), run_id
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
 from helpers import (
+    invoke,
     PROJECTION_METRICS,
     array,
     free_port,
@@ -331,20 +332,21 @@ def test_umap_in_three_dims(trained_run, tmp_path):
     ],
 )
 def test_bad_options_are_one_line_errors(trained_run, tmp_path, fresh_experiment, args, expected):
-    result = run_cli("project", "--run-id", trained_run, *args, cwd=tmp_path)
+    result = invoke("project", "--run-id", trained_run, *args)
     assert_one_line_error(result, expected)
     assert MlflowClient().search_runs([fresh_experiment]) == []
 
 
 def assert_one_line_error(result, expected):
-    assert result.returncode != 0
+    """The CLI's one-line error; run in this process (a CliRunner result): each comes before any work."""
+    assert result.exit_code != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
 
 
 def test_unknown_run_id(tmp_path, fresh_experiment):
-    result = run_cli("project", "--run-id", "0123456789abcdef0123456789abcdef", cwd=tmp_path)
+    result = invoke("project", "--run-id", "0123456789abcdef0123456789abcdef")
     assert_one_line_error(result, "no run '0123456789abcdef0123456789abcdef' in the tracking store")
     assert MlflowClient().search_runs([fresh_experiment]) == []
 
@@ -352,7 +354,7 @@ def test_unknown_run_id(tmp_path, fresh_experiment):
 def test_running_run(tmp_path, fresh_experiment):
     client = MlflowClient()
     running = client.create_run(fresh_experiment, tags={"mnist_tracking.kind": "training"}).info.run_id
-    result = run_cli("project", "--run-id", running, cwd=tmp_path)
+    result = invoke("project", "--run-id", running)
     assert_one_line_error(result, f"run {running} (")
     assert "wait for its training to finish, then project it" in result.stderr
     assert [r.info.run_id for r in client.search_runs([fresh_experiment])] == [running]
@@ -362,20 +364,20 @@ def test_run_without_features(tmp_path, fresh_experiment):
     client = MlflowClient()
     foreign = client.create_run(fresh_experiment, tags={"mnist_tracking.kind": "training"}).info.run_id
     client.set_terminated(foreign)  # a training run that logged no features
-    result = run_cli("project", "--run-id", foreign, "--split", "val", cwd=tmp_path)
+    result = invoke("project", "--run-id", foreign, "--split", "val")
     assert_one_line_error(result, f"run {foreign} (")
     assert "has no features/val.npz artifact" in result.stderr
     assert len(client.search_runs([fresh_experiment])) == 1
 
 
 def test_projection_run_is_refused(trained_run, projection, tmp_path):
-    result = run_cli("project", "--run-id", projection[0], cwd=tmp_path)
+    result = invoke("project", "--run-id", projection[0])
     assert_one_line_error(result, f"is a projection run, not a training run; pass its training run {trained_run}")
 
 
 def test_missing_run_id_is_a_usage_error(tmp_path):
-    result = run_cli("project", cwd=tmp_path)
-    assert result.returncode != 0 and "Missing option '--run-id'" in result.stderr
+    result = invoke("project")
+    assert result.exit_code != 0 and "Missing option '--run-id'" in result.stderr
 
 
 # ---- the CLI and `mlflow run`, end to end
