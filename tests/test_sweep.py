@@ -129,7 +129,7 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
     assert len(answers) == 1 and f"| {int(metrics['pair_1_3_fixed'])} | {int(metrics['pair_1_3_broken'])} |" in answers[0]
 
 
-def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_dir, fresh_experiment):
+def test_a_failed_training_is_recorded_on_its_child_and_a_resume_trains_only_it_again(data_dir, fresh_experiment):
     # A real failure: lr=1e6 diverges within a few batches.
     diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
     study = (SEED_TRAININGS[0], diverging, SEED_TRAININGS[2])
@@ -139,30 +139,22 @@ def test_a_failed_training_is_recorded_on_its_child_and_the_others_finish(data_d
         sweep_and_log(config, echo=lines.append, study=study)
 
     kinds = runs_by_kind(fresh_experiment)
-    [parent] = kinds["sweep"]
-    assert parent.info.status == "FAILED" and "1 of 3 trainings failed" in parent.data.tags["status_reason"]
+    [old] = kinds["sweep"]
+    old_id = old.info.run_id
+    assert old.info.status == "FAILED" and "1 of 3 trainings failed" in old.data.tags["status_reason"]
     children = by_label(kinds["training"])
     assert [r.info.status for r in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "diverged" in children[1].data.tags["status_reason"]
-    assert children[1].data.tags[PARENT_RUN_TAG] == parent.info.run_id
+    assert children[1].data.tags[PARENT_RUN_TAG] == old_id
     # The two that finished were projected and compared; the failed one is a row saying so.
     assert len(kinds["projection"]) == 2
-    assert {"comparison.png", "comparison.md"} <= artifact_names(parent.info.run_id)
-    text = open(MlflowClient().download_artifacts(parent.info.run_id, "comparison.md")).read()
+    assert {"comparison.png", "comparison.md"} <= artifact_names(old_id)
+    text = open(MlflowClient().download_artifacts(old_id, "comparison.md")).read()
     assert "| (2) lr 1e-3, 20 epochs |" in text and "FAILED: " in text
     assert any("(2) lr 1e-3, 20 epochs failed" in line for line in lines)
 
-
-def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_experiment):
-    # A sweep whose middle training diverged, and whose process was then killed while a fourth
-    # child was running (what `kill -9` leaves in the store: a RUNNING child).
-    diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
-    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
-    with pytest.raises(UserError):
-        sweep_and_log(config, echo=lambda line: None,
-                      study=(SEED_TRAININGS[0], diverging, SEED_TRAININGS[2]))
-    [old] = runs_by_kind(fresh_experiment)["sweep"]
-    old_id = old.info.run_id
+    # Then its process was killed while a fourth child was running (what `kill -9` leaves in the
+    # store: a RUNNING child), and the sweep is resumed with the seed's own trainings.
     client = MlflowClient()
     stale = client.create_run(fresh_experiment, tags={PARENT_RUN_TAG: old_id, "mnist_tracking.kind": "training"})
     before = {r.info.run_id: r for r in runs_by_kind(fresh_experiment)["training"]}
@@ -177,29 +169,17 @@ def test_resume_reuses_finished_trainings_and_reruns_the_others(data_dir, fresh_
     assert parent.info.status == "FINISHED" and parent.data.tags["resumed_from"] == old_id
     assert client.get_run(old_id).data.tags["resumed_as"] == parent_id
     children = [r for r in kinds["training"] if r.data.tags[PARENT_RUN_TAG] == parent_id]
-    by_label = {r.data.tags["sweep_label"]: r for r in children}
-    assert sorted(by_label) == sorted(t.label for t in SEED_TRAININGS) and len(children) == 3
+    labelled = {r.data.tags["sweep_label"]: r for r in children}
+    assert sorted(labelled) == sorted(t.label for t in SEED_TRAININGS) and len(children) == 3
     # (1) and (3) are the same runs as before, moved under the new parent; only (2) was trained again.
-    assert {label: by_label[label].info.run_id for label in finished} == finished
-    assert by_label[SEED_TRAININGS[1].label].info.run_id not in before
+    assert {label: labelled[label].info.run_id for label in finished} == finished
+    assert labelled[SEED_TRAININGS[1].label].info.run_id not in before
     assert len(kinds["training"]) == len(before) + 1
     assert len(kinds["projection"]) == 3  # two reused, one new
     assert client.get_run(stale.info.run_id).info.status == "KILLED"
     assert sum("Reusing finished run" in line for line in lines) == 2
     text = open(client.download_artifacts(parent_id, "comparison.md")).read()
     assert text.count("| (") == 3 and "FAILED" not in text
-
-
-def test_resume_refuses_a_run_that_is_not_a_like_sweep(data_dir, fresh_experiment):
-    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
-    parent_id = sweep_and_log(config, echo=lambda line: None, study=SEED_TRAININGS[:1])
-    child = runs_by_kind(fresh_experiment)["training"][0].info.run_id
-    before = len(MlflowClient().search_runs([fresh_experiment]))  # parent, training, projection, evolution
-    with pytest.raises(UserError, match=rf"^run {child} \(.*\) is not a sweep; pass the id of a seed-study"):
-        sweep_and_log(replace(config, resume=child), study=SEED_TRAININGS[:1])
-    with pytest.raises(UserError, match=rf"^sweep {parent_id} ran with methods=pca, epochs_scale=0.05; resume it with the same"):
-        sweep_and_log(replace(config, resume=parent_id, methods="tsne", epochs_scale=1.0), study=SEED_TRAININGS[:1])
-    assert len(MlflowClient().search_runs([fresh_experiment])) == before  # no run was started by the refusals
 
 
 def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_experiment):
@@ -272,10 +252,18 @@ def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, 
     assert MlflowClient().get_run(live.info.run_id).info.status != "RUNNING"  # SIGTERM ended it
 
 
-def test_resuming_an_already_resumed_sweep_names_the_newest(data_dir, fresh_experiment):
+def test_resume_refuses_what_is_not_a_like_sweep_and_names_the_newest_resume(data_dir, fresh_experiment):
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
     quiet = dict(echo=lambda line: None, study=SEED_TRAININGS[:1])
     first = sweep_and_log(config, **quiet)
+    child = runs_by_kind(fresh_experiment)["training"][0].info.run_id
+    before = len(MlflowClient().search_runs([fresh_experiment]))  # parent, training, projection, evolution
+    with pytest.raises(UserError, match=rf"^run {child} \(.*\) is not a sweep; pass the id of a seed-study"):
+        sweep_and_log(replace(config, resume=child), **quiet)
+    with pytest.raises(UserError, match=rf"^sweep {first} ran with methods=pca, epochs_scale=0.05; resume it with the same"):
+        sweep_and_log(replace(config, resume=first, methods="tsne", epochs_scale=1.0), **quiet)
+    assert len(MlflowClient().search_runs([fresh_experiment])) == before  # no run was started by the refusals
+
     second = sweep_and_log(replace(config, resume=first), **quiet)
     before = len(MlflowClient().search_runs([fresh_experiment]))
     with pytest.raises(UserError) as error:
