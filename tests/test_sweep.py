@@ -212,7 +212,8 @@ def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_wa
 def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
     result = subprocess.run(
         ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "sweep",
-         "-P", f"data_dir={data_dir}", "-P", "methods=pca", "-P", f"epochs_scale={TINY_SCALE}"],
+         "-P", f"data_dir={data_dir}", "-P", "methods=pca", "-P", f"epochs_scale={TINY_SCALE}",
+         "-P", "cpus_per_trial=0.5"],  # all three side by side, passed through MLproject
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -221,6 +222,7 @@ def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
     assert parent.info.status == "FINISHED" and parent.info.run_name == "seed-study"
     assert len(kinds["training"]) == 3 and len(kinds["projection"]) == 3
     assert {r.data.tags[PARENT_RUN_TAG] for r in kinds["training"]} == {parent.info.run_id}
+    assert parent.data.params["cpus_per_trial"] == "0.5" and "3 training(s) on Ray (local, " in result.stdout
     png = MlflowClient().download_artifacts(parent.info.run_id, "comparison.png")
     from PIL import Image
 
