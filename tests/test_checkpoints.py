@@ -47,7 +47,9 @@ def test_a_server_that_dies_mid_training_loses_no_epoch(data_dir, tmp_path):
     uri = f"http://127.0.0.1:{port}"
     server = start_server(folder, port)
     env = {**os.environ, **SUBPROCESS_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": "0",
-           "MNIST_TRACKING_CHECKPOINT_CACHE": str(tmp_path / "cache")}
+           "MNIST_TRACKING_CHECKPOINT_CACHE": str(tmp_path / "cache"),
+           # a user's own choice, which the CLI keeps: one retry per request, so the dead server is told sooner
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
     client = MlflowClient(tracking_uri=uri)
     training = subprocess.Popen(
         [sys.executable, "-m", "mnist_tracking", "train", "--data-dir", str(data_dir), *TINY, "--epochs", "40",
