@@ -54,17 +54,22 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
     try:
-        if address:
-            ray.init(address=address, log_to_driver=True, configure_logging=False)
-        else:
-            with environment_without(NOT_INHERITED):  # the workers Ray starts inherit this environment
-                ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, num_cpus=cpus,
-                         num_gpus=gpus, log_to_driver=True, configure_logging=False)
+        with signals_held_while_ray_starts():
+            if address:
+                ray.init(address=address, log_to_driver=True, configure_logging=False)
+            else:
+                with environment_without(NOT_INHERITED):  # the workers Ray starts inherit this environment
+                    ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, num_cpus=cpus,
+                             num_gpus=gpus, log_to_driver=True, configure_logging=False)
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
+        ray.shutdown()  # what it started before it failed
         where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
         hint = ("check that `ray start --head` runs there and that this machine reaches it" if address
                 else "check free memory and /tmp space, or unset a stale RAY_ADDRESS")
         raise UserError(f"cannot {where} ({type(exc).__name__}: {first_line(exc)}); {hint}") from None
+    except BaseException:  # Ctrl-C or SIGTERM while Ray started: stop what it started, then stop
+        ray.shutdown()
+        raise
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         if address:
@@ -76,6 +81,42 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
                "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
     finally:
         ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
+
+
+@contextmanager
+def signals_held_while_ray_starts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while ray.init runs, then hand the first to this process's handler.
+
+    A signal that raises inside ray.init can be swallowed by Ray (the search then runs as if none
+    came) or leave its processes half started (the command aborts as it exits); and ray.init puts
+    its own SIGTERM handler in place of ours (`sys.exit(15)`: the run would end FAILED without a
+    reason, the command with no line). So the signal is only noted until Ray has started."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import ray._private.utils as ray_utils
+
+    noted: list[int] = []
+    ours = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    rays = getattr(ray_utils, "set_sigterm_handler", None)
+    ray_utils.set_sigterm_handler = lambda handler: None  # ray.init's own handler, not installed: ours stays
+    try:
+        yield
+    except SystemExit as exc:  # a Ray that installed its handler anyway (another version), on a SIGTERM
+        if exc.code != signal.SIGTERM:
+            raise
+        noted.append(signal.SIGTERM)
+    finally:
+        if rays is not None:
+            ray_utils.set_sigterm_handler = rays
+        for s, handler in ours.items():
+            signal.signal(s, handler)
+    if noted:
+        # Late in ray.init Ray's C++ core installs absl's failure-signal handler, which logs a SIGTERM,
+        # passes it on (to the lambda above) and arms alarm(3), whose end aborts the process (exit -6)
+        # however the command ends. Nothing here uses alarm(): the pending one is cancelled.
+        signal.alarm(0)
+        signal.raise_signal(noted[0])  # delivered now, to our handler
 
 
 def unfit_trial(cluster: dict, cpus: float, gpus: float, one: str = "trial") -> str:
@@ -125,11 +166,15 @@ class Interruption:
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        tune_stopping = self.fitting and signal.getsignal(signal.SIGINT) == self.handle  # Tune caught a Ctrl-C
-        if not self.fitting or (signum == signal.SIGINT and (self.received or tune_stopping)):
-            # Outside fit() nothing of Tune's is to be saved; a second Ctrl-C skips Tune's saving (as Tune says).
+        if not self.fitting:
+            # Only noted, never raised inside Ray's code (which may swallow it, or abort as the process
+            # exits): before fit() `during_fit` acts on it; after it the runs are accounted for, then ended.
             self.received = self.received or name
-            raise KeyboardInterrupt(name)
+            return
+        tune_stopping = signal.getsignal(signal.SIGINT) == self.handle  # Tune caught a Ctrl-C
+        if signum == signal.SIGINT and (self.received or tune_stopping):
+            self.received = self.received or name
+            raise KeyboardInterrupt(name)  # a second Ctrl-C skips Tune's saving (as Tune says)
         if self.received or tune_stopping:
             self.received = self.received or "SIGINT"
             return  # `mlflow run` sends SIGTERM after Ctrl-C: the search is already being stopped
@@ -138,6 +183,9 @@ class Interruption:
 
     @contextmanager
     def during_fit(self) -> Iterator[None]:
+        """Around Tune's fit(); a signal noted before it (while Ray started, say) stops here instead."""
+        if self.received:
+            raise KeyboardInterrupt(self.received)
         self.fitting = True
         try:
             yield
@@ -151,8 +199,9 @@ class Interruption:
 
 @contextmanager
 def interrupts_stop_the_search() -> Iterator[Interruption]:
-    """Install our SIGINT/SIGTERM handler (after ray.init, which installs its own SIGTERM one that
-    would exit at once); restores the previous handlers at the end."""
+    """Install our SIGINT/SIGTERM handler (kept across ray.init by `ray_session`); restores the
+    previous handlers at the end. Before and after fit() a signal is only noted (`received`): before,
+    `during_fit` raises KeyboardInterrupt (nothing of Tune's to save); during, Tune stops the trials."""
     interruption = Interruption()
     previous = {}
     if threading.current_thread() is threading.main_thread():

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from mnist_tracking import interrupts
 from mnist_tracking.config import ALIAS, REGISTER_METRIC, TuneConfig
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
@@ -50,44 +51,70 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     load_splits(trial.dataset, trial.data_dir, trial.val_fraction, trial.seed, trial.max_samples)  # bad data: now
     old = resumable_search(settings) if settings.resume else None
     storage = prepared_storage(storage_path(settings))
-    tracking_uri = absolute_tracking_uri(mlflow.get_tracking_uri())
 
     with search_parent_run(settings, old) as parent:
-        parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
-        artifact_root = MlflowClient().get_experiment(experiment_id).artifact_location
-        started = time.perf_counter()
-        with ray_session(settings.ray_cpus or None, None, tracking_uri, artifact_root) as cluster, \
-                interrupts_stop_the_search() as interruption:
-            unfit = unfit_trial(cluster, settings.cpus_per_trial, settings.gpus_per_trial)
-            if unfit:
-                end_active_run(unfit, "FAILED")
-                raise UserError(unfit)
-            echo(f"Tune: {settings.trials} trials of at most {settings.max_epochs} epochs on Ray ({cluster['address']}, "
-                 f"{cluster['nodes']} node(s), {cluster['cpus']:g} CPUs), {settings.cpus_per_trial:g} CPU(s) a trial; "
-                 f"parent run {parent_id}")
-            context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
-                       "fixed": settings.search_space.fixed, "per_trial": per_trial(settings),
-                       "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
-            tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
-            fit_started = time.perf_counter()
-            with interruption.during_fit():
-                results = tuner.fit()
-            # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
-            mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
-                                "ray_start_seconds": fit_started - started})
-        rows = account(parent_id, results, getattr(scheduler, "reasons", {}), interruption.received, settings)
-        best = log_outputs(rows, settings, parent, echo, final=not interruption.received)
+        parent_id = parent.info.run_id
+        with interrupts_stop_the_search() as interruption:
+            try:
+                results, scheduler = fit_on_ray(settings, parent, old, storage, interruption, echo)
+            except KeyboardInterrupt:  # before fit() (while Ray started, say): no trial of this call had started
+                name = interruption.received or interrupts.received_name()
+                raise stopped(parent_id, f"interrupted by {name} before its trials started; " + (
+                    f"continue the search with --resume {parent_id}" if old else "run the search again")) from None
+            # A signal from here on is only noted: every trial's run gets its status and reason first.
+            rows = account(parent_id, results, getattr(scheduler, "reasons", {}), interruption.received, settings)
         if interruption.received:
-            reason = (f"interrupted by {interruption.received}; continue the search with --resume {parent_id} "
-                      f"(mlflow run: -P resume={parent_id})")
-            end_active_run(reason, "KILLED")
-            raise KeyboardInterrupt(f"search {parent_id} {reason}")
+            interrupts.ignore_from_now()  # a second signal (`mlflow run` follows Ctrl-C with SIGTERM) cuts nothing
+            log_outputs(rows, settings, parent, echo, final=False)
+            raise stopped(parent_id, f"interrupted by {interruption.received}; continue the search with --resume "
+                                     f"{parent_id} (mlflow run: -P resume={parent_id})")
+        try:
+            best = log_outputs(rows, settings, parent, echo)
+        except KeyboardInterrupt:  # while the best were compared or registered
+            raise stopped(parent_id, f"interrupted by {interrupts.received_name()} after its trials ended, while its "
+                                     "outputs were logged") from None
         if best is None:
             reason = "no trial finished: " + "; ".join(f"{r.trial_id} {r.state} ({r.reason})" for r in rows)[:900]
             end_active_run(reason, "FAILED")
             raise UserError(f"search {parent_id}: {reason}")
-        echo(f"View the search: {ui_url(experiment_id, parent_id)}" + ui_hint())
+        echo(f"View the search: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
     return parent_id
+
+
+def fit_on_ray(settings: TuneConfig, parent, old, storage: str, interruption, echo: Callable[[str], None]):
+    """Start or join Ray, refuse a trial no node can hold, and run Tune's fit(): (results, scheduler)."""
+    parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
+    tracking_uri = absolute_tracking_uri(mlflow.get_tracking_uri())
+    artifact_root = MlflowClient().get_experiment(experiment_id).artifact_location
+    started = time.perf_counter()
+    with ray_session(settings.ray_cpus or None, None, tracking_uri, artifact_root) as cluster:
+        unfit = unfit_trial(cluster, settings.cpus_per_trial, settings.gpus_per_trial)
+        if unfit:
+            end_active_run(unfit, "FAILED")
+            raise UserError(unfit)
+        echo(f"Tune: {settings.trials} trials of at most {settings.max_epochs} epochs on Ray ({cluster['address']}, "
+             f"{cluster['nodes']} node(s), {cluster['cpus']:g} CPUs), {settings.cpus_per_trial:g} CPU(s) a trial; "
+             f"parent run {parent_id}")
+        context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+                   "fixed": settings.search_space.fixed, "per_trial": per_trial(settings),
+                   "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
+        tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
+        fit_started = time.perf_counter()
+        with interruption.during_fit():
+            try:
+                results = tuner.fit()
+            except KeyboardInterrupt:  # a second Ctrl-C, which makes Tune skip saving: the driver still accounts
+                results = None
+        # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
+        mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
+                            "ray_start_seconds": fit_started - started})
+    return results, scheduler
+
+
+def stopped(parent_id: str, reason: str) -> KeyboardInterrupt:
+    """End the search's parent run KILLED with `reason`; the interrupt that says so in one line."""
+    end_active_run(reason, "KILLED")
+    return KeyboardInterrupt(f"search {parent_id} {reason}")
 
 
 def prepared_storage(path: str) -> str:

@@ -405,3 +405,63 @@ def test_the_mlflow_ui_shows_the_search_its_nested_trials_the_trials_table_and_f
         if driver is not None:
             driver.quit()
         stop_mlflow_server(server)
+
+
+def ray_is_starting(pid: int) -> bool:
+    """Early in ray.init: its GCS server (a child of the command) runs."""
+    import psutil
+
+    try:
+        return any(p.name().startswith("gcs_server") for p in psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+def ray_core_worker_started(pid: int) -> bool:
+    """Late in ray.init: the command's own core worker (which installs absl's signal handler) logs."""
+    import glob
+
+    return bool(glob.glob(f"/tmp/ray/session_*/logs/python-core-driver-*_{pid}.log"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, moment", [("tune", ray_is_starting), ("tune", ray_core_worker_started),
+                                             ("sweep", ray_core_worker_started)],
+                         ids=["tune-early-in-ray-init", "tune-late-in-ray-init", "sweep-late-in-ray-init"])
+def test_sigterm_while_ray_starts_ends_the_parent_killed_in_one_line(command, moment, ray_env, data_dir, tmp_path,
+                                                                      fresh_experiment):
+    """ray.init puts its own SIGTERM handler (sys.exit(15)) and, late, absl's (which arms an alarm
+    that aborts the process 3 s on): a SIGTERM then used to end the command 15 or -6 with no line,
+    its parent FAILED without a reason, or be swallowed and the search run on."""
+    import os
+    import signal
+    import time
+
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    args = (tune_command(data_dir, tmp_path / "storage") if command == "tune" else
+            [sys.executable, "-m", "mnist_tracking", "sweep", "--data-dir", str(data_dir), "--methods", "pca",
+             "--epochs-scale", "0.05"])
+    err_file = tmp_path / "err.log"
+    with err_file.open("w") as err:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
+                                   env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+    deadline = time.monotonic() + 240  # imports of torch, MLflow and Ray on a busy machine
+    while not moment(process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, err_file.read_text()[-2000:]
+        time.sleep(0.02)
+    ray_processes = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=120)
+    err = err_file.read_text()
+    [parent] = runs_of(fresh_experiment)  # no trial or training run was started
+    parent_id, reason = parent.info.run_id, parent.data.tags.get("status_reason", "")
+    expected = ("interrupted by SIGTERM before its trials started; run the search again" if command == "tune" else
+                f"interrupted (SIGTERM); resume it with --resume {parent_id} (-P resume={parent_id})")
+    assert (process.returncode, parent.info.status, reason) == (130, "KILLED", expected), err[-3000:]
+    assert err.strip().splitlines()[-1] == f"Error: {command if command == 'sweep' else 'search'} {parent_id} {expected}"
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)  # the Ray it started is stopped, not orphaned
+    assert alive == []
+    assert MlflowClient().get_run(parent_id).info.end_time is not None
