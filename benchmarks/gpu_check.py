@@ -61,7 +61,7 @@ def unpacked_data_dir(data_dir: str) -> str:
 def cuda_tests() -> dict:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p",
-                             "no:cacheprovider"], cwd=REPO, capture_output=True, text=True)
+                             "no:cacheprovider", "-o", "addopts=--strict-markers"], cwd=REPO, capture_output=True, text=True)
     print(result.stdout[-3000:], result.stderr[-2000:], sep="\n", flush=True)
     last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     return {"returncode": result.returncode, "summary": last, "seconds": round(time.perf_counter() - started, 1)}
