@@ -73,11 +73,7 @@ def train_side_by_side(parent_id: str, trainings: list[Training], config: SweepC
                     run_config=tune.RunConfig(name=parent_id, storage_path=storage, verbose=0,
                                               failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
                 )
-                with interruption.during_fit():
-                    try:
-                        results = tuner.fit()
-                    except KeyboardInterrupt:  # a second Ctrl-C: the runs are still ended below
-                        results = []
+                results = interruption.fit(tuner)
             # A signal from here on is only noted: every training's run gets its status and reason first.
             trained = account(parent_id, trainings, ray_errors(results), interruption.received)
     finally:

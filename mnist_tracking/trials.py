@@ -181,6 +181,15 @@ class Interruption:
         self.received = name
         signal.raise_signal(signal.SIGINT)  # SIGTERM: stop the search the way Tune stops it on Ctrl-C
 
+    def fit(self, tuner):
+        """Tune's fit() under this handling: its results, or [] when a second Ctrl-C cut it short (Tune
+        then skips saving its state); either way the driver accounts for every run afterwards."""
+        with self.during_fit():
+            try:
+                return tuner.fit()
+            except KeyboardInterrupt:
+                return []
+
     @contextmanager
     def during_fit(self) -> Iterator[None]:
         """Around Tune's fit(); a signal noted before it (while Ray started, say) stops here instead."""

@@ -100,11 +100,7 @@ def fit_on_ray(settings: TuneConfig, parent, old, storage: str, interruption, ec
                    "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
         tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
         fit_started = time.perf_counter()
-        with interruption.during_fit():
-            try:
-                results = tuner.fit()
-            except KeyboardInterrupt:  # a second Ctrl-C, which makes Tune skip saving: the driver still accounts
-                results = None
+        results = interruption.fit(tuner)
         # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
                             "ray_start_seconds": fit_started - started})

@@ -301,7 +301,7 @@ def tune_command(data_dir, storage, *extra):
             "--data-dir", str(data_dir), "--storage", str(storage), *extra]
 
 
-def wait_for(condition, timeout_s: float, what: str, process, err_file):
+def wait_for(condition, timeout_s: float, what: str, process, err_file, poll_s: float = 1.0):
     import time
 
     deadline = time.monotonic() + timeout_s
@@ -311,7 +311,7 @@ def wait_for(condition, timeout_s: float, what: str, process, err_file):
             return found
         if process.poll() is not None:
             raise AssertionError(f"the search ended ({process.returncode}) before {what}: {err_file.read_text()[-2000:]}")
-        time.sleep(1)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -435,7 +435,6 @@ def test_sigterm_while_ray_starts_ends_the_parent_killed_in_one_line(command, mo
     its parent FAILED without a reason, or be swallowed and the search run on."""
     import os
     import signal
-    import time
 
     import psutil
     from mlflow.tracking import MlflowClient
@@ -447,10 +446,8 @@ def test_sigterm_while_ray_starts_ends_the_parent_killed_in_one_line(command, mo
     with err_file.open("w") as err:
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp_path,
                                    env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
-    deadline = time.monotonic() + 240  # imports of torch, MLflow and Ray on a busy machine
-    while not moment(process.pid):
-        assert process.poll() is None and time.monotonic() < deadline, err_file.read_text()[-2000:]
-        time.sleep(0.02)
+    # 240 s: imports of torch, MLflow and Ray on a busy machine; polled often, the late moment is short
+    wait_for(lambda: moment(process.pid), 240, moment.__name__, process, err_file, poll_s=0.02)
     ray_processes = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
