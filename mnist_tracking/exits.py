@@ -103,9 +103,11 @@ def user_errors(command):
         # line below names the database's own reason (errors.store_error_line) instead.
         logging.getLogger(SQL_ERROR_LOGGER).setLevel(logging.CRITICAL)
         try:
+            from mnist_tracking import database_calls
             from mnist_tracking.links import check_tracking_server
 
             check_tracking_server()  # every entry point: an unreachable server fails at once
+            database_calls.count_connections()  # a signal inside a database call is raised as it returns
             result = command(*args, **kwargs)
             interrupts.ignore_from_now()  # done: a signal now would only make a finished command look failed
             return result

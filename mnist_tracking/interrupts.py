@@ -6,6 +6,8 @@ import signal
 import threading
 from contextlib import contextmanager
 
+from mnist_tracking import database_calls
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # The first signal of this process (its number), shared by every handler here: one signal stops
@@ -27,7 +29,16 @@ def _stop(signum, frame) -> None:
     if _received is not None or _done:
         return
     _received = signum
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise_interrupt(signum, frame)
+
+
+def raise_interrupt(signum: int, frame) -> None:
+    """Raise KeyboardInterrupt for `signum` at `frame`, where the signal landed; inside a call to the
+    tracking database, as that call returns instead (database_calls says why)."""
+    interrupt = KeyboardInterrupt(signal.Signals(signum).name)
+    call = database_calls.outermost_database_call(frame)
+    if call is None or not database_calls.raise_as_it_returns(call, interrupt):
+        raise interrupt
 
 
 def listen() -> None:
@@ -68,6 +79,7 @@ class Interrupts:
     def __enter__(self) -> "Interrupts":
         global _received, _done
         if threading.current_thread() is threading.main_thread():
+            database_calls.count_connections()
             _received, _done = None, False  # a new training: no signal has stopped it yet
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -85,7 +97,7 @@ class Interrupts:
         if self._depth:
             self._pending = True
         else:
-            raise KeyboardInterrupt(signal.Signals(signum).name)
+            raise_interrupt(signum, frame)
 
     @property
     def name(self) -> str:
