@@ -15,12 +15,12 @@ from mnist_tracking import interrupts
 from mnist_tracking.config import SweepConfig
 from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.runs import STATUS_REASON_TAG, end_active_run, end_run, get_run
+from mnist_tracking.search_signals import interrupts_stop_the_search
 from mnist_tracking.study import Training
 from mnist_tracking.sweep_runs import SWEEP_LABEL_TAG, children
 from mnist_tracking.trials import (
     TRAINING_KEY,
     absolute_tracking_uri,
-    interrupts_stop_the_search,
     ray_session,
     trainable,
     unfit_trial,

@@ -1,16 +1,14 @@
-"""The trial runner of `tune` and the sweep on Ray: starting or joining Ray, our Ctrl-C/SIGTERM handling around Tune, and one trial as a training run."""
+"""The trial runner of `tune` and the sweep on Ray: starting or joining Ray, and one trial as a training run."""
 
 from __future__ import annotations
 
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from mnist_tracking.errors import UserError, first_line
+from mnist_tracking.search_signals import signals_held_while_ray_starts
 
 TRIAL_TAG = "mnist_tracking.trial_id"
 NODE_TAG = "mnist_tracking.ray_node_id"
@@ -83,42 +81,6 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
         ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
 
 
-@contextmanager
-def signals_held_while_ray_starts() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while ray.init runs, then hand the first to this process's handler.
-
-    A signal that raises inside ray.init can be swallowed by Ray (the search then runs as if none
-    came) or leave its processes half started (the command aborts as it exits); and ray.init puts
-    its own SIGTERM handler in place of ours (`sys.exit(15)`: the run would end FAILED without a
-    reason, the command with no line). So the signal is only noted until Ray has started."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    import ray._private.utils as ray_utils
-
-    noted: list[int] = []
-    ours = {s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
-    rays = getattr(ray_utils, "set_sigterm_handler", None)
-    ray_utils.set_sigterm_handler = lambda handler: None  # ray.init's own handler, not installed: ours stays
-    try:
-        yield
-    except SystemExit as exc:  # a Ray that installed its handler anyway (another version), on a SIGTERM
-        if exc.code != signal.SIGTERM:
-            raise
-        noted.append(signal.SIGTERM)
-    finally:
-        if rays is not None:
-            ray_utils.set_sigterm_handler = rays
-        for s, handler in ours.items():
-            signal.signal(s, handler)
-    if noted:
-        # Late in ray.init Ray's C++ core installs absl's failure-signal handler, which logs a SIGTERM,
-        # passes it on (to the lambda above) and arms alarm(3), whose end aborts the process (exit -6)
-        # however the command ends. Nothing here uses alarm(): the pending one is cancelled.
-        signal.alarm(0)
-        signal.raise_signal(noted[0])  # delivered now, to our handler
-
-
 def unfit_trial(cluster: dict, cpus: float, gpus: float, one: str = "trial") -> str:
     """Why a trial asking for `cpus` and `gpus` can never start on this Ray (Tune would only warn and
     wait for ever), or "" when it fits on the largest node."""
@@ -153,73 +115,6 @@ def environment_without(names: tuple[str, ...]) -> Iterator[None]:
         yield
     finally:
         os.environ.update(saved)
-
-
-@dataclass
-class Interruption:
-    """Ctrl-C and SIGTERM during a search. Tune's fit() installs its own SIGINT handler, which stops
-    the trials, saves the search's state (for --resume) and returns from fit() as if it had ended,
-    after putting back the handler it found (ours): `received` says what happened."""
-
-    received: str = ""  # the first signal's name, once one came
-    fitting: bool = False  # inside Tune's fit()
-
-    def handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if not self.fitting:
-            # Only noted, never raised inside Ray's code (which may swallow it, or abort as the process
-            # exits): before fit() `during_fit` acts on it; after it the runs are accounted for, then ended.
-            self.received = self.received or name
-            return
-        tune_stopping = signal.getsignal(signal.SIGINT) == self.handle  # Tune caught a Ctrl-C
-        if signum == signal.SIGINT and (self.received or tune_stopping):
-            self.received = self.received or name
-            raise KeyboardInterrupt(name)  # a second Ctrl-C skips Tune's saving (as Tune says)
-        if self.received or tune_stopping:
-            self.received = self.received or "SIGINT"
-            return  # `mlflow run` sends SIGTERM after Ctrl-C: the search is already being stopped
-        self.received = name
-        signal.raise_signal(signal.SIGINT)  # SIGTERM: stop the search the way Tune stops it on Ctrl-C
-
-    def fit(self, tuner):
-        """Tune's fit() under this handling: its results, or [] when a second Ctrl-C cut it short (Tune
-        then skips saving its state); either way the driver accounts for every run afterwards."""
-        with self.during_fit():
-            try:
-                return tuner.fit()
-            except KeyboardInterrupt:
-                return []
-
-    @contextmanager
-    def during_fit(self) -> Iterator[None]:
-        """Around Tune's fit(); a signal noted before it (while Ray started, say) stops here instead."""
-        if self.received:
-            raise KeyboardInterrupt(self.received)
-        self.fitting = True
-        try:
-            yield
-        finally:
-            self.fitting = False
-            if signal.getsignal(signal.SIGINT) == self.handle:  # Tune's handler put ours back: it caught a Ctrl-C
-                self.received = self.received or "SIGINT"
-            elif threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, self.handle)  # Tune's stays installed after a search that ended
-
-
-@contextmanager
-def interrupts_stop_the_search() -> Iterator[Interruption]:
-    """Install our SIGINT/SIGTERM handler (kept across ray.init by `ray_session`); restores the
-    previous handlers at the end. Before and after fit() a signal is only noted (`received`): before,
-    `during_fit` raises KeyboardInterrupt (nothing of Tune's to save); during, Tune stops the trials."""
-    interruption = Interruption()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, interruption.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield interruption
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # --------------------------------------------------------------------------- one trial

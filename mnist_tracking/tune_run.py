@@ -17,9 +17,9 @@ from mnist_tracking.links import ui_hint, ui_url
 from mnist_tracking.registry import check_names
 from mnist_tracking.runs import end_active_run
 from mnist_tracking.search_engine import explained_asha, optuna_searcher, tune_space
+from mnist_tracking.search_signals import interrupts_stop_the_search
 from mnist_tracking.trials import (
     absolute_tracking_uri,
-    interrupts_stop_the_search,
     ray_session,
     trainable,
     unfit_trial,
