@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+import time
 from contextlib import contextmanager
 
 from mnist_tracking import database_calls
@@ -16,6 +18,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # while the first is handled, or while the process exits.
 _received: int | None = None
 _done = False  # the command's outcome is decided: every signal is ignored from now on
+_dropped = False  # Python dropped our interrupt (it landed in a finalizer): the signal comes again
+_in_hook = False  # inside _redeliver_dropped
+_hook_before = sys.unraisablehook  # what reports every other exception Python has to drop
+DELIVERER = "deliver-dropped-signal"
+DELIVER_AGAIN_S = 0.05  # a delivery that lands in a finalizer again is dropped again: the next one follows
 
 
 def received_name() -> str:
@@ -23,13 +30,58 @@ def received_name() -> str:
     return signal.Signals(_received).name if _received else "an interrupt"
 
 
+def _acts_on(signum: int) -> bool:
+    """Whether a signal stops the command: the first, or the one delivered again after Python dropped
+    its interrupt (`_redeliver_dropped`); every other one is ignored."""
+    global _received, _dropped
+    if _done:
+        return False
+    if _received is None:
+        _received = signum
+        return True
+    if _dropped and not _in_hook:
+        _dropped = False
+        return True
+    return False
+
+
 def _stop(signum, frame) -> None:
     """The process's handler for SIGINT and SIGTERM outside a training: the first raises, the rest do nothing."""
-    global _received
-    if _received is not None or _done:
+    if _acts_on(signum):
+        raise_interrupt(_received, frame)
+
+
+def _redeliver_dropped(unraisable) -> None:
+    """sys.unraisablehook. An exception raised in a finalizer (a weakref callback, `__del__`, the
+    garbage collector's work, which run inside any code) is dropped by Python with "Exception
+    ignored in ...": our interrupt landing there was lost, and the command ran on to its end. The
+    signal is delivered again instead, until it is raised in the command's own code."""
+    global _dropped, _in_hook
+    ours = isinstance(unraisable.exc_value, KeyboardInterrupt) and _received is not None and not _done
+    if not (ours and threading.current_thread() is threading.main_thread()):
+        _hook_before(unraisable)
         return
-    _received = signum
-    raise_interrupt(signum, frame)
+    _in_hook = True  # a signal now would be raised in this hook, and dropped without calling it again
+    try:
+        _dropped = True
+        if not any(t.name == DELIVERER for t in threading.enumerate()):
+            threading.Thread(target=_deliver_while_dropped, args=(_received,), name=DELIVERER, daemon=True).start()
+    finally:
+        _in_hook = False
+
+
+def _deliver_while_dropped(signum: int) -> None:
+    """Send `signum` to the main thread (where Python runs handlers) until one of ours raised it."""
+    while _dropped and not _done:
+        signal.pthread_kill(threading.main_thread().ident, signum)
+        time.sleep(DELIVER_AGAIN_S)
+
+
+def _catch_dropped_interrupts() -> None:
+    global _hook_before
+    if sys.unraisablehook is not _redeliver_dropped:
+        _hook_before = sys.unraisablehook
+        sys.unraisablehook = _redeliver_dropped
 
 
 def raise_interrupt(signum: int, frame) -> None:
@@ -43,10 +95,11 @@ def raise_interrupt(signum: int, frame) -> None:
 
 def listen() -> None:
     """Turn SIGINT and SIGTERM into one KeyboardInterrupt (the first; later ones are ignored)."""
-    global _received, _done
+    global _received, _done, _dropped
     if threading.current_thread() is not threading.main_thread():
         return
-    _received, _done = None, False
+    _received, _done, _dropped = None, False, False
+    _catch_dropped_interrupts()
     for s in SIGNALS:
         signal.signal(s, _stop)
 
@@ -77,10 +130,11 @@ class Interrupts:
         return _received
 
     def __enter__(self) -> "Interrupts":
-        global _received, _done
+        global _received, _done, _dropped
         if threading.current_thread() is threading.main_thread():
             database_calls.count_connections()
-            _received, _done = None, False  # a new training: no signal has stopped it yet
+            _catch_dropped_interrupts()
+            _received, _done, _dropped = None, False, False  # a new training: no signal has stopped it yet
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
@@ -90,14 +144,12 @@ class Interrupts:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        global _received
-        if _received is not None or _done:
+        if not _acts_on(signum):
             return  # already stopping: a second signal must not cut short the ending of the run
-        _received = signum
         if self._depth:
             self._pending = True
         else:
-            raise_interrupt(signum, frame)
+            raise_interrupt(_received, frame)
 
     @property
     def name(self) -> str:

@@ -1,9 +1,11 @@
-"""A SIGTERM that lands inside MLflow's database call (sqlite) is raised as the call returns: the run still ends KILLED at once."""
+"""A SIGTERM where a KeyboardInterrupt raised at once would do harm or be lost: inside MLflow's database call (sqlite),
+inside a finalizer; and where it is raised at once."""
 
 import os
 import signal
 import time
 import traceback
+import weakref
 
 import mlflow
 import pytest
@@ -71,3 +73,29 @@ def test_a_signal_outside_a_database_call_is_raised_where_it_lands(listening):
         time.sleep(ENDING_S)  # the handler runs here, at once
     names = [f.name for f in traceback.extract_tb(interrupted.tb)]
     assert names[:2] == ["test_a_signal_outside_a_database_call_is_raised_where_it_lands", "_stop"], names
+
+
+class Cache:
+    """An object with a weakref callback, as SQLAlchemy's and the standard library's registries have."""
+
+
+def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_command(listening, capsys):
+    """Python drops an exception raised in a weakref callback ("Exception ignored in ..."): a sweep
+    SIGTERMed while `import ray` collected garbage once trained on to its end and exited 0."""
+    ran = []
+
+    def finalizer(ref) -> None:  # called by Python when the object goes, inside whatever code runs then
+        ran.append("finalizer")
+        os.kill(os.getpid(), signal.SIGTERM)  # os.kill runs the handler before it returns: inside the finalizer
+        ran.append("after the signal")  # not reached: the KeyboardInterrupt was raised above, and dropped
+
+    cache = Cache()
+    ref = weakref.ref(cache, finalizer)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        del cache  # the finalizer runs; its KeyboardInterrupt is dropped, the signal delivered again
+        time.sleep(ENDING_S)  # ... and raised here, in the command's own code
+    assert ran == ["finalizer"] and ref() is None
+    assert str(interrupted.value) == "SIGTERM" and interrupts.received_name() == "SIGTERM"
+    names = [f.name for f in traceback.extract_tb(interrupted.tb)]
+    assert names[0] == "test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_command" and "finalizer" not in names
+    assert "Exception ignored" not in capsys.readouterr().err
