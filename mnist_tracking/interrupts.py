@@ -64,8 +64,8 @@ def _redeliver_dropped(unraisable) -> None:
     _in_hook = True  # a signal now would be raised in this hook, and dropped without calling it again
     try:
         _dropped = True
-        if not any(t.name == DELIVERER for t in threading.enumerate()):
-            threading.Thread(target=_deliver_while_dropped, args=(_received,), name=DELIVERER, daemon=True).start()
+        # a deliverer of each drop: one that is just ending might not send again; extra signals are ignored
+        threading.Thread(target=_deliver_while_dropped, args=(_received,), name=DELIVERER, daemon=True).start()
     finally:
         _in_hook = False
 
