@@ -77,8 +77,10 @@ def _deliver_while_dropped(signum: int) -> None:
         time.sleep(DELIVER_AGAIN_S)
 
 
-def _catch_dropped_interrupts() -> None:
-    global _hook_before
+def _new_command() -> None:
+    """A new command or training: no signal has stopped it yet; our interrupts dropped in a finalizer come again."""
+    global _received, _done, _dropped, _hook_before
+    _received, _done, _dropped = None, False, False
     if sys.unraisablehook is not _redeliver_dropped:
         _hook_before = sys.unraisablehook
         sys.unraisablehook = _redeliver_dropped
@@ -95,11 +97,9 @@ def raise_interrupt(signum: int, frame) -> None:
 
 def listen() -> None:
     """Turn SIGINT and SIGTERM into one KeyboardInterrupt (the first; later ones are ignored)."""
-    global _received, _done, _dropped
     if threading.current_thread() is not threading.main_thread():
         return
-    _received, _done, _dropped = None, False, False
-    _catch_dropped_interrupts()
+    _new_command()
     for s in SIGNALS:
         signal.signal(s, _stop)
 
@@ -130,11 +130,9 @@ class Interrupts:
         return _received
 
     def __enter__(self) -> "Interrupts":
-        global _received, _done, _dropped
         if threading.current_thread() is threading.main_thread():
             database_calls.count_connections()
-            _catch_dropped_interrupts()
-            _received, _done, _dropped = None, False, False  # a new training: no signal has stopped it yet
+            _new_command()
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 

@@ -56,15 +56,14 @@ class Interruption:
     it only after its setup, seconds into fit(): a signal before that is noted, then handed to it."""
 
     received: str = ""  # the first signal's name, once one came
-    fitting: bool = False  # inside Tune's fit()
-    tune_listens: bool = False  # inside fit(), once Tune's SIGINT handler was seen in place
+    tune_listens: bool = False  # inside fit(), once Tune's SIGINT handler was seen in place (never outside it)
     # handle() (main thread) and _hand_to_tune (a thread) agree on whether Tune listens and what was noted
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         with self._lock:
-            if not (self.fitting and self.tune_listens):
+            if not self.tune_listens:
                 # Only noted, never raised inside Ray's or Tune's code (which may swallow it, or abort as the
                 # process exits): before fit() `during_fit` acts on it; inside fit(), before Tune listens,
                 # `_hand_to_tune` passes it on; after fit() the runs are accounted for, then ended.
@@ -96,7 +95,6 @@ class Interruption:
             raise KeyboardInterrupt(self.received)
         done = threading.Event()
         watcher = threading.Thread(target=self._hand_to_tune, args=(done,), name="hand-signal-to-tune", daemon=True)
-        self.fitting = True
         if threading.current_thread() is threading.main_thread():  # elsewhere no handler of ours or Tune's runs
             watcher.start()
         try:
@@ -105,7 +103,7 @@ class Interruption:
             done.set()
             if watcher.is_alive():
                 watcher.join()
-            self.fitting = self.tune_listens = False
+            self.tune_listens = False
             if signal.getsignal(signal.SIGINT) == self.handle:  # Tune's handler put ours back: it caught a Ctrl-C
                 self.received = self.received or "SIGINT"
             elif threading.current_thread() is threading.main_thread():
