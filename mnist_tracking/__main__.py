@@ -3,9 +3,9 @@
 
 def run() -> None:
     """The process: the CLI, its exit status kept whatever moment a signal lands (exits.run_command_line)."""
-    from mnist_tracking import interrupts
+    from mnist_tracking import stopping
 
-    interrupts.listen()  # first, so that a signal even while the CLI is imported ends with status 130
+    stopping.listen()  # first, so that a signal even while the CLI is imported ends with status 130
     from mnist_tracking.exits import run_command_line
 
     run_command_line()

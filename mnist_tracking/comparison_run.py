@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import mlflow
 import numpy as np
 
-from mnist_tracking import comparison, linked_view, plots, sprites
+from mnist_tracking import comparison, linked_view, plots, sprites, stopping
 from mnist_tracking.comparison import AlignedLayouts, Pair
 from mnist_tracking.config import CompareConfig
 from mnist_tracking.embedding import METHOD_TITLES, PERPLEXITY
@@ -81,6 +81,7 @@ def log_comparison(runs: list, sample: list[dict[str, np.ndarray]], shared: int,
                         "no thumbnails in the views and no images in the table", echo)
     sprite = sprites.sprite_png(images) if images is not None else None
     layouts = {method: log_method(method, runs, sample, sprite, config, echo) for method in config.method_list}
+    stopping.check()
     pairs = log_what_moved(sample, images, echo)
     return Compared(runs, sample, layouts, pairs)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_tracking import stopping
 from mnist_tracking.errors import UserError
 
 METHODS = ("pca", "tsne", "umap")
@@ -52,6 +53,9 @@ FFT_INTS_IN_INTERVAL = 2
 # index: our splits hold at most tens of thousands of points, where exact search is the faster
 # one (benchmarks/tsne_choice.py) and has no approximation error.
 TSNE_NEIGHBORS = "exact"
+# Iterations between two looks at the stop flag inside t-SNE (openTSNE's callbacks, which also evaluate
+# its KL divergence each time): at 10,000 points about every 0.2 s.
+TSNE_CHECK_EVERY = 20
 UMAP_NEIGHBORS = 15  # umap-learn's defaults, recorded as params
 UMAP_MIN_DIST = 0.1
 
@@ -94,6 +98,7 @@ def standardize_and_reduce(features: np.ndarray, seed: int, n_components: int = 
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
+    stopping.check()  # a safe point before each embedding's first step
     scaled = StandardScaler().fit_transform(features.astype(np.float64))
     k = min(n_components, *scaled.shape)
     reduced = PCA(n_components=k, random_state=seed).fit_transform(scaled)
@@ -105,6 +110,7 @@ def pca(features: np.ndarray, dims: int = 2, seed: int = 42) -> Embedding:
     from sklearn.decomposition import PCA
     from sklearn.preprocessing import StandardScaler
 
+    stopping.check()
     started = time.perf_counter()
     scaled = StandardScaler().fit_transform(features.astype(np.float64))
     model = PCA(n_components=dims, random_state=seed)
@@ -138,8 +144,18 @@ def tsne_model(n_points: int, dims: int, perplexity: float, seed: int, init: np.
         neighbors=TSNE_NEIGHBORS,
         n_jobs=TSNE_JOBS,
         random_state=seed,
+        # the stop flag first: openTSNE stops asking once one callback says stop
+        callbacks=[_stop_check, *filter(None, [optimisation.pop("callbacks", None)])],
+        callbacks_every_iters=optimisation.pop("callbacks_every_iters", TSNE_CHECK_EVERY),
         **optimisation,
     )
+
+
+def _stop_check(iteration: int, error: float, embedding: np.ndarray) -> bool:
+    """openTSNE's callback: a safe point. It raises Stopped: a callback that returned True would make
+    openTSNE return the layout so far as if it had finished."""
+    stopping.check()
+    return False
 
 
 def tsne_learning_rate(n_points: int) -> float:
@@ -184,6 +200,7 @@ def tsne(features: np.ndarray, dims: int = 2, perplexity: float = PERPLEXITY, se
 
     started = time.perf_counter()
     reduced, params = standardize_and_reduce(features, seed)
+    stopping.check()  # before the affinities (exact neighbours) and the optimisation
     used = effective_perplexity(perplexity, len(features))
     params.update(perplexity_requested=perplexity, perplexity=round(used, 4),
                   initialization="pca" if init is None else "given layout")
@@ -261,6 +278,7 @@ def umap(features: np.ndarray, dims: int = 2, seed: int = 42, init: np.ndarray |
     # Exact neighbours, as for t-SNE: umap-learn's own approximate search (pynndescent) is slower
     # at our sizes and compiles numba code in every new process, none of it cached.
     knn = exact_neighbors(reduced, neighbors)
+    stopping.check()  # the fit below cannot be interrupted (numba): the last safe point before it
     with warnings.catch_warnings():
         # A fixed random_state makes umap-learn single-threaded and say so; reproducibility wins.
         warnings.filterwarnings("ignore", message=".*random_state.*", category=UserWarning)
@@ -290,6 +308,7 @@ def embed(method: str, features: np.ndarray, dims: int, perplexity: float, seed:
           init: np.ndarray | None = None) -> Embedding:
     """Run one of METHODS on features (n, d); t-SNE and UMAP start from `init` (n, dims) when given
     (PCA has no start: it is the same linear map whatever the start)."""
+    stopping.check()
     if method == "pca":
         return pca(features, dims, seed)
     if method == "tsne":
@@ -307,6 +326,7 @@ def knn_accuracy(coords: np.ndarray, labels: np.ndarray, seed: int, k: int = KNN
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
+    stopping.check()
     counts = np.bincount(labels)
     folds = max(2, min(KNN_FOLDS, int(counts[counts > 0].min())))
     k = min(k, len(labels) - len(labels) // folds - 1)  # each training fold must hold k points
@@ -329,6 +349,7 @@ def quality(features: np.ndarray, coords: np.ndarray, labels: np.ndarray, seed: 
     sample = stratified_subsample(labels, TRUSTWORTHINESS_POINTS, seed)
     neighbors = min(TRUSTWORTHINESS_NEIGHBORS, (len(sample) - 1) // 2)  # scikit-learn needs k < n/2
     knn_acc, k, folds = knn_accuracy(coords, labels, seed)
+    stopping.check()
     metrics = {
         "trustworthiness": float(trustworthiness(features[sample], coords[sample], n_neighbors=neighbors)),
         "knn_acc": knn_acc,

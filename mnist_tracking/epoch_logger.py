@@ -1,7 +1,6 @@
 """The trainer's epoch callback: each epoch's metrics, snapshot and checkpoints logged all or nothing."""
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -12,7 +11,6 @@ from mnist_tracking import plots, snapshots
 from mnist_tracking.artifacts import log_arrays, log_torch
 from mnist_tracking.checkpoints import keep_last_checkpoint, log_last_checkpoint
 from mnist_tracking.data import Split
-from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.snapshots import Snapshot
 from mnist_tracking.trainer import Trainer
 from mnist_tracking.training import EpochResult
@@ -30,30 +28,26 @@ SECONDS_METRIC = "snapshot_seconds"
 
 class EpochLogger:
     """The trainer's epoch callback: logs the epoch's metrics, its feature snapshot (when `points`
-    are given), `best.pt` when it improved and `last.pt`, all or nothing (a signal waits until they
-    are in the store), then the val confusion matrix as an image and the epoch's line."""
+    are given), `best.pt` when it improved and `last.pt`, all or nothing (no safe point of the stop
+    flag lies between them: a signal stops the training before the epoch's first write or after the
+    last), then the val confusion matrix as an image and the epoch's line."""
 
-    def __init__(self, interrupts: Interrupts | None = None, echo: Callable[[str], None] = print,
-                 points: Split | None = None, logged_epoch: int = 0,
+    def __init__(self, echo: Callable[[str], None] = print, points: Split | None = None, logged_epoch: int = 0,
                  then: Callable[[EpochResult, Trainer], None] | None = None):
-        self.interrupts, self.echo, self.points, self.then = interrupts, echo, points, then
+        self.echo, self.points, self.then = echo, points, then
         self.logged_epoch = logged_epoch  # the last epoch whose metrics and checkpoints are all in the store
 
-    def _critical(self):
-        return self.interrupts.critical() if self.interrupts else contextlib.nullcontext()
-
     def __call__(self, result: EpochResult, trainer: Trainer) -> None:
-        with self._critical():  # the snapshot too: a signal while it is computed waits for the whole epoch
-            snapshot = self.take_snapshot(trainer, result.epoch)
-            checkpoint = keep_last_checkpoint(trainer)
-            mlflow.log_metrics(result.metrics(), step=result.epoch)
-            if snapshot is not None:
-                log_snapshot(*snapshot)
-                result.snapshot_knn_acc = snapshot[1]  # for `then` (a search may stop trials on it)
-            if result.improved:  # logged at once, so a killed run still has its best weights
-                log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
-            log_last_checkpoint(trainer, checkpoint)
-            self.logged_epoch = result.epoch
+        snapshot = self.take_snapshot(trainer, result.epoch)  # its evaluation is the last safe point before the writes
+        checkpoint = keep_last_checkpoint(trainer)
+        mlflow.log_metrics(result.metrics(), step=result.epoch)
+        if snapshot is not None:
+            log_snapshot(*snapshot)
+            result.snapshot_knn_acc = snapshot[1]  # for `then` (a search may stop trials on it)
+        if result.improved:  # logged at once, so a killed run still has its best weights
+            log_torch(trainer.best_checkpoint(), "checkpoints", "best.pt")
+        log_last_checkpoint(trainer, checkpoint)
+        self.logged_epoch = result.epoch
         if result.val_confusion is not None:  # the run page's image grid slides through the epochs
             figure = plots.confusion_counts(result.val_confusion, f"validation, epoch {result.epoch}: "
                                             f"accuracy {result.val_acc:.2%}", size=CONFUSION_PER_EPOCH_SIZE)
@@ -73,8 +67,7 @@ class EpochLogger:
         """Log the snapshot of epoch 0, the initialised network, before any training step."""
         snapshot = self.take_snapshot(trainer, 0)
         if snapshot is not None:
-            with self._critical():
-                log_snapshot(*snapshot)
+            log_snapshot(*snapshot)
 
     def take_snapshot(self, trainer: Trainer, epoch: int) -> tuple[Snapshot, float, np.ndarray, float] | None:
         """(snapshot, its kNN accuracy, its separability image, seconds it all took), or None when off."""

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import mlflow
 import numpy as np
 
-from mnist_tracking import evolution, evolution_view, plots, snapshots, sprites
+from mnist_tracking import evolution, evolution_view, plots, snapshots, sprites, stopping
 from mnist_tracking.artifacts import log_files
 from mnist_tracking.config import EvolutionConfig
 from mnist_tracking.embedding import METHOD_TITLES
@@ -63,8 +63,9 @@ def evolve_with(method: str, features: np.ndarray, predictions: np.ndarray, firs
                 source, config: EvolutionConfig, sprite: bytes | None, echo: Callable[[str], None]) -> None:
     """One method: aligned layouts, per-epoch quality and displacement as metrics, the HTML view,
     the GIF and the frames in the run's image grid."""
-    result = evolution.evolve(method, features, config.seed)
+    result = evolution.evolve(method, features, config.seed)  # every frame's embedding has its safe points
     quality = evolution.frame_quality(features, result.layouts, first.labels, config.seed)
+    stopping.check()
     log_new_params({f"{method}_{k}": v for k, v in result.params.items()})
     for epoch, scores, moved in zip(epochs, quality, result.displacements):
         step_metrics = {f"{method}_{k}": scores[k] for k in QUALITY}

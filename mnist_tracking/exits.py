@@ -11,7 +11,7 @@ from typing import NoReturn
 
 import click
 
-from mnist_tracking import interrupts
+from mnist_tracking import stopping
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C (128 + SIGINT)
 # A tracking server that stops answering: MLflow retries each call 7 times with backoff factor 2
@@ -24,38 +24,35 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, over quota, o
 
 SQL_ERROR_LOGGER = "mlflow.store.db.utils"  # MLflow's logger of "SQLAlchemy database error ..." with a traceback
 
-SIGNAL_NAMES = ("", "SIGINT", "SIGTERM")  # a KeyboardInterrupt that says no more than which signal it was
+SIGNAL_NAMES = ("", "SIGINT", "SIGTERM")  # a Stopped that says no more than which signal it was
+
+_answered = False  # a command ran to its end (its outcome, an interruption included, is decided)
 
 
 def run_command_line() -> NoReturn:
     """The process of `python -m mnist_tracking` and `mnist-tracking`: the command's exit status, and
-    EXIT_INTERRUPTED with one line for a signal at any moment, even one that lands while the process exits."""
+    EXIT_INTERRUPTED with one line for a signal that no command answered (while the CLI was imported,
+    or `--help` written). A signal after the command's end is ignored: its outcome stands."""
     try:
-        try:
-            from mnist_tracking.cli import main
+        from mnist_tracking.cli import main
 
-            main(prog_name="mnist-tracking")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        interrupts.ignore_from_now()
-    except KeyboardInterrupt:  # outside any command: while click parses, or as the process ends
-        interrupts.ignore_from_now()
-        click.echo(f"Error: interrupted by {interrupts.received_name()} before the command started or as it "
-                   "ended; no run was left RUNNING by it", err=True)
+        main(prog_name="mnist-tracking")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if stopping.received() and not _answered:
+        click.echo(f"Error: interrupted by {stopping.received()} before the command started or as it ended; no run "
+                   "was left RUNNING by it", err=True)
         code = EXIT_INTERRUPTED
-    # CPython 3.11 (Py_RunMain) ends a `python -m` process by SIGINT, whatever its exit code, when
-    # a KeyboardInterrupt once ended an exec()/eval() of a string (a library's generated code),
-    # even though it was handled: running one string that ends normally clears that flag.
-    exec("")  # noqa: S102 - the empty program: see above
     sys.exit(code)
 
 
 def interrupted(exc: KeyboardInterrupt, command: str) -> str:
-    """The one line of an interrupt: the run's own (which was ended KILLED), else what was interrupted."""
+    """The one line of a stop: the run's own (which was ended KILLED), else what was interrupted."""
     if str(exc) not in SIGNAL_NAMES:
         return str(exc)
-    return f"interrupted by {interrupts.received_name()} during `{command}`, before it started a run or after it ended one"
+    return (f"interrupted by {stopping.received() or 'SIGINT'} during `{command}`, before it started a run or after "
+            "it ended one")
 
 
 class OneLineErrors(click.Group):
@@ -80,12 +77,7 @@ class OneLineErrors(click.Group):
                     end_mlflow_run_command_run(message, command=exc.ctx.command.name)
             click.echo(f"Error: {message}", err=True)
             sys.exit(exc.exit_code)
-        except click.Abort as exc:
-            if isinstance(exc.__context__, KeyboardInterrupt):  # click turns a signal while it parses into Abort
-                interrupts.ignore_from_now()
-                click.echo(f"Error: interrupted by {interrupts.received_name()} while the command line was read or as "
-                           "the command ended; no run was left RUNNING by it", err=True)
-                sys.exit(EXIT_INTERRUPTED)
+        except click.Abort:
             click.echo("Aborted!", err=True)
             sys.exit(1)
         sys.exit(result if isinstance(result, int) else 0)
@@ -96,44 +88,43 @@ def user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        global _answered
         from mnist_tracking.errors import UserError
 
-        interrupts.listen()  # SIGTERM ends a run KILLED, like Ctrl-C; a second signal is ignored
         # MLflow logs every database error with its traceback and SQL before raising it; the one
         # line below names the database's own reason (errors.store_error_line) instead.
         logging.getLogger(SQL_ERROR_LOGGER).setLevel(logging.CRITICAL)
-        try:
-            from mnist_tracking import database_calls
-            from mnist_tracking.links import check_tracking_server
+        with stopping.listening():  # Ctrl-C and SIGTERM stop the command at its next safe point
+            try:
+                from mnist_tracking.links import check_tracking_server
 
-            check_tracking_server()  # every entry point: an unreachable server fails at once
-            database_calls.count_connections()  # a signal inside a database call is raised as it returns
-            result = command(*args, **kwargs)
-            interrupts.ignore_from_now()  # done: a signal now would only make a finished command look failed
-            return result
-        except UserError as exc:
-            message = str(exc)
-        except KeyboardInterrupt as exc:
-            # A run that was interrupted was ended KILLED by its own code, which says so in `exc`.
-            message = interrupted(exc, command.__name__)
-            from mnist_tracking.attempts import end_mlflow_run_command_run
+                stopping.check()  # a signal while the process started
+                check_tracking_server()  # every entry point: an unreachable server fails at once
+                return command(*args, **kwargs)
+            except UserError as exc:
+                message = str(exc)
+            except KeyboardInterrupt as exc:  # stopping.Stopped: the run it cut was ended KILLED, and says so
+                message = interrupted(exc, command.__name__)
+                from mnist_tracking.attempts import end_mlflow_run_command_run
 
-            end_mlflow_run_command_run(message, "KILLED", command.__name__, kwargs)
-            click.echo(f"Error: {message}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
-        except Exception as exc:  # the disk, the store or the network: still one line, with the cause
-            from mnist_tracking.errors import is_store_error, store_error_line
+                end_mlflow_run_command_run(message, "KILLED", command.__name__, kwargs)
+                click.echo(f"Error: {message}", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            except Exception as exc:  # the disk, the store or the network: still one line, with the cause
+                from mnist_tracking.errors import is_store_error, store_error_line
 
-            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-                # e.g. `[Errno 28] No space left on device` while an artifact is copied into the store
-                message = (f"cannot write {exc.filename or 'to the tracking store'}: {exc.strerror}; free some space "
-                           f"(what was logged before it, every finished epoch's checkpoints included, is kept), then "
-                           f"run the command again (a training: --resume-from the run it names)")
-            elif is_store_error(exc):
-                message = (f"tracking store error ({type(exc).__name__}): {store_error_line(exc)}; check "
-                           "MLFLOW_TRACKING_URI, and that this user may write the store")
-            else:
-                raise
+                if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                    # e.g. `[Errno 28] No space left on device` while an artifact is copied into the store
+                    message = (f"cannot write {exc.filename or 'to the tracking store'}: {exc.strerror}; free some "
+                               "space (what was logged before it, every finished epoch's checkpoints included, is "
+                               "kept), then run the command again (a training: --resume-from the run it names)")
+                elif is_store_error(exc):
+                    message = (f"tracking store error ({type(exc).__name__}): {store_error_line(exc)}; check "
+                               "MLFLOW_TRACKING_URI, and that this user may write the store")
+                else:
+                    raise
+            finally:
+                _answered = True
         from mnist_tracking.attempts import end_mlflow_run_command_run
 
         end_mlflow_run_command_run(message, "FAILED", command.__name__, kwargs)

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
+from mnist_tracking import stopping
 from mnist_tracking.errors import UserError
 
 LOCK_SUFFIX = ".registry.lock"  # beside a sqlite store's database file
@@ -48,6 +49,7 @@ def wait_for(try_lock: Callable[[], bool], where: str, echo: Callable[[str], Non
     deadline = time.monotonic() + REGISTRY_LOCK_WAIT_S
     while time.monotonic() < deadline:
         time.sleep(REGISTRY_LOCK_POLL_S)
+        stopping.check()  # a safe point: nothing is held yet
         if try_lock():
             return
     raise lock_wait_over(where)

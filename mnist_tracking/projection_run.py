@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import embedding, plots, projector, sprites, views
+from mnist_tracking import embedding, plots, projector, sprites, stopping, views
 from mnist_tracking.artifacts import log_files
 from mnist_tracking.config import ProjectConfig
 from mnist_tracking.embedding import METHOD_TITLES
@@ -55,6 +55,7 @@ def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) 
         for method in config.method_list:
             figures[method], pages[method], panel, scores[method] = project_with(method, sample, source, config, sprite, echo)
             panels.append(panel)
+        stopping.check()
         log_files(projector.export_files(sample["features"], sample["labels"], sample["predictions"],
                                          sample["indices"], sprite), TENSORBOARD_FOLDER)
         figures["overview"] = plots.embedding_overview(
@@ -62,6 +63,7 @@ def project_and_log(config: ProjectConfig, echo: Callable[[str], None] = print) 
         )
         for key, figure in figures.items():
             mlflow.log_figure(figure, f"projections/{key}.png")
+        stopping.check()
         share_with_training_run(source, run.info.run_id, figures, pages, scores if config.split == "test" else {}, echo)
     return run.info.run_id
 

@@ -10,6 +10,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
+from mnist_tracking import stopping
 from mnist_tracking.attempts import attempted_run_tags
 from mnist_tracking.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.errors import UserError
@@ -174,6 +175,7 @@ def register_run(
     value = metric_of(run, metric)
     model = logged_model_of(run)
     output = checked_model_output(model, run)
+    stopping.check()  # the last safe point: the alias is read, compared and moved as one step
     with registry_lock(echo):  # create, look up and move the alias as one step among concurrent registrations
         ensure_registered_model(name)
         version, created = version_of(run, model, name, metric, value, output)

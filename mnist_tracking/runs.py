@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking.errors import UserError
+from mnist_tracking import stopping
+from mnist_tracking.errors import UserError, first_line, is_store_error
 from mnist_tracking.runs_view import VIEW_TAG, view_tag_value
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -76,6 +79,37 @@ def end_active_run(reason: str, status: str) -> None:
     """End the active run FAILED or KILLED with the reason, so `start_run`'s exit leaves it so."""
     mlflow.set_tag(STATUS_REASON_TAG, reason[:MAX_TAG_LENGTH])
     mlflow.end_run(status=status)
+
+
+@contextmanager
+def ended(run, when_stopped: Callable[[str, str], tuple[str, str]]) -> Iterator[None]:
+    """The one place where our runs end, around the block that uses `run`, the active run (`mlflow.start_run`'s
+    exit ends it FINISHED after a block that ran through).
+
+    A stop (stopping.Stopped at a safe point, or Ctrl-C where nothing listens): KILLED with the reason
+    `when_stopped(signal name, what was stopped)` gives with the one line of the Stopped raised in its place.
+    Tune ending a trial (SystemExit from `tune.report`): KILLED, and the search's driver says why. An
+    error: FAILED with the error's line, unless the run was ended with a reason of its own already."""
+    def still_active() -> bool:  # not ended already by the code in the block (a nested run's parent is then active)
+        active = mlflow.active_run()
+        return active is not None and active.info.run_id == run.info.run_id
+
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        reason, line = when_stopped(stopping.received() or "SIGINT", str(exc))
+        if still_active():
+            end_active_run(reason, "KILLED")
+        raise stopping.Stopped(line) from None
+    except SystemExit:
+        if still_active():
+            mlflow.end_run("KILLED")
+        raise
+    except Exception as exc:
+        if still_active() and not is_store_error(exc):  # a store that failed cannot take a reason either
+            end_active_run(str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}",
+                           "FAILED")
+        raise
 
 
 def this_process() -> str:

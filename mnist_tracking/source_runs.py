@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import mlflow
 import numpy as np
 
-from mnist_tracking import interrupts
 from mnist_tracking.artifacts import has_artifact
 from mnist_tracking.attempts import COMMAND_KINDS
 from mnist_tracking.errors import UserError, is_permission_denied
@@ -18,7 +17,7 @@ from mnist_tracking.runs import (
     PARENT_RUN_TAG,
     SOURCE_RUN_TAG,
     Kind,
-    end_active_run,
+    ended,
     get_run,
     log_new_params,
     mark_experiment,
@@ -66,23 +65,20 @@ def analysis_run(kind: str, source, name: str, tags: dict[str, str], nested_unde
     """The run of a projection, an evolution or a comparison: named `name`, tagged with its kind and
     `tags`, in the source training run's experiment unless one is chosen, and nested under that run
     when both share an experiment (a sweep's parent, when it is the active run, holds it instead).
-    Ctrl-C or SIGTERM ends it KILLED (not FAILED) with a reason naming the command and its source run."""
+    A stop (Ctrl-C, SIGTERM) ends it KILLED (not FAILED) with a reason naming the command and its source run."""
     chosen = any(os.environ.get(v) for v in CHOSEN_EXPERIMENT_VARIABLES)
     experiment_id = None if chosen else source.info.experiment_id
-    with interrupts.Interrupts() as signals, ExitStack() as stack:
-        with signals.critical():  # a signal while the run is being created waits until it is guarded
-            try:
-                run = stack.enter_context(mlflow.start_run(run_name=name, experiment_id=experiment_id,
-                                                           nested=mlflow.active_run() is not None))
-            except Exception as exc:
-                if experiment_id is None or not is_permission_denied(exc):
-                    raise
-                raise UserError(
-                    f"this user may read run {source.info.run_id} ({source.info.run_name}) but not write into its "
-                    f"experiment {experiment_id} (the server answered 403), where the {kind} run would go; log it "
-                    "into an experiment of yours: set MLFLOW_EXPERIMENT_NAME=<name> (under `mlflow run`: "
-                    "--experiment-name <name>)") from None
-            stack.enter_context(killed_on_interrupt(kind, source, run, name))
+    try:
+        started = mlflow.start_run(run_name=name, experiment_id=experiment_id, nested=mlflow.active_run() is not None)
+    except Exception as exc:
+        if experiment_id is None or not is_permission_denied(exc):
+            raise
+        raise UserError(
+            f"this user may read run {source.info.run_id} ({source.info.run_name}) but not write into its "
+            f"experiment {experiment_id} (the server answered 403), where the {kind} run would go; log it "
+            "into an experiment of yours: set MLFLOW_EXPERIMENT_NAME=<name> (under `mlflow run`: "
+            "--experiment-name <name>)") from None
+    with started as run, ended(run, stopped_during(kind, source, run, name)):
         mark_experiment(run.info.experiment_id)
         all_tags = {"mlflow.runName": name, KIND_TAG: kind, **tags}
         if nested_under_source and run.info.experiment_id == source.info.experiment_id:
@@ -91,19 +87,18 @@ def analysis_run(kind: str, source, name: str, tags: dict[str, str], nested_unde
         yield run
 
 
-@contextmanager
-def killed_on_interrupt(kind: str, source, run, name: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM ends the analysis run KILLED, its reason naming the command and its source run."""
-    try:
-        yield
-    except KeyboardInterrupt:
+def stopped_during(kind: str, source, run, name: str) -> Callable[[str, str], tuple[str, str]]:
+    """A stopped analysis run's reason (it ends KILLED) and line, naming the command and its source run."""
+
+    def when_stopped(signal_name: str, what: str) -> tuple[str, str]:
         command = next((c for c, k in COMMAND_KINDS.items() if k == kind), kind)
         others = " and the others compared with it" if kind == Kind.COMPARISON else ""
-        reason = (f"interrupted by {interrupts.received_name()} during `{command}` of run {source.info.run_id} "
+        reason = (f"interrupted by {signal_name} during `{command}` of run {source.info.run_id} "
                   f"({source.info.run_name}){others}")
-        end_active_run(f"{reason}; run `{command}` again", "KILLED")
-        raise KeyboardInterrupt(f"{reason}: run {run.info.run_id} ({name}) is ended KILLED with what it logged "
-                                f"so far; run `{command}` again") from None
+        return (f"{reason}; run `{command}` again", f"{reason}: run {run.info.run_id} ({name}) is ended KILLED with "
+                                                    f"what it logged so far; run `{command}` again")
+
+    return when_stopped
 
 
 def point_images(source, split: str, data_dir: str, indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray | None, str]:

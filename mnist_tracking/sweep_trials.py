@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import interrupts
+from mnist_tracking import search_signals, stopping
 from mnist_tracking.config import SweepConfig
 from mnist_tracking.errors import UserError, first_line
 from mnist_tracking.runs import STATUS_REASON_TAG, end_active_run, end_run, get_run
-from mnist_tracking.search_signals import interrupts_stop_the_search
 from mnist_tracking.study import Training
 from mnist_tracking.sweep_runs import SWEEP_LABEL_TAG, children
 from mnist_tracking.trials import (
@@ -42,8 +41,8 @@ def train_side_by_side(parent_id: str, trainings: list[Training], config: SweepC
                        echo: Callable[[str], None] = print) -> dict[str, Trained]:
     """Train each training as a Tune trial nested under the sweep's parent run (each keeps its own
     early stopping; no scheduler stops any), as many at once as the resources allow. Returns how
-    each ended, by label: no run is left RUNNING. An interruption (Ctrl-C, SIGTERM) ends the trainings
-    it cut KILLED with a reason and raises KeyboardInterrupt."""
+    each ended, by label: no run is left RUNNING. A stop (Ctrl-C, SIGTERM) ends the trainings it cut
+    KILLED with a reason and raises stopping.Stopped."""
     from ray import tune
 
     experiment_id = get_run(parent_id).info.experiment_id
@@ -51,36 +50,35 @@ def train_side_by_side(parent_id: str, trainings: list[Training], config: SweepC
     artifact_root = MlflowClient().get_experiment(experiment_id).artifact_location
     storage = tempfile.mkdtemp(prefix="mnist-tracking-sweep-")  # Tune's state: a sweep resumes its own way
     try:
-        with interrupts_stop_the_search() as interruption:
-            with ray_session(None, None, tracking_uri, artifact_root) as cluster:
-                unfit = unfit_trial(cluster, config.cpus_per_trial, config.gpus_per_trial, "training")
-                if unfit:
-                    end_active_run(unfit, "FAILED")
-                    raise UserError(unfit)
-                echo(f"{len(trainings)} training(s) on Ray ({cluster['address']}, {cluster['cpus']:g} CPUs), "
-                     f"{config.cpus_per_trial:g} CPU(s) each")
-                context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
-                           "fixed": {}, "per_trial": {}, "metric": "val_acc",
-                           "threads": max(1, int(config.cpus_per_trial))}
-                grid = [{"label": t.label, "tags": {SWEEP_LABEL_TAG: t.label},
-                         "params": {**t.config.to_dict(), "data_dir": os.path.abspath(t.config.data_dir)}}
-                        for t in trainings]
-                tuner = tune.Tuner(
-                    trainable(config.cpus_per_trial, config.gpus_per_trial),
-                    param_space={TRAINING_KEY: tune.grid_search(grid), "context": context},
-                    tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=config.max_concurrent or None,
-                                                reuse_actors=True),
-                    run_config=tune.RunConfig(name=parent_id, storage_path=storage, verbose=0,
-                                              failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)),
-                )
-                results = interruption.fit(tuner)
-            # A signal from here on is only noted: every training's run gets its status and reason first.
-            trained = account(parent_id, trainings, ray_errors(results), interruption.received)
+        with ray_session(None, None, tracking_uri, artifact_root) as cluster:
+            unfit = unfit_trial(cluster, config.cpus_per_trial, config.gpus_per_trial, "training")
+            if unfit:
+                end_active_run(unfit, "FAILED")
+                raise UserError(unfit)
+            echo(f"{len(trainings)} training(s) on Ray ({cluster['address']}, {cluster['cpus']:g} CPUs), "
+                 f"{config.cpus_per_trial:g} CPU(s) each")
+            context = {"tracking_uri": tracking_uri, "experiment_id": experiment_id, "parent_run_id": parent_id,
+                       "fixed": {}, "per_trial": {}, "metric": "val_acc",
+                       "threads": max(1, int(config.cpus_per_trial))}
+            grid = [{"label": t.label, "tags": {SWEEP_LABEL_TAG: t.label},
+                     "params": {**t.config.to_dict(), "data_dir": os.path.abspath(t.config.data_dir)}}
+                    for t in trainings]
+            tuner = tune.Tuner(
+                trainable(config.cpus_per_trial, config.gpus_per_trial),
+                param_space={TRAINING_KEY: tune.grid_search(grid), "context": context},
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=config.max_concurrent or None,
+                                            reuse_actors=True),
+                run_config=tune.RunConfig(name=parent_id, storage_path=storage, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                                          callbacks=[search_signals.StopTune()]),
+            )
+            results = search_signals.fit(tuner)
+        # Every training's run gets its status and reason first, whatever stopped the sweep.
+        trained = account(parent_id, trainings, ray_errors(results), stopping.received())
     finally:
         shutil.rmtree(storage, ignore_errors=True)
-    if interruption.received:
-        interrupts.ignore_from_now()  # a second signal (`mlflow run` follows Ctrl-C with SIGTERM) cuts nothing
-        raise KeyboardInterrupt(f"by {interruption.received} during its trainings")
+    if stopping.received():
+        raise stopping.Stopped(f"by {stopping.received()} during its trainings")
     return trained
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mnist_tracking import stopping
 from mnist_tracking.data import Split, batches
 from mnist_tracking.digits import NUM_CLASSES
 from mnist_tracking.model import ConvNet
@@ -54,6 +55,7 @@ def evaluate(
     confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.long, device=device)  # flat (10 * 10,)
     features, predictions, probabilities = [], [], []
     for images, labels in batches(split, EVAL_BATCH_SIZE):
+        stopping.check()  # a safe point: nothing is written here
         images = images.to(device, memory_format=torch.channels_last)
         labels = labels.to(device)
         with _autocast(device, precision):
@@ -115,6 +117,7 @@ def train_one_epoch(
     check_every = check_every or (1 if device.type == "cpu" else DIVERGENCE_CHECK_EVERY)
     step = 0
     for step, (images, labels) in enumerate(batches(split, batch_size, generator, shard), start=1):
+        stopping.check()  # a safe point: the epoch in progress is dropped, the logged ones stay
         images = images.to(device, memory_format=torch.channels_last, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with _autocast(device, precision):

@@ -1,14 +1,14 @@
-"""One training in an MLflow run: started, fitted through the epoch logger, finished; an interrupt ends it KILLED."""
+"""One training in an MLflow run: started, fitted through the epoch logger, finished; a stop ends it KILLED."""
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import mlflow
 
-from mnist_tracking import snapshots
+from mnist_tracking import snapshots, stopping
 from mnist_tracking.artifacts import environment
 from mnist_tracking.checkpoints import store_errors_say_what_is_safe
 from mnist_tracking.config import TrainConfig
@@ -21,9 +21,8 @@ from mnist_tracking.devices import (
 )
 from mnist_tracking.epoch_logger import EpochLogger
 from mnist_tracking.errors import UserError
-from mnist_tracking.interrupts import Interrupts
 from mnist_tracking.resume import checked_resume, log_resumed_state
-from mnist_tracking.runs import end_active_run
+from mnist_tracking.runs import end_active_run, ended
 from mnist_tracking.trainer import Trainer, TrainState
 from mnist_tracking.training import Diverged, EpochResult
 from mnist_tracking.training_logs import finish, log_training_start
@@ -59,19 +58,18 @@ def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, prog
     name = config.run_name() + ("-resumed" if resume is not None else "")
     points = snapshots.snapshot_points(splits.val, config.snapshot_points, config.seed) if config.snapshot_points else None
     on_epoch = EpochLogger(echo=echo, points=points, logged_epoch=trainer.state.epoch, then=on_epoch)
-    # An interrupt reports the last epoch that is whole in the store, not the trainer's count.
-    with store_errors_say_what_is_safe(trainer) as safe, Interrupts() as interrupts, \
-            training_run(name, interrupts, lambda: on_epoch.logged_epoch, parent_run_id, tags) as run:
+    # A stop reports the last epoch that is whole in the store, not the trainer's count.
+    with store_errors_say_what_is_safe(trainer) as safe, training_run(name, parent_run_id, tags) as run, \
+            ended(run, stopped_after(run.info.run_id, lambda: on_epoch.logged_epoch)):
         safe["run_id"] = run.info.run_id
-        on_epoch.interrupts = interrupts
         datasets = log_training_start(run, name, trainer, world_size, echo)
         if resume is not None:
-            with interrupts.critical():
-                log_resumed_state(trainer, config.resume_from)
+            log_resumed_state(trainer, config.resume_from)
             echo(f"Resuming run {config.resume_from} after epoch {trainer.state.epoch} of {config.epochs}")
         else:
             on_epoch.initial_snapshot(trainer)  # epoch 0: the initialised network, before any step
         state = fit(trainer, on_epoch, progress)
+        stopping.check()  # before the results: a signal during the last epoch's logging stops here
         if state.stopped_early:
             echo(f"Early stopping after epoch {state.epoch}: no improvement in {config.early_stopping_monitor} "
                  f"in {config.early_stopping} epochs.")
@@ -115,26 +113,15 @@ def progress_bars(epochs: int):
 
 
 @contextmanager
-def training_run(name: str, interrupts: Interrupts, epochs_done: Callable[[], int], parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None) -> Iterator:
-    """`mlflow.start_run`, but Ctrl-C/SIGTERM ends the run KILLED, never leaving it RUNNING."""
-    # Ending the run (MLflow's end_run, which also stops the system metrics) is critical too: a
-    # signal then waits until the run is ended, and is raised after it, as the stack's last exit.
-    held: list = []
-    with ExitStack() as stack:
-        stack.callback(lambda: held and interrupts.release())
-        with interrupts.critical():  # a signal while the run is being created waits until it is guarded
-            # MLflow's monitor reads the interval when the run starts: set it for that moment only.
-            interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or str(SYSTEM_METRICS_INTERVAL_S)
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started/stopping" chatter
-            with environment(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=interval):
-                # nested: a training of a sweep runs inside the sweep's parent run
-                run = stack.enter_context(mlflow.start_run(
-                    run_name=name, nested=mlflow.active_run() is not None, log_system_metrics=system_metrics_enabled(),
-                    parent_run_id=parent_run_id, tags=tags,
-                ))
-            stack.enter_context(killed_on_interrupt(interrupts, epochs_done))
-            stack.callback(lambda: (interrupts.hold(), held.append(True)))  # exits run last to first: this first
+def training_run(name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator:
+    """`mlflow.start_run` of a training (nested under the active run, if any), with its system metrics."""
+    # MLflow's monitor reads the interval when the run starts: set it for that moment only.
+    interval = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or str(SYSTEM_METRICS_INTERVAL_S)
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "started/stopping" chatter
+    with environment(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=interval):
+        started = mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None,
+                                   log_system_metrics=system_metrics_enabled(), parent_run_id=parent_run_id, tags=tags)
+    with started as run:
         yield run
 
 
@@ -148,20 +135,16 @@ def system_metrics_enabled() -> bool:
     return importlib.util.find_spec("psutil") is not None
 
 
-@contextmanager
-def killed_on_interrupt(interrupts: Interrupts, epochs_done: Callable[[], int]) -> Iterator[None]:
-    """On Ctrl-C or SIGTERM end the active run KILLED (not FAILED), keeping what it logged."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        run_id = mlflow.active_run().info.run_id
+def stopped_after(run_id: str, epochs_done: Callable[[], int]) -> Callable[[str, str], tuple[str, str]]:
+    """A stopped training's reason (on its run, ended KILLED) and line: the last epoch whole in the store, and
+    how to go on."""
+
+    def when_stopped(signal_name: str, what: str) -> tuple[str, str]:
         done = epochs_done()
-        reason = f"interrupted by {interrupts.name} after epoch {done}"
-        hint = (
-            f"continue it with --resume-from {run_id} (mlflow run: -P resume_from={run_id})"
-            if done else "no epoch was complete: start it again"
-        )
-        end_active_run(f"{reason}; {hint}", "KILLED")
-        raise KeyboardInterrupt(
-            f"{reason}: run {run_id} is ended KILLED with its metrics and best checkpoint so far; {hint}"
-        ) from None
+        reason = f"interrupted by {signal_name} after epoch {done}"
+        hint = (f"continue it with --resume-from {run_id} (mlflow run: -P resume_from={run_id})" if done
+                else "no epoch was complete: start it again")
+        return (f"{reason}; {hint}",
+                f"{reason}: run {run_id} is ended KILLED with its metrics and best checkpoint so far; {hint}")
+
+    return when_stopped

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from urllib.parse import urlparse
 
+from mnist_tracking import stopping
 from mnist_tracking.errors import UserError, first_line
-from mnist_tracking.search_signals import signals_held_while_ray_starts
+from mnist_tracking.ray_head import LOOPBACK, NOT_INHERITED, init_in_thread, local_head
 
 TRIAL_TAG = "mnist_tracking.trial_id"
 NODE_TAG = "mnist_tracking.ray_node_id"
-LOOPBACK = "127.0.0.1"  # a local Ray listens here only: its Jobs API has no authentication (CVE-2023-48022)
-# Variables a local Ray's workers must not inherit from this process: `mlflow run` exports the
-# run it made, and a trial would reopen it instead of starting its own.
-NOT_INHERITED = ("MLFLOW_RUN_ID",)
 # A trial's config key holding a whole training (params, tags, label) rather than searched values: the sweep's grid.
 TRAINING_KEY = "training"
 # Tracking URIs only this machine can reach (a file store, a local sqlite file).
@@ -46,39 +43,34 @@ def is_local_uri(uri: str) -> bool:
 @contextmanager
 def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifact_location: str) -> Iterator[dict]:
     """Ray for the search: with RAY_ADDRESS set, join that cluster (refusing a tracking store its other
-    machines cannot reach); else start a local Ray on 127.0.0.1 without the dashboard, sized to this
-    machine (or `cpus`/`gpus`), and stop it at the end. Yields what it started or joined."""
+    machines cannot reach); else start a local head on 127.0.0.1 without the dashboard, sized to this
+    machine (or `cpus`/`gpus`), in a process session of its own, and stop it at the end. Yields what it
+    started or joined. Its start is a safe point: a signal meanwhile stops the command once Ray is up."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
-    try:
-        with signals_held_while_ray_starts():
+    with local_head(cpus, gpus) if not address else nullcontext(address) as joined:
+        try:
+            init_in_thread(address=joined, _node_ip_address=None if address else LOOPBACK, log_to_driver=True,
+                           configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
+            ray.shutdown()  # what it started before it failed
+            where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
+            hint = ("check that `ray start --head` runs there and that this machine reaches it" if address
+                    else "check free memory and /tmp space, or unset a stale RAY_ADDRESS")
+            raise UserError(f"cannot {where} ({type(exc).__name__}: {first_line(exc)}); {hint}") from None
+        try:
+            stopping.check()  # a signal while Ray started: nothing of the search's has run yet
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
             if address:
-                ray.init(address=address, log_to_driver=True, configure_logging=False)
-            else:
-                with environment_without(NOT_INHERITED):  # the workers Ray starts inherit this environment
-                    ray.init(address="local", include_dashboard=False, _node_ip_address=LOOPBACK, num_cpus=cpus,
-                             num_gpus=gpus, log_to_driver=True, configure_logging=False)
-    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
-        ray.shutdown()  # what it started before it failed
-        where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
-        hint = ("check that `ray start --head` runs there and that this machine reaches it" if address
-                else "check free memory and /tmp space, or unset a stale RAY_ADDRESS")
-        raise UserError(f"cannot {where} ({type(exc).__name__}: {first_line(exc)}); {hint}") from None
-    except BaseException:  # Ctrl-C or SIGTERM while Ray started: stop what it started, then stop
-        ray.shutdown()
-        raise
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        if address:
-            check_reachable_store(len(nodes), tracking_uri, artifact_location)
-        yield {"address": address or "local", "nodes": len(nodes),
-               "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0),
-               # a trial runs on one node: what the largest offers is the most one trial can get
-               "node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
-               "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
-    finally:
-        ray.shutdown()  # a local Ray stops; from a cluster this only disconnects
+                check_reachable_store(len(nodes), tracking_uri, artifact_location)
+            yield {"address": address or "local", "nodes": len(nodes),
+                   "cpus": ray.cluster_resources().get("CPU", 0), "gpus": ray.cluster_resources().get("GPU", 0),
+                   # a trial runs on one node: what the largest offers is the most one trial can get
+                   "node_cpus": max((n["Resources"].get("CPU", 0) for n in nodes), default=0),
+                   "node_gpus": max((n["Resources"].get("GPU", 0) for n in nodes), default=0)}
+        finally:
+            ray.shutdown()  # the driver first, then (local_head) our head; from a cluster this only disconnects
 
 
 def unfit_trial(cluster: dict, cpus: float, gpus: float, one: str = "trial") -> str:
@@ -154,8 +146,11 @@ def run_trial(config: dict) -> None:
     try:
         train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{prefix}] {line}", flush=True),
                       progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
-    except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run is KILLED
-        reporter.stopped()
+    except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run was ended KILLED
+        from mnist_tracking.checkpoints import drop_local_checkpoint
+
+        if reporter.run_id:
+            drop_local_checkpoint(reporter.run_id)  # no resume starts from a trial Tune stopped
         raise
     except Exception as exc:  # noqa: BLE001 - the training's own failure: recorded, not retried
         run = mlflow.last_active_run()
@@ -182,22 +177,7 @@ class EpochReporter:
         metrics = {**result.metrics(), "epoch": result.epoch, "run_id": self.run_id}
         if result.snapshot_knn_acc is not None:
             metrics["snapshot_knn_acc"] = result.snapshot_knn_acc
-        try:
-            tune.report(metrics)
-        except SystemExit:  # Tune stopped the trial: end the run KILLED before start_run's exit says FAILED
-            self.stopped()
-            raise
-
-    def stopped(self) -> None:
-        """End the run KILLED (the driver adds why) and drop its local checkpoint copy."""
-        import mlflow
-
-        from mnist_tracking.checkpoints import drop_local_checkpoint
-
-        if mlflow.active_run() is not None:
-            mlflow.end_run("KILLED")
-        if self.run_id:
-            drop_local_checkpoint(self.run_id)
+        tune.report(metrics)  # SystemExit when Tune stops the trial: the training's run ends KILLED (runs.ended)
 
 
 def trial_resources(cpus: float, gpus: float) -> dict:

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import interrupts, tune_report
+from mnist_tracking import tune_report
 from mnist_tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.config import ALIAS, REGISTER_METRIC, CompareConfig, TuneConfig
 from mnist_tracking.errors import UserError, first_line
@@ -20,8 +20,8 @@ from mnist_tracking.runs import (
     PARENT_RUN_TAG,
     STATUS_REASON_TAG,
     Kind,
-    end_active_run,
     end_run,
+    ended,
     get_run,
     log_new_params,
     mark_experiment,
@@ -224,13 +224,10 @@ def compare_best(ranking: list[TrialRow], settings: TuneConfig, echo: Callable[[
         name = f"compare-top-{len(top)}-trials"
         with mlflow.start_run(run_name=name, nested=True, tags={
             KIND_TAG: Kind.COMPARISON, COMPARED_RUNS_TAG: config.run_ids, "mlflow.runName": name,
-        }) as run:
+        }) as run, ended(run, lambda signal_name, what: (
+                f"interrupted by {signal_name} while the best trials were compared", what)):
             log_new_params(config.to_params())
-            try:
-                log_comparison(runs, sample, shared, config, echo)
-            except KeyboardInterrupt:
-                end_active_run(f"interrupted by {interrupts.received_name()} while the best trials were compared", "KILLED")
-                raise
+            log_comparison(runs, sample, shared, config, echo)
         mlflow.set_tag("comparison_run_id", run.info.run_id)
         return run.info.run_id
     except Exception as exc:  # noqa: BLE001 - the search is kept; the parent says why it has no comparison

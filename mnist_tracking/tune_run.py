@@ -9,15 +9,14 @@ from collections.abc import Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import interrupts
+from mnist_tracking import search_signals, stopping
 from mnist_tracking.config import ALIAS, REGISTER_METRIC, TuneConfig
 from mnist_tracking.data import load_splits
 from mnist_tracking.errors import UserError
 from mnist_tracking.links import ui_hint, ui_url
 from mnist_tracking.registry import check_names
-from mnist_tracking.runs import end_active_run
+from mnist_tracking.runs import end_active_run, ended
 from mnist_tracking.search_engine import explained_asha, optuna_searcher, tune_space
-from mnist_tracking.search_signals import interrupts_stop_the_search
 from mnist_tracking.trials import (
     absolute_tracking_uri,
     ray_session,
@@ -52,27 +51,25 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     old = resumable_search(settings) if settings.resume else None
     storage = prepared_storage(storage_path(settings))
 
-    with search_parent_run(settings, old) as parent:
+    with stopping.listening(), search_parent_run(settings, old) as parent:
         parent_id = parent.info.run_id
-        with interrupts_stop_the_search() as interruption:
-            try:
-                results, scheduler = fit_on_ray(settings, parent, old, storage, interruption, echo)
-            except KeyboardInterrupt:  # before fit() (while Ray started, say): no trial of this call had started
-                name = interruption.received or interrupts.received_name()
-                raise stopped(parent_id, f"interrupted by {name} before its trials started; " + (
-                    f"continue the search with --resume {parent_id}" if old else "run the search again")) from None
-            # A signal from here on is only noted: every trial's run gets its status and reason first.
-            rows = account(parent_id, results, getattr(scheduler, "reasons", {}), interruption.received, settings)
-        if interruption.received:
-            interrupts.ignore_from_now()  # a second signal (`mlflow run` follows Ctrl-C with SIGTERM) cuts nothing
-            log_outputs(rows, settings, parent, echo, final=False)
-            raise stopped(parent_id, f"interrupted by {interruption.received}; continue the search with --resume "
-                                     f"{parent_id} (mlflow run: -P resume={parent_id})")
-        try:
+        phase = " before its trials started; " + (f"continue the search with --resume {parent_id}" if old
+                                                  else "run the search again")
+
+        def when_stopped(signal_name: str, what: str) -> tuple[str, str]:
+            reason = f"interrupted by {signal_name}{phase}"  # the phase the search is in when it stops
+            return reason, f"search {parent_id} {reason}"
+
+        with ended(parent, when_stopped):
+            results, scheduler = fit_on_ray(settings, parent, old, storage, echo)
+            phase = f"; continue the search with --resume {parent_id} (mlflow run: -P resume={parent_id})"
+            # Every trial's run gets its status and reason first, whatever stopped the search.
+            rows = account(parent_id, results, getattr(scheduler, "reasons", {}), stopping.received(), settings)
+            if stopping.received():  # an interrupted search stops here, its trials accounted for
+                log_outputs(rows, settings, parent, echo, final=False)
+                stopping.check()
+            phase = " after its trials ended, while its outputs were logged"
             best = log_outputs(rows, settings, parent, echo)
-        except KeyboardInterrupt:  # while the best were compared or registered
-            raise stopped(parent_id, f"interrupted by {interrupts.received_name()} after its trials ended, while its "
-                                     "outputs were logged") from None
         if best is None:
             reason = "no trial finished: " + "; ".join(f"{r.trial_id} {r.state} ({r.reason})" for r in rows)[:900]
             end_active_run(reason, "FAILED")
@@ -81,7 +78,7 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     return parent_id
 
 
-def fit_on_ray(settings: TuneConfig, parent, old, storage: str, interruption, echo: Callable[[str], None]):
+def fit_on_ray(settings: TuneConfig, parent, old, storage: str, echo: Callable[[str], None]):
     """Start or join Ray, refuse a trial no node can hold, and run Tune's fit(): (results, scheduler)."""
     parent_id, experiment_id = parent.info.run_id, parent.info.experiment_id
     tracking_uri = absolute_tracking_uri(mlflow.get_tracking_uri())
@@ -100,17 +97,11 @@ def fit_on_ray(settings: TuneConfig, parent, old, storage: str, interruption, ec
                    "metric": settings.metric, "threads": max(1, int(settings.cpus_per_trial))}
         tuner, scheduler = search(settings, context, storage, parent_id, resumed=old is not None)
         fit_started = time.perf_counter()
-        results = interruption.fit(tuner)
+        results = search_signals.fit(tuner)
         # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
                             "ray_start_seconds": fit_started - started})
     return results, scheduler
-
-
-def stopped(parent_id: str, reason: str) -> KeyboardInterrupt:
-    """End the search's parent run KILLED with `reason`; the interrupt that says so in one line."""
-    end_active_run(reason, "KILLED")
-    return KeyboardInterrupt(f"search {parent_id} {reason}")
 
 
 def prepared_storage(path: str) -> str:
@@ -146,7 +137,7 @@ def search(settings: TuneConfig, context: dict, storage: str, parent_id: str, re
         ),
         run_config=tune.RunConfig(
             name=parent_id, storage_path=storage, verbose=0,
-            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES), callbacks=[search_signals.StopTune()],
         ),
     )
     return tuner, scheduler

@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every Ray the tests start (tune, sweep) advertises the loopback address, not the interface's: set before
+# any test module imports Ray, which reads it once (a driver and the head it joins must agree on it).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Tiny but learnable: each digit is a bright square at its own place, plus noise.
@@ -65,8 +69,6 @@ def tracking_store(tmp_path_factory) -> str:
         patch.setenv("PYTHONPATH", str(REPO), prepend=os.pathsep)
         patch.chdir(store)  # the default artifact root, ./mlruns, lands here too
         patch.setenv("MNIST_TRACKING_CHECKPOINT_CACHE", str(store / "checkpoint-cache"))  # not the user's ~/.cache
-        # Every Ray the tests start (tune, sweep) advertises the loopback address, not the interface's.
-        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:
             import mlflow
         except ImportError:  # the GPU machine of benchmarks/gpu_check.py: pure-layer tests only

@@ -40,7 +40,7 @@ def test_help_answers_fast_without_heavy_imports():
 # The pure layers: computing, drawing and reading files, never talking to MLflow (the modules
 # named for runs, and commands/, do that). Their imports are followed through the package, lazy ones inside functions too.
 PURE_MODULES = ("model", "data", "training", "trainer", "embedding", "plots", "views", "evolution_view", "sprites",
-                "projector", "study", "config", "parameters", "resumption", "ranking", "reports", "interrupts",
+                "projector", "study", "config", "parameters", "resumption", "ranking", "reports", "stopping",
                 "digits", "errors", "snapshots", "evolution", "alignment", "devices", "comparison", "linked_view")
 
 

@@ -365,6 +365,57 @@ def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(r
     assert finished_before <= {r.info.run_id for r in latest.values()}  # a finished trial is not trained again
 
 
+GROUP_STOP_S = 30  # the issue's bound from signal to exit for a search
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_ends_the_search_like_a_signal_to_the_command(ray_env, data_dir, tmp_path,
+                                                                                        fresh_experiment):
+    """What `timeout`, systemd and a terminal send: the signal reaches every process of the command's group.
+    Ray's head runs in a session of its own, so it is the command that stops the trials and then its head
+    (a SIGTERM to the group once killed Ray's GCS under the search, which waited 60 s for it and exited 1
+    with runs left RUNNING)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    err_file = tmp_path / "err.log"
+    with err_file.open("w") as err:
+        process = subprocess.Popen(tune_command(data_dir, tmp_path / "storage"), stdout=subprocess.DEVNULL, stderr=err,
+                                   text=True, start_new_session=True,
+                                   env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+
+    def a_trial_epoch():
+        from mlflow.tracking import MlflowClient
+
+        runs = [r for r in runs_of(fresh_experiment) if r.data.tags.get("mnist_tracking.kind") == "training"]
+        return any(MlflowClient().get_metric_history(r.info.run_id, "val_acc") for r in runs)
+
+    wait_for(a_trial_epoch, 900, "a trial's first epoch", process, err_file)
+    ray_processes = psutil.Process(process.pid).children(recursive=True)
+    assert any(p.name().startswith("raylet") for p in ray_processes)
+    signalled = time.monotonic()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=300)
+    took = time.monotonic() - signalled
+    err = err_file.read_text()
+    runs = runs_of(fresh_experiment)
+    parent = next(r for r in runs if r.data.tags.get("mnist_tracking.kind") == "tune")
+    parent_id = parent.info.run_id
+    assert process.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(f"Error: search {parent_id} interrupted by SIGTERM; continue the "
+                                                   f"search with --resume {parent_id}"), err[-2000:]
+    assert "Traceback" not in err
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    assert parent.info.status == "KILLED"
+    assert all(r.data.tags.get("status_reason") for r in runs if r.info.status == "KILLED")
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)  # no Ray process left behind
+    assert alive == []
+    assert took < GROUP_STOP_S, f"{took:.1f} s from the signal to the exit"
+
+
 @pytest.mark.slow
 @pytest.mark.browser
 def test_the_mlflow_ui_shows_the_search_its_nested_trials_the_trials_table_and_figure(search, tmp_path):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking import plots, snapshots
+from mnist_tracking import plots, snapshots, stopping
 from mnist_tracking import study as studies
 from mnist_tracking.comparison_run import Compared, n_points, pair_metrics, prepared
 from mnist_tracking.comparison_run import log_comparison as log_comparison_outputs
@@ -33,6 +33,7 @@ from mnist_tracking.runs import (
     Kind,
     end_active_run,
     end_run,
+    ended,
     get_run,
     log_new_params,
     mark_experiment,
@@ -67,31 +68,32 @@ def sweep_and_log(
     if first.snapshot_points:  # too few images for the snapshots: fail now, not in every child
         snapshots.snapshot_points(splits.val, first.snapshot_points, first.seed)
 
-    with mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
+    with stopping.listening(), mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
         parent_id = parent.info.run_id
-        mark_experiment(parent.info.experiment_id)
-        # PROCESS_TAG: a resume of this sweep can tell whether it is still being run (resumable_sweep)
-        mlflow.set_tags({"mlflow.runName": SWEEP_RUN_NAME, KIND_TAG: Kind.SWEEP, PROCESS_TAG: this_process(),
-                         NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
-        log_new_params(config.to_params())
-        echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
-        if old is not None:
-            take_over(old, stale, parent_id, echo)
-        rows = []
-        try:
+
+        def when_stopped(signal_name: str, what: str) -> tuple[str, str]:
+            reason = f"interrupted ({what}); resume it with --resume {parent_id} (-P resume={parent_id})"
+            return reason, f"sweep {parent_id} {reason}"
+
+        with ended(parent, when_stopped):
+            mark_experiment(parent.info.experiment_id)
+            # PROCESS_TAG: a resume of this sweep can tell whether it is still being run (resumable_sweep)
+            mlflow.set_tags({"mlflow.runName": SWEEP_RUN_NAME, KIND_TAG: Kind.SWEEP, PROCESS_TAG: this_process(),
+                             NOTE_TAG: f"The seed's {len(planned)} trainings (running)."})
+            log_new_params(config.to_params())
+            echo(f"Sweep of {len(planned)} trainings; parent run {parent_id}")
+            if old is not None:
+                take_over(old, stale, parent_id, echo)
             fresh = [training for training in planned if training.label not in earlier]
             trained = train_side_by_side(parent_id, fresh, config, echo) if fresh else {}
+            rows = []
             for number, training in enumerate(planned, 1):
                 echo(f"\n=== {number}/{len(planned)}: {training.label}")
                 if training.label in earlier:
                     rows.append(reused_child(parent_id, training, config, *earlier[training.label], echo))
                 else:
                     rows.append(new_child(parent_id, training, trained[training.label], config, echo))
-        except KeyboardInterrupt as exc:
-            reason = f"interrupted ({exc}); resume it with --resume {parent_id} (-P resume={parent_id})"
-            end_active_run(reason, "KILLED")
-            raise KeyboardInterrupt(f"sweep {parent_id} {reason}") from None
-        log_comparison(rows, config.method_list, compare_trainings(rows, config, echo), scale_note(config))
+            log_comparison(rows, config.method_list, compare_trainings(rows, config, echo), scale_note(config))
         echo("\n" + comparison_table(rows, list(config.method_list)))
         echo(f"View the sweep: {ui_url(parent.info.experiment_id, parent_id)}" + ui_hint())
         fail_if_any_failed(rows, parent_id)
