@@ -40,7 +40,8 @@ class RecordedTrial(NamedTuple):
 
 
 def recorded_trials(store: str, parent_id: str) -> tuple[list[RecordedTrial], int, dict]:
-    """The FIFO search's trials in the order their runs started, the most that ran at once, and its parent's settings."""
+    """The FIFO search's trials in the order their runs started, the most that ran at once, and its parent's
+    settings."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -55,7 +56,7 @@ def recorded_trials(store: str, parent_id: str) -> tuple[list[RecordedTrial], in
         history = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
         times = [run.info.start_time] + [m.timestamp for m in history]
         trials.append(RecordedTrial([m.value for m in history],
-                                    [(b - a) / 1000 for a, b in zip(times, times[1:])],  # ms -> s
+                                    [(b - a) / 1000 for a, b in zip(times, times[1:], strict=False)],  # ms -> s
                                     (run.info.end_time - times[-1]) / 1000))
     spans = [(r.info.start_time, r.info.end_time) for r in runs]
     at_once = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
@@ -101,7 +102,8 @@ def quantiles(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", required=True, help="the store benchmarks/tune.py wrote (its --store)")
-    parser.add_argument("--fifo-parent", default="", help="the FIFO search's parent run (default: benchmarks/tune.json's)")
+    parser.add_argument("--fifo-parent", default="",
+                        help="the FIFO search's parent run (default: benchmarks/tune.json's)")
     parser.add_argument("--orders", type=int, default=300, help="random orders of the trials to replay")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "asha_replay"), help="writes <out>.json and <out>.md")

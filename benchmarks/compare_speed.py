@@ -79,7 +79,7 @@ def main() -> None:
             "load_average_before": os.getloadavg()}
     print(json.dumps(info), flush=True)
     reps = []
-    for rep in range(args.reps):
+    for _rep in range(args.reps):
         project_a, _ = timed(["project", "--run-id", first, *common])
         project_b, _ = timed(["project", "--run-id", second, *common])
         compare, output = timed(["compare", "--run-ids", args.run_ids, *common])

@@ -26,7 +26,8 @@ POINT_POSITION = """
 var plot = document.getElementById(arguments[2]), trace = plot._fullData[arguments[0]];
 var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
 var box = plot.getBoundingClientRect();
-return [xa._offset + xa.l2p(trace.x[arguments[1]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[1]]) - box.height / 2,
+return [xa._offset + xa.l2p(trace.x[arguments[1]]) - box.width / 2,
+        ya._offset + ya.l2p(trace.y[arguments[1]]) - box.height / 2,
         trace.customdata[arguments[1]]];
 """
 
@@ -109,14 +110,16 @@ def main() -> None:
         hovered = wait(lambda: driver.execute_script(
             "return document.getElementById('comparison').getAttribute('data-highlighted-row')"), "a highlight", 60)
         rings = driver.execute_script("return document.getElementById('comparison').data.filter(function (t) "
-                                      "{ return t.name == 'highlight'; }).map(function (t) { return [t.x[0], t.y[0]]; });")
+                                      "{ return t.name == 'highlight'; })"
+                                      ".map(function (t) { return [t.x[0], t.y[0]]; });")
         points = driver.execute_script("var p = JSON.parse(document.getElementById('linked-points').textContent);"
                                        f"return [p.x.map(function (x) {{ return x[{row}]; }}), "
                                        f"p.y.map(function (y) {{ return y[{row}]; }}), p.indices[{row}]];")
         card = driver.find_element(By.ID, "thumbnail").text
         print(f"hovered row {row} (index {points[2]}); highlighted row {hovered}; rings at {rings}; "
-              f"that row's points {list(zip(points[0], points[1]))}; card: {card!r}")
-        assert int(hovered) == row and [list(r) for r in rings] == [list(p) for p in zip(points[0], points[1])]
+              f"that row's points {list(zip(points[0], points[1], strict=True))}; card: {card!r}")
+        assert int(hovered) == row and [list(r) for r in rings] == [
+            list(p) for p in zip(points[0], points[1], strict=True)]
         driver.switch_to.default_content()
         time.sleep(1)
         driver.save_screenshot(str(shots / "ui-compare-tsne-html.png"))
@@ -148,12 +151,14 @@ def hover_projection(driver, run_page: str, shots: Path) -> None:
     from selenium.webdriver.common.by import By
 
     open_view(driver, f"{run_page}/projections/tsne.html", "embedding")
-    names = driver.execute_script("return document.getElementById('embedding')._fullData.map(function (t) { return t.name; });")
+    names = driver.execute_script("return document.getElementById('embedding')._fullData"
+                                  ".map(function (t) { return t.name; });")
     curve = next(i for i, name in enumerate(names) if name.split(" ")[0] == "3")
     dx, dy, _ = driver.execute_script(POINT_POSITION, curve, 5, "embedding")
     plot = driver.find_element(By.ID, "embedding")
     ActionChains(driver).move_to_element_with_offset(plot, int(round(dx)), int(round(dy))).perform()
-    card = wait(lambda: [c for c in driver.find_elements(By.ID, "thumbnail") if c.is_displayed() and c.text], "the hover card", 60)
+    card = wait(lambda: [c for c in driver.find_elements(By.ID, "thumbnail") if c.is_displayed() and c.text],
+                "the hover card", 60)
     print(f"projection view: hovered a 3; card: {card[0].text!r}")
     driver.switch_to.default_content()
     time.sleep(1)

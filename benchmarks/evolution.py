@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def independent_layouts(method: str, features: np.ndarray, seed: int) -> np.ndarray:
     """Each frame embedded on its own (frames, n, 2), as `project` would: what alignment is measured against."""
-    from mnist_tracking import embedding, evolution
+    from mnist_tracking.core import embedding, evolution
 
     return np.stack([embedding.embed(method, frame, evolution.DIMS, evolution.embedding_perplexity(frame), seed).coords
                      for frame in features])
@@ -69,7 +69,8 @@ def overhead(run_id: str) -> dict:
     seconds = {m.step: m.value for m in client.get_metric_history(run_id, "snapshot_seconds")}
     # from one epoch's snapshot to the next: the epoch's training, validation, snapshot and logging
     stamps = sorted((m.step, m.timestamp) for m in client.get_metric_history(run_id, "snapshot_knn_acc"))
-    epochs = {b[0]: (b[1] - a[1]) / 1000 for a, b in zip(stamps[:-1], stamps[1:])}  # epoch wall time, ms -> s
+    epochs = {b[0]: (b[1] - a[1]) / 1000  # epoch wall time, ms -> s
+              for a, b in zip(stamps[:-1], stamps[1:], strict=True)}
     rows = [{"epoch": e, "epoch_seconds": round(epochs[e], 1), "snapshot_seconds": round(seconds[e], 2),
              "overhead_percent": round(100 * seconds[e] / (epochs[e] - seconds[e]), 2)} for e in epochs if e in seconds]
     return {"epoch_0_snapshot_seconds": round(seconds.get(0, float("nan")), 2), "per_epoch": rows}
@@ -88,7 +89,9 @@ def sizes(run_id: str) -> dict:
 
 
 def timed(method: str, features: np.ndarray, labels: np.ndarray, predictions: np.ndarray, indices: np.ndarray) -> dict:
-    from mnist_tracking import evolution, evolution_view, plots
+    from mnist_tracking.core import evolution
+    from mnist_tracking.views import evolution as evolution_view
+    from mnist_tracking.views import plots
 
     started = time.perf_counter()
     result = evolution.evolve(method, features, 42)
@@ -108,13 +111,13 @@ def timed(method: str, features: np.ndarray, labels: np.ndarray, predictions: np
 
 
 def compare(method: str, features: np.ndarray, labels: np.ndarray, aligned, quality) -> dict:
-    from mnist_tracking import evolution
-    from mnist_tracking.alignment import align_chain
+    from mnist_tracking.core import evolution
+    from mnist_tracking.core.alignment import align_chain
 
     independent = independent_layouts(method, features, 42)
     rotated, _ = align_chain(list(independent), reference_index=-1, scale=False)
     independent_quality = evolution.frame_quality(features, independent, labels, 42)
-    deltas = [a["knn_acc"] - i["knn_acc"] for a, i in zip(quality, independent_quality)]
+    deltas = [a["knn_acc"] - i["knn_acc"] for a, i in zip(quality, independent_quality, strict=True)]
     return {
         "displacement_aligned": round(float(aligned.displacements[1:].mean()), 4),
         "displacement_independent": round(float(evolution.displacements(independent)[1:].mean()), 4),
@@ -122,7 +125,8 @@ def compare(method: str, features: np.ndarray, labels: np.ndarray, aligned, qual
         # per frame (from the one before it; 0 for the first), for docs/evolution-alignment.png
         "displacements_aligned": [round(float(d), 4) for d in aligned.displacements],
         "displacements_independent": [round(float(d), 4) for d in evolution.displacements(independent)],
-        "displacements_independent_procrustes": [round(float(d), 4) for d in evolution.displacements(np.stack(rotated))],
+        "displacements_independent_procrustes": [round(float(d), 4)
+                                                 for d in evolution.displacements(np.stack(rotated))],
         "knn_aligned": [round(q["knn_acc"], 4) for q in quality],
         "knn_independent": [round(q["knn_acc"], 4) for q in independent_quality],
         "knn_delta_max_abs": round(float(np.max(np.abs(deltas))), 4),
@@ -136,12 +140,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=21)
     parser.add_argument("--methods", default="pca,tsne", help="comma list; empty: none (with --umap: UMAP only)")
     parser.add_argument("--umap", action="store_true",
-                        help="also time UMAP twice in this process: its first run compiles what the numba cache lacks (point XDG_CACHE_HOME at an empty folder for a cold one), the second is warm")
+                        help="also time UMAP twice in this process: its first run compiles what the numba cache "
+                             "lacks (point XDG_CACHE_HOME at an empty folder for a cold one), the second is warm")
     parser.add_argument("--out", default="benchmarks/evolution.json")
     args = parser.parse_args()
     os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
 
-    from mnist_tracking.feature_files import logged_snapshots
+    from mnist_tracking.tracking.feature_files import logged_snapshots
     found = logged_snapshots(args.run_id)
     real = np.stack([s.features for s in found])
     labels, indices = found[0].labels, found[0].indices
@@ -167,7 +172,8 @@ def main() -> None:
         report["numba_cache"] = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
         for run in ("first", "second"):
             timing = timed("umap", features, labels, predictions, indices)
-            report["methods"][f"umap_{run}_process_run"] = {k: v for k, v in timing.items() if k not in ("result", "quality")}
+            report["methods"][f"umap_{run}_process_run"] = {k: v for k, v in timing.items()
+                                                            if k not in ("result", "quality")}
             print("umap", run, json.dumps(report["methods"][f"umap_{run}_process_run"]), flush=True)
     report["load_average_at_end"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
@@ -175,7 +181,7 @@ def main() -> None:
 
 def _on_real(method: str, real: np.ndarray, labels: np.ndarray, timing: dict, features: np.ndarray):
     """The aligned layouts and quality of the real snapshots (recomputed when the timed frames were blends)."""
-    from mnist_tracking import evolution
+    from mnist_tracking.core import evolution
 
     if len(features) == len(real):
         return timing["result"], timing["quality"]

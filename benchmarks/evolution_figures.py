@@ -36,7 +36,7 @@ def alignment_figure(report: dict) -> plt.Figure:
     methods = [m for m in ("pca", "tsne") if "displacements_aligned" in report["methods"].get(m, {}).get(
         "alignment_on_real_snapshots", {})]
     figure, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=True):
         a = report["methods"][method]["alignment_on_real_snapshots"]
         epochs = range(1, len(a["displacements_aligned"]))
         ax.plot(epochs, a["displacements_independent"][1:], "o-", color="tab:red", label="independent layouts")
@@ -58,7 +58,7 @@ def alignment_figure(report: dict) -> plt.Figure:
 def quality_figure(report: dict) -> plt.Figure:
     methods = [m for m in ("pca", "tsne") if m in report["methods"]]
     figure, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=True):
         a = report["methods"][method]["alignment_on_real_snapshots"]
         epochs = range(len(a["knn_aligned"]))
         ax.plot(epochs, a["knn_independent"], "o-", color="tab:red", label="independent embedding of the epoch")

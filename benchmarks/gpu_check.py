@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py --pack ../shared/data     # here: MNIST as .gz into .gpu-data/ (ignored by git)
     python benchmarks/gpu_check.py                           # there: tests, then real trainings
 
-On a GPU machine it (1) runs the `cuda`-marked tests (tests/test_cuda.py: only the pure layer,
+On a GPU machine it (1) runs the `cuda`-marked tests (tests/core/test_cuda.py: only the pure layer,
 no MLflow), (2) trains the ConvNet of the pure layer on the real MNIST for 3 epochs with
 `device=auto` (which must resolve to cuda and bf16) and again with `precision=fp32`, and prints
 per epoch the training pass (seconds, images/s) and the whole epoch (train + validation), then
@@ -60,8 +60,9 @@ def unpacked_data_dir(data_dir: str) -> str:
 
 def cuda_tests() -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-p",
-                             "no:cacheprovider", "-o", "addopts=--strict-markers"], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "tests/core/test_cuda.py", "-q", "-p",
+                             "no:cacheprovider", "-o", "addopts=--strict-markers"],
+                            cwd=REPO, capture_output=True, text=True)
     print(result.stdout[-3000:], result.stderr[-2000:], sep="\n", flush=True)
     last = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
     return {"returncode": result.returncode, "summary": last, "seconds": round(time.perf_counter() - started, 1)}
@@ -71,11 +72,11 @@ def training(data_dir: str, precision: str) -> dict:
     """3 epochs of the pure layer on the real MNIST; per epoch the training pass and the whole epoch."""
     import torch
 
-    from mnist_tracking.config import TrainConfig
-    from mnist_tracking.data import load_splits
-    from mnist_tracking.trainer import Trainer
-    from mnist_tracking.training import evaluate
-    from mnist_tracking.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.core.data import load_splits
+    from mnist_tracking.core.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.trainer import Trainer
+    from mnist_tracking.core.training import evaluate
 
     config = TrainConfig(data_dir=data_dir, device="auto", precision=precision, epochs=EPOCHS, early_stopping=0)
     device = resolve_device(config.device)
@@ -107,14 +108,15 @@ def training(data_dir: str, precision: str) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = [f"GPU: {results['machine']['gpu']}; torch {results['machine']['torch']} (CUDA {results['machine']['cuda']})",
+    lines = [f"GPU: {results['machine']['gpu']}; torch {results['machine']['torch']} "
+             f"(CUDA {results['machine']['cuda']})",
              f"cuda tests: {results['cuda_tests']['summary']}", "",
              "| precision | epoch | training pass | images/s | whole epoch (train + val) | val acc |",
              "|---|---|---|---|---|---|"]
     for run in results["trainings"]:
         for e in run["epochs"]:
-            lines.append(f"| {run['precision_resolved']} | {e['epoch']} | {e['train_pass_s']:.2f} s | {e['images_per_s']:,} "
-                         f"| {e['epoch_s']:.2f} s | {e['val_acc']:.2%} |")
+            lines.append(f"| {run['precision_resolved']} | {e['epoch']} | {e['train_pass_s']:.2f} s "
+                         f"| {e['images_per_s']:,} | {e['epoch_s']:.2f} s | {e['val_acc']:.2%} |")
     for run in results["trainings"]:
         lines.append(f"\n{run['precision_resolved']}: features of val + test {run['features_s']:.2f} s, "
                      f"test acc {run['test_acc']:.2%}")

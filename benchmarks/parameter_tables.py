@@ -1,7 +1,7 @@
 """Print an entry point's parameter table for the docs, from the one definition in config.py.
 
     python benchmarks/parameter_tables.py register   # paste below `<!-- parameters: register -->`
-tests/test_docs.py checks every table in the docs against MLproject, which tests/test_config.py
+tests/test_docs.py checks every table in the docs against MLproject, which tests/core/test_config.py
 keeps equal to this definition.
 """
 
@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def table(entry_point: str) -> str:
-    from mnist_tracking.config import ENTRY_POINTS
-    from mnist_tracking.parameters import parameters
+    from mnist_tracking.cli.main import ENTRY_POINTS
+    from mnist_tracking.core.parameters import parameters
 
     lines = ["| parameter | CLI option | type | default | meaning |", "|---|---|---|---|---|"]
     for p in parameters(ENTRY_POINTS[entry_point][1]):

@@ -37,13 +37,16 @@ img { max-width: 100%; }
 """
 # Where the quick start's commands and the first picture are, in CSS pixels of the page.
 BOXES_SCRIPT = """
-var box = function (el) { var r = el.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left, right: r.right}; };
+var box = function (el) {
+  var r = el.getBoundingClientRect(); return {top: r.top, bottom: r.bottom, left: r.left, right: r.right}; };
 var pres = Array.from(document.querySelectorAll('pre'));
-var quick = pres.filter(function (p) { return p.textContent.indexOf('mlflow run') >= 0 && p.textContent.indexOf('pytest') >= 0; })[0];
+var quick = pres.filter(function (p) {
+  return p.textContent.indexOf('mlflow run') >= 0 && p.textContent.indexOf('pytest') >= 0; })[0];
 var img = document.querySelector('img');
 return {viewport: [window.innerWidth, window.innerHeight],
         quick_start: quick ? box(quick) : null,
-        picture: img ? Object.assign(box(img), {src: img.getAttribute('src'), loaded: img.complete && img.naturalWidth > 0}) : null};
+        picture: img ? Object.assign(box(img), {src: img.getAttribute('src'),
+                                                loaded: img.complete && img.naturalWidth > 0}) : null};
 """
 
 
@@ -106,14 +109,16 @@ def problems(boxes: dict, height: int) -> list[str]:
     if boxes["quick_start"] is None:
         found.append("no code block with the quick start (mlflow run ... and pytest)")
     elif boxes["quick_start"]["bottom"] > height:
-        found.append(f"the quick start ends at {boxes['quick_start']['bottom']:.0f} px, below the first screen ({height} px)")
+        found.append(f"the quick start ends at {boxes['quick_start']['bottom']:.0f} px, "
+                     f"below the first screen ({height} px)")
     if boxes["picture"] is None:
         found.append("no picture")
     else:
         if not boxes["picture"]["loaded"]:
             found.append(f"the picture {boxes['picture']['src']} did not load")
         if boxes["picture"]["top"] >= height:
-            found.append(f"the picture starts at {boxes['picture']['top']:.0f} px, below the first screen ({height} px)")
+            found.append(f"the picture starts at {boxes['picture']['top']:.0f} px, "
+                         f"below the first screen ({height} px)")
     return found
 
 

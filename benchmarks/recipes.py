@@ -94,8 +94,9 @@ def main() -> None:
              "| recipe | seed | best val acc | test acc | best epoch | epochs run | wall time | precision | run id |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['recipe']} | {r['seed']} | {r['best_val_acc']:.2%} | {r['test_acc']:.2%} | {r['best_epoch']} "
-                     f"| {r['epochs_run']} | {r['wall_s'] / 60:.1f} min | {r['precision']} | `{r['run_id']}` |")
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['best_val_acc']:.2%} | {r['test_acc']:.2%} "
+                     f"| {r['best_epoch']} | {r['epochs_run']} | {r['wall_s'] / 60:.1f} min | {r['precision']} "
+                     f"| `{r['run_id']}` |")
     table = "\n".join(lines) + "\n"
     print(table)
     (HERE / "recipes.md").write_text(table)

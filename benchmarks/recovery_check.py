@@ -89,8 +89,9 @@ def main() -> None:
     train("--resume-from", first)
     [resumed] = client.search_runs(["0"], filter_string=f"tags.resumed_from = '{first}'")
     p = resumed.data.params
-    print(f"  resumed run {resumed.info.run_id}: epochs={p['epochs']} data_dir={p['data_dir']} precision={p['precision']}"
-          f" status={resumed.info.status} epochs logged={epochs_logged(client, resumed.info.run_id)}")
+    print(f"  resumed run {resumed.info.run_id}: epochs={p['epochs']} data_dir={p['data_dir']}"
+          f" precision={p['precision']} status={resumed.info.status}"
+          f" epochs logged={epochs_logged(client, resumed.info.run_id)}")
 
     print("== 2. the server dies mid-training")
     _, second, _ = train(stop_when=lambda r: epochs_logged(client, r) >= 1,

@@ -61,7 +61,7 @@ def tutorial_epoch(data_dir: str, positions, n_images: int) -> float:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from mnist_tracking.model import ConvNet
+    from mnist_tracking.core.model import ConvNet
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
     started = time.perf_counter()  # data handling included
@@ -83,11 +83,11 @@ def tutorial_epoch(data_dir: str, positions, n_images: int) -> float:
 
 def project_epoch(data_dir: str, n_images: int, precision: str = "auto") -> float:
     """Our loop (data.load_splits + training.train_one_epoch), with the default settings."""
-    from mnist_tracking.config import TrainConfig
-    from mnist_tracking.data import load_splits
-    from mnist_tracking.trainer import Trainer
-    from mnist_tracking.training import train_one_epoch
-    from mnist_tracking.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.core.data import load_splits
+    from mnist_tracking.core.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.trainer import Trainer
+    from mnist_tracking.core.training import train_one_epoch
 
     started = time.perf_counter()  # data handling included
     config = TrainConfig(data_dir=data_dir, device="cpu", precision=precision)
@@ -109,11 +109,11 @@ def main_epoch(data_dir: str, n_images: int, tracked: bool) -> float:
     """Seconds of one `main` epoch (train + validation), with or without MLflow logging."""
     import mlflow
 
-    from mnist_tracking.config import TrainConfig
-    from mnist_tracking.data import load_splits
-    from mnist_tracking.trainer import Trainer
-    from mnist_tracking.devices import resolve_device, resolve_precision
-    from mnist_tracking.epoch_logger import EpochLogger
+    from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.core.data import load_splits
+    from mnist_tracking.core.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.trainer import Trainer
+    from mnist_tracking.tracking.epoch_logger import EpochLogger
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=1, max_samples=n_images)
     splits = load_splits("mnist", data_dir, config.val_fraction, config.seed, config.max_samples)
     device = resolve_device("cpu")
@@ -153,11 +153,11 @@ def peak_rss_mb(command: list[str], cwd: str, env: dict) -> float:
 
 def test_accuracy(data_dir: str, precision: str, epochs: int) -> float:
     """Test accuracy of the default configuration after `epochs` epochs at this precision."""
-    from mnist_tracking.config import TrainConfig
-    from mnist_tracking.data import load_splits
-    from mnist_tracking.trainer import Trainer
-    from mnist_tracking.training import evaluate
-    from mnist_tracking.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.core.data import load_splits
+    from mnist_tracking.core.devices import resolve_device, resolve_precision
+    from mnist_tracking.core.trainer import Trainer
+    from mnist_tracking.core.training import evaluate
 
     config = TrainConfig(data_dir=data_dir, device="cpu", epochs=epochs, precision=precision, early_stopping=0)
     splits = load_splits("mnist", data_dir, config.val_fraction, config.seed)
@@ -174,7 +174,7 @@ def sklearn_tsne(features, labels) -> tuple[float, float]:
     """What users write: scikit-learn's TSNE(init="pca", learning_rate="auto") on the raw features."""
     from sklearn.manifold import TSNE
 
-    from mnist_tracking.embedding import knn_accuracy
+    from mnist_tracking.core.scores import knn_accuracy
 
     started = time.perf_counter()
     coords = TSNE(init="pca", learning_rate="auto", random_state=42).fit_transform(features)
@@ -184,7 +184,8 @@ def sklearn_tsne(features, labels) -> tuple[float, float]:
 
 def our_projection(features, labels) -> tuple[float, float]:
     """What `project` computes for methods=pca,tsne: embedding.pca and embedding.tsne."""
-    from mnist_tracking.embedding import knn_accuracy, pca, tsne
+    from mnist_tracking.core.embedding import pca, tsne
+    from mnist_tracking.core.scores import knn_accuracy
 
     started = time.perf_counter()
     pca(features)
@@ -197,7 +198,7 @@ UMAP_SNIPPET = """
 import sys, time
 import numpy as np
 started = time.perf_counter()
-from mnist_tracking.embedding import umap
+from mnist_tracking.core.embedding import umap
 with np.load(sys.argv[1], allow_pickle=False) as arrays:
     features = arrays["features"]
 umap(features)
@@ -239,7 +240,7 @@ def main() -> None:
     import mlflow
     import numpy as np
 
-    from mnist_tracking.data import load_splits
+    from mnist_tracking.core.data import load_splits
 
     store = tempfile.mkdtemp(prefix="mnist-bench-")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
@@ -259,7 +260,8 @@ def main() -> None:
             "name": name, "what": what, "unit": unit, "baseline": baseline, "ours": ours, "compare": compare,
             "baseline_median": b, "ours_median": o, "ratio": ratio, "target": target, "note": note,
         })
-        print(f"{name}: baseline {b:.4g} {unit}, ours {o:.4g} {unit}, {compare} {ratio:.3g} (target {target})", flush=True)
+        print(f"{name}: baseline {b:.4g} {unit}, ours {o:.4g} {unit}, {compare} {ratio:.3g} (target {target})",
+              flush=True)
         save(results, kept)  # after every pair: a later section that fails loses nothing measured
 
     run_ids: dict = {}
@@ -272,7 +274,8 @@ def main() -> None:
                 [sys.executable, "-m", "mnist_tracking", "train", "--epochs", "1", "--data-dir", args.data_dir],
                 store, env,
             )
-            [run] = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`mnist_tracking.kind` = 'training'",
+            [run] = mlflow.search_runs(search_all_experiments=True,
+                                       filter_string="tags.`mnist_tracking.kind` = 'training'",
                                        output_format="list")
             run_ids["id"] = run.info.run_id
         return run_ids["id"]
@@ -285,7 +288,8 @@ def main() -> None:
             lambda: project_epoch(args.data_dir, args.train_images),
             args.reps,
         )
-        record("training throughput", f"one epoch of {args.train_images} images, batch {BATCH_SIZE}, data handling included",
+        record("training throughput",
+               f"one epoch of {args.train_images} images, batch {BATCH_SIZE}, data handling included",
                tutorial, ours, "img/s", True, ">= 2.5")
 
     if "tracking" in only:
@@ -305,7 +309,7 @@ def main() -> None:
                note="baseline column is the 1 s budget")
 
     if "accuracy" in only:
-        from mnist_tracking.devices import resolve_device, resolve_precision
+        from mnist_tracking.core.devices import resolve_device, resolve_precision
 
         resolved = resolve_precision("auto", resolve_device("cpu"))
         if resolved == "fp32":
@@ -330,7 +334,7 @@ def main() -> None:
                [2500.0], [rss], "MB", False, "<= 2500 MB (ours_median)", note="baseline column is the 2.5 GB budget")
 
     if "project" in only or "umap" in only:
-        from mnist_tracking.feature_files import load_features
+        from mnist_tracking.tracking.feature_files import load_features
         arrays = load_features(trained_run(), "test")
         features, labels = arrays["features"], arrays["labels"]
 
@@ -339,7 +343,8 @@ def main() -> None:
         baseline_runs, our_runs = alternate(lambda: sklearn_tsne(features, labels),
                                             lambda: our_projection(features, labels), args.project_reps)
         record("projection time", f"PCA + t-SNE of {len(features):,} test features: sklearn TSNE(init=pca, "
-               "learning_rate=auto) vs ours (standardise, PCA 50, openTSNE FFT at learning rate N/12, exact neighbours)",
+               "learning_rate=auto) vs ours (standardise, PCA 50, openTSNE FFT at learning rate N/12, "
+               "exact neighbours)",
                [r[0] for r in baseline_runs], [r[0] for r in our_runs], "s", False, "<= 0.5")
         record("projection kNN accuracy", "kNN acc (k=10, 5-fold) of the same two t-SNE embeddings",
                [r[1] for r in baseline_runs], [r[1] for r in our_runs], "", True, "difference >= -0.01",

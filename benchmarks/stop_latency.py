@@ -96,8 +96,8 @@ def a_training_epoch_after(seconds: float):
     seen: dict[str, float] = {}
 
     def moment(out: str, experiment: str) -> bool:
-        if "at" not in seen and any(MlflowClient().get_metric_history(r.info.run_id, "val_acc") for r in runs(experiment)
-                                    if r.data.tags.get("mnist_tracking.kind") == "training"):
+        if "at" not in seen and any(MlflowClient().get_metric_history(r.info.run_id, "val_acc")
+                                    for r in runs(experiment) if r.data.tags.get("mnist_tracking.kind") == "training"):
             seen["at"] = time.monotonic()
         return "at" in seen and time.monotonic() - seen["at"] >= seconds
 
@@ -119,10 +119,10 @@ def uninterruptible(run_id: str) -> dict:
     import numpy as np
     import torch
 
-    from mnist_tracking import embedding
-    from mnist_tracking.feature_files import load_features
-    from mnist_tracking.model import ConvNet
-    from mnist_tracking.training_logs import log_model
+    from mnist_tracking.core import embedding
+    from mnist_tracking.core.model import ConvNet
+    from mnist_tracking.tracking.feature_files import load_features
+    from mnist_tracking.tracking.training_logs import log_model
 
     features = load_features(run_id, "test")["features"]
     embedding.umap(features[:100])  # numba compiles once per machine (cached): not what a stop waits for
@@ -158,13 +158,20 @@ def main() -> None:
     tune_args = ("tune", "--data-dir", data, "--trials", "2", "--max-epochs", "2", "--max-concurrent", "1",
                  "--compare-top", "0", "--storage", str(folder / "tune-storage"))
     cases = lambda: [  # noqa: E731 - fresh moments for each repeat
-        ("train, mid-epoch", command("train", "--data-dir", data, "--epochs", "2"), after("Training ConvNet", 20), False),
-        ("train, validation or epoch 2", command("train", "--data-dir", data, "--epochs", "2"), a_training_epoch_after(2), False),
-        ("project, inside t-SNE", command("project", "--run-id", first, "--methods", "tsne"), after("Projecting", 6), False),
-        ("project, inside UMAP", command("project", "--run-id", first, "--methods", "umap"), after("Projecting", 4), False),
-        ("evolution, t-SNE frames", command("evolution", "--run-id", first, "--methods", "tsne"), after("Following", 3), False),
-        ("compare, t-SNE", command("compare", "--run-ids", f"{first},{second}", "--methods", "tsne"), after("Comparing", 6), False),
-        ("sweep, during the trainings", command("sweep", "--data-dir", data, "--epochs-scale", "0.05", "--methods", "pca"),
+        ("train, mid-epoch", command("train", "--data-dir", data, "--epochs", "2"),
+         after("Training ConvNet", 20), False),
+        ("train, validation or epoch 2", command("train", "--data-dir", data, "--epochs", "2"),
+         a_training_epoch_after(2), False),
+        ("project, inside t-SNE", command("project", "--run-id", first, "--methods", "tsne"),
+         after("Projecting", 6), False),
+        ("project, inside UMAP", command("project", "--run-id", first, "--methods", "umap"),
+         after("Projecting", 4), False),
+        ("evolution, t-SNE frames", command("evolution", "--run-id", first, "--methods", "tsne"),
+         after("Following", 3), False),
+        ("compare, t-SNE", command("compare", "--run-ids", f"{first},{second}", "--methods", "tsne"),
+         after("Comparing", 6), False),
+        ("sweep, during the trainings",
+         command("sweep", "--data-dir", data, "--epochs-scale", "0.05", "--methods", "pca"),
          a_training_epoch_after(5), False),
         ("tune, inside fit()", command(*tune_args), a_training_epoch_after(5), False),
         ("tune, group SIGTERM inside fit()", command(*tune_args), a_training_epoch_after(5), True),

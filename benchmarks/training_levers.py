@@ -32,7 +32,7 @@ def batches(data_dir: str | None, steps: int):
 
     n = steps * BATCH_SIZE
     if data_dir:
-        from mnist_tracking.data import load_splits
+        from mnist_tracking.core.data import load_splits
 
         train = load_splits("mnist", data_dir, 0.2, 42).train
         images, labels = train.images[:n], train.labels[:n]
@@ -53,11 +53,12 @@ def variants() -> dict[str, dict]:
     }
 
 
-def measure(data: list, channels_last=False, foreach=None, compile=False, bf16=False, threads=None) -> tuple[float, float]:
+def measure(data: list, channels_last=False, foreach=None, compile=False, bf16=False,
+            threads=None) -> tuple[float, float]:
     """(images per second over the timed steps, seconds of the warm-up steps) of one variant."""
     import torch
 
-    from mnist_tracking.model import ConvNet
+    from mnist_tracking.core.model import ConvNet
 
     default_threads = torch.get_num_threads()
     if threads:

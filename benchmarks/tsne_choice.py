@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from mnist_tracking import embedding
+from mnist_tracking.core import embedding, scores
 
 SEED = 42
 
@@ -42,8 +42,12 @@ def variants(perplexity: float):
             perplexity=perplexity, init="pca", learning_rate="auto", n_jobs=jobs, random_state=SEED,
         ).fit_transform(features if on_features else reduced)
 
-    ours = lambda features, reduced: embedding.tsne(features, perplexity=perplexity, seed=SEED).coords
-    sklearn_rate = lambda n: max(n / embedding.TSNE_EXAGGERATION, embedding.TSNE_MIN_LEARNING_RATE)
+    def ours(features, reduced):
+        return embedding.tsne(features, perplexity=perplexity, seed=SEED).coords
+
+    def sklearn_rate(n):
+        return max(n / embedding.TSNE_EXAGGERATION, embedding.TSNE_MIN_LEARNING_RATE)
+
     return {
         "sklearn TSNE(init=pca, learning_rate=auto) on the raw features (what users write)": sklearn_bh(True),
         "sklearn TSNE, same, on the 50 PCA dims": sklearn_bh(False),
@@ -92,7 +96,7 @@ def main() -> None:
         started = time.perf_counter()
         coords = fit(features, reduced)
         seconds = time.perf_counter() - started
-        metrics, _ = embedding.quality(features, coords, labels, SEED)
+        metrics, _ = scores.quality(features, coords, labels, SEED)
         print(f"| {name} | {seconds:.1f} | {metrics['knn_acc']:.4f} | {metrics['trustworthiness']:.4f} "
               f"| {metrics['silhouette']:.3f} |", flush=True)
 

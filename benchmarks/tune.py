@@ -1,6 +1,7 @@
 """`tune` with ASHA against the same configurations run to their whole budget (FIFO), side by side.
 
-    python benchmarks/tune.py --data-dir ../shared/data --store /tmp/tune-bench [--trials 12 --max-epochs 6 --max-samples 12000]
+    python benchmarks/tune.py --data-dir ../shared/data --store /tmp/tune-bench \
+        [--trials 12 --max-epochs 6 --max-samples 12000]
 
 Runs `python -m mnist_tracking tune` twice on one store, with the same seed and every trial drawn by
 Optuna's seeded random start (startup_trials = trials), so both searches try the same configurations
@@ -70,7 +71,7 @@ def run(command: list[str], env: dict, log: Path) -> tuple[int, float, float]:
 
 
 def search_summary(client, parent_id: str, searched: list[str]) -> dict:
-    from mnist_tracking.runs import PARENT_RUN_TAG
+    from mnist_tracking.tracking.runs import PARENT_RUN_TAG
 
     parent = client.get_run(parent_id)
     trials = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and "
@@ -81,8 +82,10 @@ def search_summary(client, parent_id: str, searched: list[str]) -> dict:
     first_start = min(t.info.start_time for t in trials) if trials else None
     return {
         "parent_run_id": parent_id, "status": parent.info.status,
-        "fit_seconds": parent.data.metrics.get("fit_seconds"), "ray_start_seconds": parent.data.metrics.get("ray_start_seconds"),
-        "first_trial_start_seconds_after_parent": (first_start - parent.info.start_time) / 1000 if first_start else None,
+        "fit_seconds": parent.data.metrics.get("fit_seconds"),
+        "ray_start_seconds": parent.data.metrics.get("ray_start_seconds"),
+        "first_trial_start_seconds_after_parent": ((first_start - parent.info.start_time) / 1000
+                                                   if first_start else None),
         "trials": len(trials), "stopped_by_asha": len(stopped_at), "stopped_at_epochs": stopped_at,
         "configurations": sorted(tuple(str(t.data.params[n]) for n in searched) for t in trials),
         "best_run_id": best.info.run_id if best else None,
@@ -93,8 +96,9 @@ def search_summary(client, parent_id: str, searched: list[str]) -> dict:
         "curves": [{"run_id": t.info.run_id, "best_val_acc": t.data.metrics.get("best_val_acc"),
                     "val_acc": [m.value for m in sorted(client.get_metric_history(t.info.run_id, "val_acc"),
                                                         key=lambda m: m.step)],
-                    "snapshot_knn_acc": [m.value for m in sorted(client.get_metric_history(t.info.run_id, "snapshot_knn_acc"),
-                                                                 key=lambda m: m.step)]} for t in trials],
+                    "snapshot_knn_acc": [m.value for m in sorted(
+                        client.get_metric_history(t.info.run_id, "snapshot_knn_acc"), key=lambda m: m.step)]}
+                   for t in trials],
     }
 
 
@@ -112,16 +116,17 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
 
     from benchmarks.run import machine
-    from mnist_tracking.search_space import load_space
+    from mnist_tracking.search.space import load_space
 
     store = Path(args.store).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     data_dir = str(Path(args.data_dir).resolve())
-    common = ["--trials", str(args.trials), "--max-epochs", str(args.max_epochs), "--max-samples", str(args.max_samples),
-              "--data-dir", data_dir, "--seed", str(args.seed), "--startup-trials", str(args.trials),
-              "--compare-top", "0", "--storage", str(store / "tune-storage")]
+    common = ["--trials", str(args.trials), "--max-epochs", str(args.max_epochs),
+              "--max-samples", str(args.max_samples), "--data-dir", data_dir, "--seed", str(args.seed),
+              "--startup-trials", str(args.trials), "--compare-top", "0", "--storage", str(store / "tune-storage")]
     results = {"machine": machine(), "settings": vars(args)}
     client = None
     searched = list(load_space("").searched)
@@ -168,9 +173,9 @@ def early_signals(curves: list[dict]) -> dict:
     for epoch in (1, 2):
         for name, at in (("val_acc", epoch - 1), ("snapshot_knn_acc", epoch)):
             values = [c[name][at] if len(c[name]) > at else None for c in curves]
-            pairs = [(v, f) for v, f in zip(values, final) if v is not None and f is not None]
+            pairs = [(v, f) for v, f in zip(values, final, strict=True) if v is not None and f is not None]
             if len(pairs) >= 3:
-                rho = spearmanr(*zip(*pairs)).statistic
+                rho = spearmanr(*zip(*pairs, strict=True)).statistic
                 out[f"{name}_epoch{epoch}_spearman"] = None if rho != rho else float(rho)  # NaN: a constant signal
     return out
 
@@ -194,11 +199,12 @@ def report(r: dict) -> str:
         f"| Ray start | {asha['ray_start_seconds']:.1f} s | {fifo['ray_start_seconds']:.1f} s |",
         f"| first trial's run started after the parent's | {asha['first_trial_start_seconds_after_parent']:.1f} s | "
         f"{fifo['first_trial_start_seconds_after_parent']:.1f} s |",
-        f"| trials stopped by ASHA (at epochs) | {asha['stopped_by_asha']} ({', '.join(map(str, asha['stopped_at_epochs']))}) | "
-        f"{fifo['stopped_by_asha']} |",
+        f"| trials stopped by ASHA (at epochs) | {asha['stopped_by_asha']} "
+        f"({', '.join(map(str, asha['stopped_at_epochs']))}) | {fifo['stopped_by_asha']} |",
         f"| best trial's val acc / test acc | {pct(asha['best_val_acc'])} / {pct(asha['best_test_acc'])} | "
         f"{pct(fifo['best_val_acc'])} / {pct(fifo['best_test_acc'])} |",
-        f"| peak memory of the command (all its processes) | {asha['peak_tree_rss_mb']:.0f} MB | {fifo['peak_tree_rss_mb']:.0f} MB |",
+        f"| peak memory of the command (all its processes) | {asha['peak_tree_rss_mb']:.0f} MB | "
+        f"{fifo['peak_tree_rss_mb']:.0f} MB |",
         "", f"Fit phase FIFO / ASHA: x{r['fit_ratio_fifo_over_asha']:.2f}. `main`'s default recipe at the same budget: "
         f"val acc {pct(default['best_val_acc'])}, test acc {pct(default['test_acc'])} (run {default['run_id']}).",
         f"Parents: ASHA {asha['parent_run_id']}, FIFO {fifo['parent_run_id']}.", "",

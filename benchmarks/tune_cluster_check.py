@@ -40,7 +40,8 @@ def start_server(work: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", LOOPBACK, "--port", str(port),
-         "--workers", "1", "--backend-store-uri", f"sqlite:///{work}/server.db", "--artifacts-destination", str(work / "artifacts")],
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{work}/server.db",
+         "--artifacts-destination", str(work / "artifacts")],
         stdout=(work / "server.log").open("w"), stderr=subprocess.STDOUT)
     uri = f"http://{LOOPBACK}:{port}"
     deadline = time.monotonic() + SERVER_START_S

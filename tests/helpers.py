@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def plot_data(page: str, plot_id: str = "") -> tuple[list[dict], dict]:
     """The traces and layout an HTML view hands to Plotly.newPlot (JSON after the div id)."""
-    from mnist_tracking import views
+    from mnist_tracking.views import projection as views
 
     plot_id = plot_id or views.PLOT_ID
     start = page.index("Plotly.newPlot(")
@@ -86,7 +86,7 @@ def start_training(data_dir, experiment_id, *args, cwd, **popen):
 
 def invoke(*args):
     """The CLI in this process (for errors that come before any training)."""
-    from mnist_tracking import cli
+    from mnist_tracking.cli import main as cli
 
     return CliRunner().invoke(cli.main, list(args))
 
@@ -145,7 +145,8 @@ POINT_POSITION = """
 var plot = document.getElementById(arguments[0]), trace = plot._fullData[arguments[1]];
 var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
 var box = plot.getBoundingClientRect();
-return [xa._offset + xa.l2p(trace.x[arguments[2]]) - box.width / 2, ya._offset + ya.l2p(trace.y[arguments[2]]) - box.height / 2];
+return [xa._offset + xa.l2p(trace.x[arguments[2]]) - box.width / 2,
+        ya._offset + ya.l2p(trace.y[arguments[2]]) - box.height / 2];
 """
 
 
@@ -174,7 +175,8 @@ def wait_for_plot(driver, plot_id: str, timeout: float = 120) -> None:
     import time
 
     deadline = time.monotonic() + timeout
-    while not driver.execute_script(f"var p = document.getElementById('{plot_id}'); return !!(p && p._fullLayout && p._fullData);"):
+    while not driver.execute_script(f"var p = document.getElementById('{plot_id}'); "
+                                    "return !!(p && p._fullLayout && p._fullData);"):
         assert time.monotonic() < deadline, "the plot was not drawn"
         time.sleep(0.5)
 

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
+from fakes import REPO
 
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TYPES = {"float": float, "int": int, "string": str, "path": str}
@@ -103,7 +103,7 @@ def mlflow_run_problems(words: list[str], complete: bool) -> list[str]:
 
 
 def cli_problems(words: list[str], complete: bool) -> list[str]:
-    from mnist_tracking.cli import main
+    from mnist_tracking.cli.main import main
 
     if not words or words[0] in ("--help", "-h"):
         return []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mnist_tracking import views
+from mnist_tracking.views import projection as views
 
 MIN_SUBTITLE_PX = 12
 HOVER_TIMEOUT_S = 30
@@ -20,13 +20,15 @@ var box = function (e) { var r = e.getBoundingClientRect();
 var all = function (selector) { return Array.from(document.querySelectorAll(selector)).map(box); };
 var card = document.getElementById(arguments[0]);
 return {
-  title: all('.gtitle'), subplot_titles: all('.annotation-text'), buttons: all('.updatemenu-button, .updatemenu-header'),
+  title: all('.gtitle'), subplot_titles: all('.annotation-text'),
+  buttons: all('.updatemenu-button, .updatemenu-header'),
   modebar: all('.modebar-group'), legend: all('.legend .bg'), slider_rail: all('.slider-rail-rect'),
   slider_labels: all('.slider-label'),  // the current value ("epoch 3") and each step's label
   tooltips: document.querySelectorAll('.hoverlayer .hovertext').length,
   card: card && card.style.display !== 'none' ? box(card) : null,
   title_sizes: Array.from(document.querySelectorAll('.gtitle tspan')).filter(function (t) {
-    return t.textContent.trim().replace('\\u200b', ''); }).map(function (t) { return parseFloat(getComputedStyle(t).fontSize); }),
+    return t.textContent.trim().replace('\\u200b', ''); }).map(function (t) {
+    return parseFloat(getComputedStyle(t).fontSize); }),
   viewport: [window.innerWidth, window.innerHeight]};
 """
 
@@ -35,7 +37,8 @@ return {
 TOPMOST = """
 var plot = document.getElementById(arguments[0]), box = plot.getBoundingClientRect(), best = null;
 plot._fullData.forEach(function (trace) {
-  var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")], ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
+  var xa = plot._fullLayout[trace.xaxis.replace("x", "xaxis")],
+      ya = plot._fullLayout[trace.yaxis.replace("y", "yaxis")];
   for (var i = 0; i < (trace.y || []).length; i++) {
     var at = [xa._offset + xa.l2p(trace.x[i]) - box.width / 2, ya._offset + ya.l2p(trace.y[i]) - box.height / 2];
     if (best === null || at[1] < best[1]) { best = at; }
@@ -90,7 +93,8 @@ def layout_problems(driver, plot_id: str, steps: int = 0, screenshot: Path | Non
     if steps and not (boxes["epoch_label"] and len(boxes["step_labels"]) >= steps):
         problems.append("the slider shows no 'epoch N' or not every step's label")
     if min(boxes["title_sizes"]) < MIN_SUBTITLE_PX:
-        problems.append(f"title lines of {boxes['title_sizes']} px: a subtitle under {MIN_SUBTITLE_PX} px is hard to read")
+        problems.append(f"title lines of {boxes['title_sizes']} px: "
+                        f"a subtitle under {MIN_SUBTITLE_PX} px is hard to read")
 
     hover_topmost_point(driver, plot_id)
     deadline = time.monotonic() + HOVER_TIMEOUT_S

@@ -1,0 +1,1 @@
+"""The command line on top: click commands built from the one parameter definition, and how a command ends (exits)."""

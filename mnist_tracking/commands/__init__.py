@@ -1,1 +1,0 @@
-"""One module per MLproject entry point: each orchestrates its MLflow run and nothing else."""

@@ -1,0 +1,260 @@
+"""The one Ray engine of `tune` and `sweep`: trials run by Ray Tune under a parent run, each accounted for."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from mnist_tracking.core import stopping
+from mnist_tracking.core.errors import UserError, first_line
+from mnist_tracking.search.cluster import absolute_tracking_uri, ray_session, unfit_trial
+from mnist_tracking.search.space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
+from mnist_tracking.search.trial import trainable
+from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
+from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run
+
+MAX_FAILURES = 1  # a trial whose Ray actor or node died is retried once (its own failures are not: see trial.run_trial)
+
+
+@dataclass
+class TrialPlan:
+    """What the engine runs under a parent run: a search's trials (`tune`) or a grid of trainings (`sweep`)."""
+
+    parent: object  # the MLflow parent run (active)
+    param_space: dict  # Tune's: searched domains, or a grid
+    context: dict  # what every trial gets besides its searched values: fixed, per_trial, metric
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent: int
+    storage: str  # Tune's state: <storage>/<parent id>
+    one: str = "trial"  # a trial, or a training: in messages
+    ray_cpus: int = 0  # of a local Ray (0: this machine's)
+    searcher: object = None
+    scheduler: object = None
+    num_samples: int = 1
+    restore: bool = False  # continue the search saved in storage (--resume)
+    announce: Callable[[dict], str] = field(default=lambda cluster: "", repr=False)  # the line said once Ray is up
+
+
+def run_trials(plan: TrialPlan, echo: Callable[[str], None]):
+    """Start or join Ray, refuse a trial no node can hold, and run Tune's fit(): (results, scheduler: the plan's,
+    or the one a restored search brings back with its reasons). Logs Ray's start and the fit's seconds."""
+    parent_id, experiment_id = plan.parent.info.run_id, plan.parent.info.experiment_id
+    tracking_uri = absolute_tracking_uri(mlflow.get_tracking_uri())
+    artifact_root = MlflowClient().get_experiment(experiment_id).artifact_location
+    started = time.perf_counter()
+    with ray_session(plan.ray_cpus or None, None, tracking_uri, artifact_root) as cluster:
+        unfit = unfit_trial(cluster, plan.cpus_per_trial, plan.gpus_per_trial, plan.one)
+        if unfit:
+            end_active_run(unfit, "FAILED")
+            raise UserError(unfit)
+        echo(plan.announce(cluster))
+        context = {**plan.context, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+                   "parent_run_id": parent_id, "threads": max(1, int(plan.cpus_per_trial))}
+        tuner = built_tuner(plan, {**plan.param_space, "context": context})
+        scheduler = plan.scheduler
+        if plan.restore:  # Tune brings back the scheduler it saved, with the reasons of the trials it stopped so far
+            scheduler = getattr(getattr(tuner._local_tuner, "_tune_config", None), "scheduler", None)
+        fit_started = time.perf_counter()
+        results = fit(tuner)
+        # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
+        mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
+                            "ray_start_seconds": fit_started - started})
+    return results, scheduler
+
+
+def built_tuner(plan: TrialPlan, param_space: dict):
+    """Ray's Tuner of the plan (the only place one is built): new, or restored from its storage."""
+    from ray import tune
+
+    run = trainable(plan.cpus_per_trial, plan.gpus_per_trial)
+    parent_id = plan.parent.info.run_id
+    if plan.restore:
+        path = os.path.join(plan.storage, parent_id)
+        if not tune.Tuner.can_restore(path):
+            raise UserError(f"search {parent_id} has no Ray Tune state in {path}: pass the --storage it ran with")
+        return tune.Tuner.restore(path, run, resume_unfinished=True, resume_errored=False, restart_errored=False,
+                                  param_space=param_space)
+    return tune.Tuner(
+        run, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=plan.searcher, scheduler=plan.scheduler, num_samples=plan.num_samples,
+                                    max_concurrent_trials=plan.max_concurrent or None,
+                                    reuse_actors=True),  # a worker imports torch and MLflow once, not once per trial
+        run_config=tune.RunConfig(name=parent_id, storage_path=plan.storage, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+                                  callbacks=[StopTune()]),
+    )
+
+
+# --------------------------------------------------------------------------- every trial accounted for
+
+
+def trial_runs(parent_id: str, key_tag: str) -> dict[str, list]:
+    """The training runs under the parent by their `key_tag` (trial id, sweep label), oldest first (a trial
+    Ray retried, or a search resumed, has several)."""
+    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = '{Kind.TRAINING}'",
+        order_by=["attributes.start_time ASC"])
+    found: dict[str, list] = {}
+    for run in runs:
+        found.setdefault(run.data.tags.get(key_tag, ""), []).append(run)
+    return found
+
+
+def account(parent_id: str, key_tag: str, errors: dict[str, str], interrupted: str, resume: str,
+            stopped: dict[str, str] | None = None, one: str = "trial") -> dict:
+    """End every trial run under the parent that Ray lost, the scheduler stopped (`stopped`: why, by key) or a
+    signal cut (`interrupted`: its name) with a status and a reason: none stays RUNNING. `resume` says how to go
+    on after an interruption. Returns the last run of each trial, by key, as it ended."""
+    client, stopped = MlflowClient(), stopped or {}
+    last = {}
+    for key, runs in trial_runs(parent_id, key_tag).items():
+        *earlier, run = runs
+        for lost in earlier:  # a retry (or a resumed search) started a new run for the trial
+            reason = lost.data.tags.get(STATUS_REASON_TAG, "")
+            if lost.info.status == "RUNNING":
+                end_run(lost.info.run_id, f"its Ray worker or node died; "
+                                          f"the {one} was retried as run {run.info.run_id}")
+            elif reason.startswith("interrupted") and "ran again" not in reason:
+                client.set_tag(lost.info.run_id, STATUS_REASON_TAG, f"{reason}; the search was resumed and the {one} "
+                                                                     f"ran again as run {run.info.run_id}")
+        run_id, status = run.info.run_id, run.info.status
+        epochs = len(client.get_metric_history(run_id, "val_acc"))
+        if key in stopped:
+            end_run(run_id, stopped[key], "KILLED")
+            drop_local_checkpoint(run_id)  # a stopped trial leaves no local checkpoint copy behind
+        elif status == "RUNNING" or (status != "FINISHED" and STATUS_REASON_TAG not in run.data.tags):
+            if interrupted:
+                end_run(run_id, f"interrupted by {interrupted} after epoch {epochs}; {resume}", "KILLED")
+            else:
+                end_run(run_id, errors.get(key, f"its Ray worker ended without ending the run after epoch {epochs}"))
+        last[key] = client.get_run(run_id)
+    return last
+
+
+def record_lost(parent_id: str, tags: dict[str, str], name: str, reason: str, params: dict | None = None) -> str:
+    """A FAILED training run under the parent for a trial that ended before it started one, with `reason`."""
+    client = MlflowClient()
+    run = client.create_run(client.get_run(parent_id).info.experiment_id, run_name=name,
+                            tags={PARENT_RUN_TAG: parent_id, KIND_TAG: Kind.TRAINING, **tags})
+    if params:
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    end_run(run.info.run_id, reason)
+    return run.info.run_id
+
+
+def ray_errors(results, key_of: Callable) -> dict[str, str]:
+    """Ray's error of each trial that errored (its worker died twice, say), by key_of(result)."""
+    return {key_of(result): first_line(result.error) for result in results if result.error is not None}
+
+# --------------------------------------------------------------------------- the space in Tune's terms
+
+
+def tune_space(space: SearchSpace) -> dict:
+    """The searched parameters as Tune domains (Optuna's searcher reads them)."""
+    from ray import tune
+
+    def domain(d):
+        low, *rest = d.values
+        return {
+            UNIFORM: lambda: tune.uniform(low, rest[0]),
+            LOGUNIFORM: lambda: tune.loguniform(low, rest[0]),
+            INT: lambda: tune.randint(low, rest[0] + 1),  # Tune's upper bound is excluded, ours included
+            CHOICE: lambda: tune.choice(list(d.values)),
+        }[d.kind]()
+
+    return {name: domain(d) for name, d in space.searched.items()}
+
+
+# --------------------------------------------------------------------------- the scheduler
+
+
+def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float):
+    """Ray's ASHAScheduler (stop_last_trials=False: a trial at its last epoch finishes, logging its test
+    evaluation and model) that keeps, in `.reasons`, why it stopped each trial it stopped."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from mnist_tracking.search.report import stop_reason
+
+    class ExplainedASHA(ASHAScheduler):
+        def __init__(self):
+            super().__init__(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
+                             reduction_factor=reduction_factor, stop_last_trials=False)
+            self.reasons: dict[str, str] = {}
+
+        def on_trial_result(self, tune_controller, trial, result):
+            rung = self._rung_before(trial, result)
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == self.STOP and rung is not None:
+                milestone, values, cutoff = rung
+                sign = self._metric_op
+                self.reasons[trial.trial_id] = stop_reason(
+                    int(result[self._time_attr]), max_t, metric, result[metric], sign * cutoff,
+                    sign * max(values), len(values), reduction_factor)
+            return action
+
+        def _rung_before(self, trial, result):
+            """(milestone, recorded values, cutoff) of the rung this result is judged at, before it is recorded."""
+            bracket = self._trial_info.get(trial.trial_id)
+            if bracket is None or self._time_attr not in result or metric not in result:
+                return None
+            now = result[self._time_attr]
+            for milestone, recorded in bracket._rungs:
+                if now < milestone or trial.trial_id in recorded:
+                    continue
+                values = [v for v in recorded.values() if v is not None]
+                return (milestone, values, bracket.cutoff(recorded)) if values else None
+            return None
+
+    return ExplainedASHA()
+
+
+def optuna_searcher(metric: str, mode: str, seed: int, n_startup_trials: int):
+    """Optuna's TPE, seeded, with `n_startup_trials` random configurations first."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial: Tune and we report them
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
+    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+
+
+class StopTune(Callback):
+    """Between two steps of Tune's loop (on the driver's main thread), hands a recorded signal to Tune as
+    the Ctrl-C it listens for: Tune stops the trials (their runs end KILLED), saves its state for
+    --resume and returns from fit() as if it had ended."""
+
+    def __init__(self) -> None:
+        self.listening = self.handed = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if not self.listening:  # Tune's SIGINT handler is in place now: Tune installs it before its loop
+            self.listening = True
+            stopping.record_before(signal.SIGINT)  # a Ctrl-C that Tune takes itself is recorded as ours
+        if stopping.received() and not self.handed:
+            self.handed = True
+            signal.raise_signal(signal.SIGINT)
+
+
+def fit(tuner):
+    """Tune's fit() stopped by our flag (a signal before it stops the command here: nothing of Tune's to
+    save); our handlers are back after it, since Tune leaves its own in place after a search that ended."""
+    stopping.check()
+    try:
+        return tuner.fit()
+    finally:
+        tune_listened = threading.current_thread() is threading.main_thread() and not int(
+            os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+        if tune_listened and stopping.is_ours(signal.getsignal(signal.SIGINT)):
+            stopping.note(signal.SIGINT)  # Tune's handler took a Ctrl-C (before our callback ran) and put ours back
+        stopping.restore()

@@ -1,0 +1,93 @@
+"""One trial on Ray (a `tune` trial or a sweep's training): the project's own training as a nested run,
+reporting to Tune."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from mnist_tracking.core.errors import first_line
+from mnist_tracking.search.cluster import NOT_INHERITED
+
+TRIAL_TAG = "mnist_tracking.trial_id"
+NODE_TAG = "mnist_tracking.ray_node_id"
+# A trial's config key holding a whole training (params, tags, label) rather than searched values: the sweep's grid.
+TRAINING_KEY = "training"
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the project's own training (`train_and_log`) as a run nested under the search's
+    (or the sweep's) parent, reporting each logged epoch to Tune. Its whole context comes in
+    `config["context"]` (absolute tracking URI, experiment and parent ids, data folder, threads):
+    nothing is inherited. Its parameters are the context's fixed ones, a sweep's whole training
+    (`config["training"]`) or the searched values, then the context's per-trial ones.
+
+    A failure of the training itself (a divergence, bad data) ends its run FAILED with the reason and
+    returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
+    import mlflow
+    import ray
+    import torch
+    from ray import tune
+
+    from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.tracking.runs import STATUS_REASON_TAG, end_run
+    from mnist_tracking.tracking.train import train_and_log
+
+    context = config["context"]
+    for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):
+        os.environ.pop(name, None)
+    mlflow.set_tracking_uri(context["tracking_uri"])
+    mlflow.set_experiment(experiment_id=context["experiment_id"])
+    torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more
+    trial_id = tune.get_context().get_trial_id()
+    training = config.get(TRAINING_KEY, {})  # a sweep's trial: one whole training of its grid
+    searched = {name: value for name, value in config.items() if name not in ("context", TRAINING_KEY)}
+    params = {**context["fixed"], **training.get("params", {}), **searched, **context["per_trial"]}
+    reporter = EpochReporter(context["metric"])
+    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id(), **training.get("tags", {})}
+    prefix = training.get("label", trial_id)
+    try:
+        train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{prefix}] {line}", flush=True),
+                      progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
+    except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run was ended KILLED
+        from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
+
+        if reporter.run_id:
+            drop_local_checkpoint(reporter.run_id)  # no resume starts from a trial Tune stopped
+        raise
+    except Exception as exc:  # noqa: BLE001 - the training's own failure: recorded, not retried
+        run = mlflow.last_active_run()
+        if reporter.run_id or run is not None:
+            run_id = reporter.run_id or run.info.run_id
+            stored = mlflow.tracking.MlflowClient().get_run(run_id)
+            if stored.info.status == "RUNNING" or STATUS_REASON_TAG not in stored.data.tags:
+                end_run(run_id, f"{type(exc).__name__}: {first_line(exc)}", "FAILED")
+        print(f"[{prefix}] failed: {first_line(exc)}", flush=True)
+
+
+class EpochReporter:
+    """The trainer's extra epoch callback in a trial: reports the logged epoch to Tune."""
+
+    def __init__(self, metric: str):
+        self.metric, self.run_id, self.epoch = metric, "", 0
+
+    def __call__(self, result, trainer) -> None:
+        import mlflow
+        from ray import tune
+
+        self.run_id = mlflow.active_run().info.run_id
+        self.epoch = result.epoch
+        metrics = {**result.metrics(), "epoch": result.epoch, "run_id": self.run_id}
+        if result.snapshot_knn_acc is not None:
+            metrics["snapshot_knn_acc"] = result.snapshot_knn_acc
+        tune.report(metrics)  # SystemExit when Tune stops the trial: the training's run ends KILLED (runs.ended)
+
+
+def trial_resources(cpus: float, gpus: float) -> dict:
+    return {"cpu": cpus, "gpu": gpus} if gpus else {"cpu": cpus}
+
+
+def trainable(cpus: float, gpus: float) -> Callable:
+    from ray import tune
+
+    return tune.with_resources(run_trial, trial_resources(cpus, gpus))
