@@ -84,7 +84,10 @@ def main() -> None:
 
         # 1. the table, inline, with thumbnails
         driver.get(f"{run_page}/comparison/what_moved.json{Q}")
-        text = lambda: driver.execute_script("return document.body.innerText")  # noqa: E731
+
+        def text() -> str:
+            return driver.execute_script("return document.body.innerText")
+
         wait(lambda: "true digit" in text() and "prediction 1" in text(), "the table's columns")
         for button in driver.find_elements(By.CSS_SELECTOR, "[data-component-id='mlflow.assistant.chat_panel.close']"):
             if button.is_displayed():  # MLflow opens its assistant panel on a first visit

@@ -22,20 +22,18 @@ import re
 import tempfile
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state
+from matplotlib.ticker import MaxNLocator
 
 TITLES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 DPI = 110
 
 
-def alignment_figure(report: dict) -> plt.Figure:
+def alignment_figure(report: dict) -> Figure:
     methods = [m for m in ("pca", "tsne") if "displacements_aligned" in report["methods"].get(m, {}).get(
         "alignment_on_real_snapshots", {})]
-    figure, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(methods), 3.6))
+    axes = figure.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         a = report["methods"][method]["alignment_on_real_snapshots"]
         epochs = range(1, len(a["displacements_aligned"]))
@@ -55,9 +53,10 @@ def alignment_figure(report: dict) -> plt.Figure:
     return figure
 
 
-def quality_figure(report: dict) -> plt.Figure:
+def quality_figure(report: dict) -> Figure:
     methods = [m for m in ("pca", "tsne") if m in report["methods"]]
-    figure, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
+    figure = Figure(figsize=(5.5 * len(methods), 3.6))
+    axes = figure.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods, strict=True):
         a = report["methods"][method]["alignment_on_real_snapshots"]
         epochs = range(len(a["knn_aligned"]))
@@ -106,7 +105,6 @@ def main() -> None:
     for name, build in (("evolution-alignment.png", alignment_figure), ("evolution-quality.png", quality_figure)):
         figure = build(report)
         figure.savefig(out / name, dpi=DPI)  # a full-colour (RGBA) PNG: the digits' colours stay apart
-        plt.close(figure)
         print(out / name)
     if args.evolution_run:
         frame_strip(args.evolution_run, args.method, out)

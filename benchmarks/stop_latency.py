@@ -157,25 +157,28 @@ def main() -> None:
     first, second = train_two(data, env, folder)
     tune_args = ("tune", "--data-dir", data, "--trials", "2", "--max-epochs", "2", "--max-concurrent", "1",
                  "--compare-top", "0", "--storage", str(folder / "tune-storage"))
-    cases = lambda: [  # noqa: E731 - fresh moments for each repeat
-        ("train, mid-epoch", command("train", "--data-dir", data, "--epochs", "2"),
-         after("Training ConvNet", 20), False),
-        ("train, validation or epoch 2", command("train", "--data-dir", data, "--epochs", "2"),
-         a_training_epoch_after(2), False),
-        ("project, inside t-SNE", command("project", "--run-id", first, "--methods", "tsne"),
-         after("Projecting", 6), False),
-        ("project, inside UMAP", command("project", "--run-id", first, "--methods", "umap"),
-         after("Projecting", 4), False),
-        ("evolution, t-SNE frames", command("evolution", "--run-id", first, "--methods", "tsne"),
-         after("Following", 3), False),
-        ("compare, t-SNE", command("compare", "--run-ids", f"{first},{second}", "--methods", "tsne"),
-         after("Comparing", 6), False),
-        ("sweep, during the trainings",
-         command("sweep", "--data-dir", data, "--epochs-scale", "0.05", "--methods", "pca"),
-         a_training_epoch_after(5), False),
-        ("tune, inside fit()", command(*tune_args), a_training_epoch_after(5), False),
-        ("tune, group SIGTERM inside fit()", command(*tune_args), a_training_epoch_after(5), True),
-    ]
+
+    def cases() -> list[tuple]:  # fresh moments for each repeat
+        return [
+            ("train, mid-epoch", command("train", "--data-dir", data, "--epochs", "2"),
+             after("Training ConvNet", 20), False),
+            ("train, validation or epoch 2", command("train", "--data-dir", data, "--epochs", "2"),
+             a_training_epoch_after(2), False),
+            ("project, inside t-SNE", command("project", "--run-id", first, "--methods", "tsne"),
+             after("Projecting", 6), False),
+            ("project, inside UMAP", command("project", "--run-id", first, "--methods", "umap"),
+             after("Projecting", 4), False),
+            ("evolution, t-SNE frames", command("evolution", "--run-id", first, "--methods", "tsne"),
+             after("Following", 3), False),
+            ("compare, t-SNE", command("compare", "--run-ids", f"{first},{second}", "--methods", "tsne"),
+             after("Comparing", 6), False),
+            ("sweep, during the trainings",
+             command("sweep", "--data-dir", data, "--epochs-scale", "0.05", "--methods", "pca"),
+             a_training_epoch_after(5), False),
+            ("tune, inside fit()", command(*tune_args), a_training_epoch_after(5), False),
+            ("tune, group SIGTERM inside fit()", command(*tune_args), a_training_epoch_after(5), True),
+        ]
+
     rows = [stop_once(name, args_, moment, env, folder, group) for _ in range(args.repeat)
             for name, args_, moment, group in cases()]
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "data": "real MNIST (60,000 train, 10,000 test)",

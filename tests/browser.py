@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -16,9 +17,7 @@ PAGE_LOADS = 2  # tries per page: the time above is shared between them
 
 def need_browser() -> None:
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         missing.append("the selenium package (pip install -e '.[test]')")
     if missing:
         message = (f"no browser to drive: {', '.join(missing)} missing "

@@ -74,7 +74,7 @@ def registry_lock(echo: Callable[[str], None] = print) -> Iterator[None]:
             return
         path = sqlite_lock_file(database)
         try:
-            handle = open(path, "a" if path != database else "rb")  # noqa: SIM115 - closed below, releasing the lock
+            handle = open(path, "a" if path != database else "rb")  # closed below, releasing the lock
         except OSError as exc:  # a store (or folder) we may not open: one line, not a traceback
             raise UserError(
                 f"cannot open the registry lock {path}: {exc.strerror}; registering writes the tracking store: "

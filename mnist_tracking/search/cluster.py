@@ -144,7 +144,7 @@ def init_in_thread(**init_kwargs) -> None:
     def init() -> None:
         try:
             ray.init(**init_kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+        except BaseException as exc:  # handed to the caller's thread
             failed.append(exc)
 
     thread = threading.Thread(target=init, name="ray-init", daemon=True)
@@ -189,7 +189,7 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
         try:
             init_in_thread(address=joined, _node_ip_address=None if address else LOOPBACK, log_to_driver=True,
                            configure_logging=False)
-        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; one line says which and what to do
+        except Exception as exc:  # Ray raises many kinds; one line says which and what to do
             ray.shutdown()  # what it started before it failed
             where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"
             hint = ("check that `ray start --head` runs there and that this machine reaches it" if address

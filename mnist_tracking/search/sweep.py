@@ -204,7 +204,7 @@ def analysed(row: SweepRow, analysis: Callable[[], str], what: str, echo: Callab
     training is kept, and the comparison table says what is missing)."""
     try:
         return analysis()
-    except Exception as exc:  # noqa: BLE001 - one failed analysis must not end the sweep
+    except Exception as exc:  # one failed analysis must not end the sweep
         echo(f"Error: {what} {row.label} failed: {first_line(exc)}")
         return ""
 
@@ -254,7 +254,7 @@ def compare_trainings(rows: list[SweepRow], config: SweepConfig, echo: Callable[
     try:
         compare_config = CompareConfig(run_ids=",".join(row.run_id for row in finished), methods=config.methods)
         return log_comparison_outputs(*prepared(compare_config), compare_config, echo)
-    except Exception as exc:  # noqa: BLE001 - the trainings are kept; the figure uses their own layouts
+    except Exception as exc:  # the trainings are kept; the figure uses their own layouts
         echo(f"Error: comparing the trainings failed: {first_line(exc)}")
         return None
 

@@ -55,7 +55,7 @@ def run_trial(config: dict) -> None:
         if reporter.run_id:
             drop_local_checkpoint(reporter.run_id)  # no resume starts from a trial Tune stopped
         raise
-    except Exception as exc:  # noqa: BLE001 - the training's own failure: recorded, not retried
+    except Exception as exc:  # the training's own failure: recorded, not retried
         run = mlflow.last_active_run()
         if reporter.run_id or run is not None:
             run_id = reporter.run_id or run.info.run_id

@@ -194,7 +194,7 @@ def compare_best(ranking: list[TrialRow], settings: TuneConfig, echo: Callable[[
             log_comparison(runs, sample, shared, config, echo)
         mlflow.set_tag("comparison_run_id", run.info.run_id)
         return run.info.run_id
-    except Exception as exc:  # noqa: BLE001 - the search is kept; the parent says why it has no comparison
+    except Exception as exc:  # the search is kept; the parent says why it has no comparison
         echo(f"Error: comparing the best trials failed: {first_line(exc)}")
         mlflow.set_tag("comparison", f"failed: {first_line(exc)}"[:500])
         return None

@@ -141,7 +141,7 @@ def finish(trainer: Trainer, run, datasets: dict, echo: Callable[[str], None]) -
                 f"(mlflow run: -P resume_from={run_id})")
         try:
             end_active_run(f"logging the results failed ({cause}); {hint}", "FAILED")
-        except Exception:  # noqa: BLE001 - the store may be what failed; the message still goes out
+        except Exception:  # the store may be what failed; the message still goes out
             pass
         raise UserError(f"run {run_id}: logging the results after the last epoch failed ({type(exc).__name__}: "
                         f"{cause}); {hint}") from exc

@@ -18,7 +18,10 @@ def test_comparison_table_formats_metrics_and_failures():
     ]
     lines = comparison_table(rows, ["pca"]).splitlines()
     header = lines[0].split(" | ")
-    cells_of = lambda line: re.split(r"(?<!\\)\|", line)  # noqa: E731 - an escaped \| in a name is no border
+
+    def cells_of(line: str) -> list[str]:
+        return re.split(r"(?<!\\)\|", line)  # an escaped \| in a name is no border
+
     assert len(lines) == 4 and all(len(cells_of(line)) == len(cells_of(lines[0])) for line in lines)
     cells = dict(zip(header, lines[2].split(" | "), strict=True))
     assert cells["best val acc"] == "11.47%" and cells["val loss"] == "2.3079" and cells["lr"] == "1e-06"

@@ -15,7 +15,9 @@ from mnist_tracking.core import comparison
 from mnist_tracking.core.config import CompareConfig
 from mnist_tracking.core.errors import UserError
 
-QUIET = lambda line: None  # noqa: E731
+
+def quiet(line: str) -> None:
+    """An echo that prints nothing."""
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -34,7 +36,7 @@ def second_run(data_dir):
     from mnist_tracking.tracking.train import train_and_log
 
     config = TrainConfig(data_dir=str(data_dir), **{**FAST, "epochs": 1, "lr": 1e-6, "scheduler": "none"})
-    return train_and_log(config, echo=QUIET, progress=False)
+    return train_and_log(config, echo=quiet, progress=False)
 
 
 def test_compare_logs_aligned_maps_views_the_table_and_pair_metrics(trained_run, second_run, fresh_experiment):
@@ -99,13 +101,13 @@ def fashion_run(data_dir):
     from mnist_tracking.tracking.train import train_and_log
 
     return train_and_log(TrainConfig(data_dir=str(data_dir), dataset="fashion-mnist", **{**FAST, "epochs": 1}),
-                         echo=QUIET, progress=False)
+                         echo=quiet, progress=False)
 
 
 def refusal(run_ids: str, **params) -> str:
     from mnist_tracking.tracking.comparison import compare_and_log
     with pytest.raises(UserError) as caught:
-        compare_and_log(CompareConfig(run_ids=run_ids, **params), echo=QUIET)
+        compare_and_log(CompareConfig(run_ids=run_ids, **params), echo=quiet)
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -120,7 +122,7 @@ def test_compare_refuses_a_run_that_is_not_a_training_run(trained_run, second_ru
     from mnist_tracking.core.config import ProjectConfig
     from mnist_tracking.tracking.projection import project_and_log
 
-    projection = project_and_log(ProjectConfig(run_id=trained_run, methods="pca"), echo=QUIET)
+    projection = project_and_log(ProjectConfig(run_id=trained_run, methods="pca"), echo=quiet)
     assert refusal(f"{trained_run},{projection}") == (
         f"run {projection} ({MlflowClient().get_run(projection).info.run_name}) is a projection run, not a training "
         f"run; pass its training run {trained_run}")

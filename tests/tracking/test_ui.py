@@ -85,7 +85,9 @@ def fill_store(uri: str, folder: Path, data_dir: Path) -> dict:
             # An earlier test's set_experiment() leaves MLflow's active experiment set, and that
             # wins over MLFLOW_EXPERIMENT_ID: the runs would land in "Default", not on the page.
             mlflow.set_experiment(experiment_id=experiment_id)
-            quiet = lambda line: None  # noqa: E731
+            def quiet(line: str) -> None:
+                pass
+
             config = TrainConfig(data_dir=str(data_dir), **{**FAST, "max_samples": 200})  # 160 / 40 / 120
             run_id = train_and_log(config, echo=quiet, progress=False)
             projection_id = project_and_log(ProjectConfig(run_id=run_id, methods="pca"), echo=quiet)
@@ -456,7 +458,10 @@ def assistant(browser, shown: bool) -> None:
 
     driver = browser.driver
     close = "[data-component-id='mlflow.assistant.chat_panel.close']"
-    is_open = lambda: any(b.is_displayed() for b in driver.find_elements(By.CSS_SELECTOR, close))  # noqa: E731
+
+    def is_open() -> bool:
+        return any(b.is_displayed() for b in driver.find_elements(By.CSS_SELECTOR, close))
+
     if is_open() == shown:
         return
     if shown:
