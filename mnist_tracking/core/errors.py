@@ -38,9 +38,18 @@ def store_error_line(exc: BaseException) -> str:
 STORE_MODULES = ("mlflow", "requests", "urllib3", "sqlalchemy")
 
 
+class StoreUnreachable(Exception):
+    """The tracking store stopped answering somewhere this process cannot see (a Ray trial said so)."""
+
+
 def is_store_error(exc: BaseException) -> bool:
     """Whether an exception comes from the tracking store's side (MLflow, its HTTP client, its database)."""
-    return type(exc).__module__.startswith(STORE_MODULES)
+    return isinstance(exc, StoreUnreachable) or type(exc).__module__.startswith(STORE_MODULES)
+
+
+def store_cause(exc: BaseException) -> BaseException | None:
+    """The store's error that an exception is, or was raised from (a UserError that says so); None if none."""
+    return next((cause for cause in causes(exc) if is_store_error(cause)), None)
 
 
 HTTP_FORBIDDEN = 403

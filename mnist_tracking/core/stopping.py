@@ -49,12 +49,13 @@ def note(signum: int) -> None:
     _record(signum, None)
 
 
-def record_before(signum: int) -> None:
+def record_before(signum: int):
     """Have the handler now in place for `signum` (Tune's own SIGINT handler) record the signal first, as
-    ours would; it then runs as before."""
+    ours would; it then runs as before. Returns that handler, unwrapped."""
     theirs = signal.getsignal(signum)
     if _on_main_thread() and callable(theirs) and not is_ours(theirs):
         signal.signal(signum, lambda s, frame: (_record(s, frame), theirs(s, frame)))
+    return theirs
 
 
 def is_ours(handler) -> bool:

@@ -9,6 +9,7 @@ their own only the command gets the signal; it stops its trials through Tune, th
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import secrets
 import signal
@@ -134,6 +135,10 @@ def _ray_reads_environment() -> None:
     Config.initialize("")
 
 
+def _not_main_thread_warning(record: logging.LogRecord) -> bool:
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
 def init_in_thread(**init_kwargs) -> None:
     """ray.init, run in a thread of its own: from the main thread it replaces our SIGTERM handler by one that
     calls sys.exit inside whatever runs. Our handlers are put back after it (its C++ core installs absl's)."""
@@ -147,9 +152,12 @@ def init_in_thread(**init_kwargs) -> None:
         except BaseException as exc:  # handed to the caller's thread
             failed.append(exc)
 
+    worker_log = logging.getLogger("ray._private.worker")  # it says so in a warning: what we asked for
+    worker_log.addFilter(_not_main_thread_warning)
     thread = threading.Thread(target=init, name="ray-init", daemon=True)
     thread.start()
     thread.join()
+    worker_log.removeFilter(_not_main_thread_warning)
     stopping.restore()
     if failed:
         raise failed[0]

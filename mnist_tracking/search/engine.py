@@ -6,7 +6,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import mlflow
@@ -14,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from mnist_tracking.core import stopping
-from mnist_tracking.core.errors import UserError, first_line
+from mnist_tracking.core.errors import StoreUnreachable, UserError, first_line, store_cause, store_error_line
 from mnist_tracking.search.cluster import absolute_tracking_uri, ray_session, unfit_trial
 from mnist_tracking.search.space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
-from mnist_tracking.search.trial import trainable
+from mnist_tracking.search.trial import FAILURE_KEY, STORE_FAILED_KEY, trainable
 from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run
 
@@ -94,6 +95,24 @@ def built_tuner(plan: TrialPlan, param_space: dict):
     )
 
 
+@contextmanager
+def store_failure_resumes(what: str, resume: str) -> Iterator[dict]:
+    """The tracking store that stops answering during a search (or a sweep) ends it in one line naming its
+    parent and the resume: `resume` ("continue the search with") --resume <parent>. The caller puts its parent
+    run's id in the dict it gets once the run exists. The runs stay RUNNING in the store (nobody could end
+    them); the resume ends and accounts for them."""
+    started = {"parent": ""}
+    try:
+        yield started
+    except Exception as exc:
+        store, parent_id = store_cause(exc), started["parent"]
+        if store is None or not parent_id:
+            raise
+        raise UserError(f"the tracking store stopped answering during {what} {parent_id} ({type(store).__name__}: "
+                        f"{store_error_line(store)[:300]}); once it answers again, {resume} --resume {parent_id} "
+                        f"(mlflow run: -P resume={parent_id})") from None
+
+
 # --------------------------------------------------------------------------- every trial accounted for
 
 
@@ -153,9 +172,6 @@ def record_lost(parent_id: str, tags: dict[str, str], name: str, reason: str, pa
     return run.info.run_id
 
 
-def ray_errors(results, key_of: Callable) -> dict[str, str]:
-    """Ray's error of each trial that errored (its worker died twice, say), by key_of(result)."""
-    return {key_of(result): first_line(result.error) for result in results if result.error is not None}
 
 # --------------------------------------------------------------------------- the space in Tune's terms
 
@@ -186,6 +202,11 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
 
     from mnist_tracking.search.report import stop_reason
 
+    def judged(result: dict) -> dict:
+        """A failed trial's result (its metric NaN: it has none) is not recorded at a rung, as if not reported."""
+        value = result.get(metric)
+        return {k: v for k, v in result.items() if k != metric} if value is not None and value != value else result
+
     class ExplainedASHA(ASHAScheduler):
         def __init__(self):
             super().__init__(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
@@ -193,6 +214,7 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
             self.reasons: dict[str, str] = {}
 
         def on_trial_result(self, tune_controller, trial, result):
+            result = judged(result)
             rung = self._rung_before(trial, result)
             action = super().on_trial_result(tune_controller, trial, result)
             if action == self.STOP and rung is not None:
@@ -202,6 +224,9 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
                     int(result[self._time_attr]), max_t, metric, result[metric], sign * cutoff,
                     sign * max(values), len(values), reduction_factor)
             return action
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            super().on_trial_complete(tune_controller, trial, judged(result))
 
         def _rung_before(self, trial, result):
             """(milestone, recorded values, cutoff) of the rung this result is judged at, before it is recorded."""
@@ -220,41 +245,89 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
 
 
 def optuna_searcher(metric: str, mode: str, seed: int, n_startup_trials: int):
-    """Optuna's TPE, seeded, with `n_startup_trials` random configurations first."""
+    """Optuna's TPE, seeded, with `n_startup_trials` random configurations first; a trial whose training failed
+    (its last result's metric NaN: trial.FAILURE_KEY) counts as failed in Optuna's study, not as a value."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no line per trial: Tune and we report them
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup_trials)
-    return OptunaSearch(metric=metric, mode=mode, sampler=sampler)
+
+    class FailedTrialsFail(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            value = (result or {}).get(metric)
+            if value is not None and value != value:  # NaN
+                result, error = None, True
+            super().on_trial_complete(trial_id, result, error)
+
+    return FailedTrialsFail(metric=metric, mode=mode, sampler=sampler)
+
+
+# Why the tracking store failed, as a trial said; the search was stopped then, to be resumed once it answers.
+_store_failure = ""
 
 
 class StopTune(Callback):
-    """Between two steps of Tune's loop (on the driver's main thread), hands a recorded signal to Tune as
-    the Ctrl-C it listens for: Tune stops the trials (their runs end KILLED), saves its state for
-    --resume and returns from fit() as if it had ended."""
+    """Stops Tune's loop from inside fit() (on the driver's main thread) the way Ctrl-C does, so that Tune
+    stops the trials (their runs end KILLED), saves its state for --resume and returns as if it had ended:
+    at its next step after a recorded signal, or at once when a trial says the tracking store failed."""
 
     def __init__(self) -> None:
-        self.listening = self.handed = False
+        self.tune_handler = None  # Tune's own SIGINT handler, once in place (it installs it before its loop)
+        self.stopped = False
+
+    def __getstate__(self) -> dict:  # pickled into Tune's state: nothing of this process's
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
-        if not self.listening:  # Tune's SIGINT handler is in place now: Tune installs it before its loop
-            self.listening = True
-            stopping.record_before(signal.SIGINT)  # a Ctrl-C that Tune takes itself is recorded as ours
-        if stopping.received() and not self.handed:
-            self.handed = True
-            signal.raise_signal(signal.SIGINT)
+        if self.tune_handler is None:
+            self.tune_handler = stopping.record_before(signal.SIGINT)  # a Ctrl-C Tune takes is recorded as ours
+        if stopping.received():
+            self._stop_tune()
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info) -> None:
+        global _store_failure
+        if result.get(STORE_FAILED_KEY) and not _store_failure:
+            _store_failure = str(result.get(FAILURE_KEY) or "the tracking store stopped answering")
+            self._stop_tune()
+
+    def _stop_tune(self) -> None:
+        if not self.stopped and callable(self.tune_handler):
+            self.stopped = True
+            self.tune_handler(signal.SIGINT, None)  # Tune's own Ctrl-C: it stops the trials and saves the search
 
 
 def fit(tuner):
     """Tune's fit() stopped by our flag (a signal before it stops the command here: nothing of Tune's to
-    save); our handlers are back after it, since Tune leaves its own in place after a search that ended."""
+    save); our handlers are back after it, since Tune leaves its own in place after a search that ended.
+    StoreUnreachable when a trial found the tracking store gone (the search was stopped and saved)."""
+    global _store_failure
     stopping.check()
+    _store_failure = ""
     try:
-        return tuner.fit()
+        results = tuner.fit()
     finally:
         tune_listened = threading.current_thread() is threading.main_thread() and not int(
             os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
-        if tune_listened and stopping.is_ours(signal.getsignal(signal.SIGINT)):
+        if tune_listened and not _store_failure and stopping.is_ours(signal.getsignal(signal.SIGINT)):
             stopping.note(signal.SIGINT)  # Tune's handler took a Ctrl-C (before our callback ran) and put ours back
         stopping.restore()
+    if _store_failure:
+        raise StoreUnreachable(_store_failure)
+    return results
+
+
+def failures(results, key_of: Callable) -> dict[str, str]:
+    """Why each trial failed, by key_of(result): Ray's error (its worker died twice, say), or the training's own
+    failure, which its trial reported as its last result."""
+    found = {}
+    for result in results:
+        metrics, key = result.metrics or {}, key_of(result)
+        if key and result.error is not None:
+            found[key] = first_line(result.error)
+        elif key and metrics.get(FAILURE_KEY):
+            found[key] = str(metrics[FAILURE_KEY])
+    return found

@@ -25,7 +25,7 @@ from mnist_tracking.core.errors import UserError, first_line
 from mnist_tracking.core.evolution import first_epoch_reaching
 from mnist_tracking.core.reports import changed_answers_table, comparison_table
 from mnist_tracking.core.study import SweepRow, Training, scale_note
-from mnist_tracking.search.engine import TrialPlan, account, ray_errors, record_lost, run_trials
+from mnist_tracking.search.engine import TrialPlan, account, failures, record_lost, run_trials, store_failure_resumes
 from mnist_tracking.search.sweep_runs import (
     SWEEP_LABEL_TAG,
     SWEEP_RUN_NAME,
@@ -75,8 +75,9 @@ def sweep_and_log(
     if first.snapshot_points:  # too few images for the snapshots: fail now, not in every child
         snapshots.snapshot_points(splits.val, first.snapshot_points, first.seed)
 
-    with stopping.listening(), mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
-        parent_id = parent.info.run_id
+    with store_failure_resumes("sweep", "resume it with") as started, stopping.listening(), \
+            mlflow.start_run(run_name=SWEEP_RUN_NAME) as parent:
+        parent_id = started["parent"] = parent.info.run_id
 
         def when_stopped(signal_name: str, what: str) -> tuple[str, str]:
             reason = f"interrupted ({what}); resume it with --resume {parent_id} (-P resume={parent_id})"
@@ -138,7 +139,7 @@ def train_side_by_side(parent, trainings: list[Training], config: SweepConfig,
                                               f"{cluster['cpus']:g} CPUs), {config.cpus_per_trial:g} CPU(s) each")
     try:
         results, _ = run_trials(plan, echo)
-        errors = ray_errors(results, lambda result: result.config[TRAINING_KEY]["label"])
+        errors = failures(results, lambda result: result.config[TRAINING_KEY]["label"])
         # Every training's run gets its status and reason first, whatever stopped the sweep.
         last = account(parent_id, SWEEP_LABEL_TAG, errors, stopping.received(),
                        f"resume the sweep with --resume {parent_id}", one="training")

@@ -6,13 +6,18 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from mnist_tracking.core.errors import first_line
+from mnist_tracking.core.errors import UserError, first_line, store_cause, store_error_line
 from mnist_tracking.search.cluster import NOT_INHERITED
 
 TRIAL_TAG = "mnist_tracking.trial_id"
 NODE_TAG = "mnist_tracking.ray_node_id"
 # A trial's config key holding a whole training (params, tags, label) rather than searched values: the sweep's grid.
 TRAINING_KEY = "training"
+# A failed trial's last result: its metric NaN (Optuna counts it failed, ASHA ignores it), why, and whether the
+# tracking store was what failed (the engine then stops the search, resumable).
+FAILURE_KEY = "failure"
+STORE_FAILED_KEY = "store_failed"
+MAX_REASON = 500
 
 
 def run_trial(config: dict) -> None:
@@ -22,15 +27,14 @@ def run_trial(config: dict) -> None:
     nothing is inherited. Its parameters are the context's fixed ones, a sweep's whole training
     (`config["training"]`) or the searched values, then the context's per-trial ones.
 
-    A failure of the training itself (a divergence, bad data) ends its run FAILED with the reason and
-    returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
+    A failure of the training itself (a divergence, bad data, the store) ends its run FAILED with the reason
+    and returns normally, so that Tune does not retry it; only a lost actor or node is retried."""
     import mlflow
     import ray
     import torch
     from ray import tune
 
     from mnist_tracking.core.config import TrainConfig
-    from mnist_tracking.tracking.runs import STATUS_REASON_TAG, end_run
     from mnist_tracking.tracking.train import train_and_log
 
     context = config["context"]
@@ -55,14 +59,16 @@ def run_trial(config: dict) -> None:
         if reporter.run_id:
             drop_local_checkpoint(reporter.run_id)  # no resume starts from a trial Tune stopped
         raise
-    except Exception as exc:  # the training's own failure: recorded, not retried
-        run = mlflow.last_active_run()
-        if reporter.run_id or run is not None:
-            run_id = reporter.run_id or run.info.run_id
-            stored = mlflow.tracking.MlflowClient().get_run(run_id)
-            if stored.info.status == "RUNNING" or STATUS_REASON_TAG not in stored.data.tags:
-                end_run(run_id, f"{type(exc).__name__}: {first_line(exc)}", "FAILED")
-        print(f"[{prefix}] failed: {first_line(exc)}", flush=True)
+    except Exception as exc:
+        # The training's own failure (a divergence, bad data, the store gone) is told to Tune as the trial's last
+        # result, never raised, so that Tune does not retry it; its run was ended FAILED with it (runs.ended), and
+        # the driver records a trial that failed before it started one. Nothing here needs the store.
+        store = store_cause(exc)
+        reason = (f"the tracking store failed ({type(store).__name__}: {store_error_line(store)})" if store else
+                  first_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}")
+        print(f"[{prefix}] failed: {reason}", flush=True)
+        tune.report({context["metric"]: float("nan"), FAILURE_KEY: reason[:MAX_REASON],
+                     STORE_FAILED_KEY: store is not None})
 
 
 class EpochReporter:

@@ -11,7 +11,14 @@ from mnist_tracking.core.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.core.data import load_splits
 from mnist_tracking.core.errors import UserError
 from mnist_tracking.registry.register import check_names
-from mnist_tracking.search.engine import TrialPlan, explained_asha, optuna_searcher, run_trials, tune_space
+from mnist_tracking.search.engine import (
+    TrialPlan,
+    explained_asha,
+    optuna_searcher,
+    run_trials,
+    store_failure_resumes,
+    tune_space,
+)
 from mnist_tracking.search.settings import (
     TuneConfig,
     n_startup_trials,
@@ -42,8 +49,9 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     old = resumable_search(settings) if settings.resume else None
     storage = prepared_storage(storage_path(settings))
 
-    with stopping.listening(), search_parent_run(settings, old) as parent:
-        parent_id = parent.info.run_id
+    with store_failure_resumes("search", "continue the search with") as started, stopping.listening(), \
+            search_parent_run(settings, old) as parent:
+        parent_id = started["parent"] = parent.info.run_id
         phase = " before its trials started; " + (f"continue the search with --resume {parent_id}" if old
                                                   else "run the search again")
 

@@ -13,7 +13,7 @@ from mnist_tracking.core.config import ALIAS, REGISTER_METRIC, CompareConfig
 from mnist_tracking.core.errors import UserError, first_line
 from mnist_tracking.search import report as tune_report
 from mnist_tracking.search.engine import account as account_trials
-from mnist_tracking.search.engine import record_lost
+from mnist_tracking.search.engine import failures, record_lost
 from mnist_tracking.search.report import TrialRow
 from mnist_tracking.search.settings import TuneConfig, trial_config
 from mnist_tracking.search.trial import TRIAL_TAG
@@ -78,13 +78,14 @@ def search_parent_run(settings: TuneConfig, old=None) -> Iterator:
 
 
 def tune_errors(results) -> dict[str, str]:
-    """Tune's error of each trial that errored (its actor or node died twice, say), by trial id."""
+    """Why each trial failed, by trial id: Tune's error of a trial that errored (its actor or node died twice,
+    say; one that never reported is known to Tune's analysis only), or the training's own failure."""
     errors = {}
     for trial in getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []:
         if trial.status == "ERROR":
-            errors[trial.trial_id] = first_line(Exception(trial.error_message or "")) if trial.error_message else \
-                "its Ray trial ended with an error"
-    return errors
+            error = trial.get_error() if hasattr(trial, "get_error") else None
+            errors[trial.trial_id] = first_line(error) if error else "its Ray trial ended with an error"
+    return {**errors, **failures(results, lambda result: (result.metrics or {}).get("trial_id", ""))}
 
 
 def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, settings: TuneConfig) -> list[TrialRow]:
@@ -146,7 +147,7 @@ def log_outputs(rows: list[TrialRow], settings: TuneConfig, parent, echo: Callab
               f"{sum(r.state == 'FAILED' for r in rows)} failed"
     for row in rows:
         echo(f"  trial {row.trial_id}: {row.state} after {row.epochs_run} epoch(s), best {metric} "
-             f"{row.best(mode) if row.best(mode) is not None else float('nan'):.4f}"
+             f"{f'{row.best(mode):.4f}' if row.best(mode) is not None else '-'}"
              + (f" ({row.reason})" if row.reason else ""))
     if best is None:
         mlflow.set_tag(NOTE_TAG, f"Search on {metric}: {summary}; no trial finished.")

@@ -68,16 +68,24 @@ def get_run(run_id: str):
         ) from None
 
 
+RUNNING_NOTE = "(running)."  # how a description written at a run's start ends until the run ends
+
+
 def end_run(run_id: str, reason: str, status: str = "FAILED") -> None:
-    """End a run by id as FAILED (or KILLED) with the reason in a tag the runs table can show."""
+    """End a run by id as FAILED (or KILLED) with the reason in a tag the runs table can show, and its
+    description no longer saying "(running)"."""
     client = MlflowClient()
+    note = client.get_run(run_id).data.tags.get(NOTE_TAG, "")
     client.set_tag(run_id, STATUS_REASON_TAG, reason[:MAX_TAG_LENGTH])
+    if note.endswith(RUNNING_NOTE):
+        client.set_tag(run_id, NOTE_TAG, f"{note[:-len(RUNNING_NOTE)]}({status}: {reason})."[:MAX_TAG_LENGTH])
     client.set_terminated(run_id, status=status)
 
 
 def end_active_run(reason: str, status: str) -> None:
-    """End the active run FAILED or KILLED with the reason, so `start_run`'s exit leaves it so."""
-    mlflow.set_tag(STATUS_REASON_TAG, reason[:MAX_TAG_LENGTH])
+    """End the active run FAILED or KILLED with the reason (as `end_run`), so `start_run`'s exit leaves it so."""
+    run_id = mlflow.active_run().info.run_id
+    end_run(run_id, reason, status)
     mlflow.end_run(status=status)
 
 

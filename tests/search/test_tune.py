@@ -518,3 +518,54 @@ def test_sigterm_while_ray_starts_ends_the_parent_killed_in_one_line(command, mo
     gone, alive = psutil.wait_procs(ray_processes, timeout=30)  # the Ray it started is stopped, not orphaned
     assert alive == []
     assert MlflowClient().get_run(parent_id).info.end_time is not None
+
+
+# --------------------------------------------------------------------------- a search under failure (issue 34)
+
+DIVERGING = "batch_size=32; snapshot_points=0; device=cpu; precision=fp32"
+
+
+def failing_search(data_dir, tmp_path, experiment: str, space: str, *extra: str):
+    import os
+
+    args = [sys.executable, "-m", "mnist_tracking", "tune", "--space", space, "--trials", "3", "--max-epochs", "2",
+            "--startup-trials", "3", "--ray-cpus", "1", "--max-concurrent", "1", "--compare-top", "0",
+            "--data-dir", str(data_dir), "--storage", str(tmp_path / "storage"), *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          env={**os.environ, "MLFLOW_EXPERIMENT_ID": experiment})
+
+
+@pytest.mark.slow
+def test_trials_that_diverge_before_their_first_report_fail_alone_and_the_search_finishes(ray_env, data_dir, tmp_path,
+                                                                                         fresh_experiment):
+    """Two of three trials diverge in their first epoch (seeded TPE draws lr 2.6e8 and 6.1e5; the third, 31, trains):
+    once, the first of them crashed the whole search (`Trial returned a result which did not include the
+    specified metric(s)`), and under fifo a healthy trial was left RUNNING."""
+    result = failing_search(data_dir, tmp_path, fresh_experiment, f"lr=loguniform(1e-3,1e9); {DIVERGING}",
+                            "--trial-scheduler", "fifo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error:" not in result.stderr
+    runs = runs_of(fresh_experiment)
+    assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
+    [parent] = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "tune"]
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_failed"] == 2
+    trials = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"]
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(trials) == 3 and len(failed) == 2
+    assert all(r.data.tags["status_reason"].startswith("diverged: the ") for r in failed)
+    assert all("(running)" not in r.data.tags["mlflow.note.content"] for r in runs)
+    assert sum(line.startswith("  trial ") and "FAILED after 0 epoch(s), best val_acc - (diverged: " in line
+               for line in result.stdout.splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_a_search_where_no_trial_finishes_fails_in_one_line(ray_env, data_dir, tmp_path, fresh_experiment):
+    result = failing_search(data_dir, tmp_path, fresh_experiment, f"lr=loguniform(1e5,1e9); {DIVERGING}")
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    runs = runs_of(fresh_experiment)
+    [parent] = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "tune"]
+    assert lines[0].startswith(f"Error: search {parent.info.run_id}: no trial finished: ")
+    assert parent.info.status == "FAILED" and parent.data.tags["status_reason"].startswith("no trial finished: ")
+    assert [r.info.status for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"] == ["FAILED"] * 3
