@@ -19,6 +19,9 @@ DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 MIN_BATCH_SIZE = 2  # images a training step needs (BatchNorm), in every process
+# The most epochs of one training: far beyond any recipe here (the seed's longest is 50), small enough that a
+# mistyped value (1e9) is refused before a run starts rather than printed as "Epoch 1/1000000000".
+MAX_EPOCHS = 1000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit unsigned
 # 1,000 points x 512 features x float16 is 1.0 MB before compression: about 1 MB of snapshot per
 # epoch for every activation (ReLU's zeros only make the compressed file smaller), and 100 points
@@ -58,7 +61,7 @@ class TrainConfig:
     in each checkpoint."""
 
     lr: float = param(0.01, "Initial learning rate.", low=0, low_open=True)
-    epochs: int = param(20, "Maximum epochs (early stopping may end sooner).", low=1)
+    epochs: int = param(20, "Maximum epochs (early stopping may end sooner).", low=1, high=MAX_EPOCHS)
     optimizer: str = param("sgd", "sgd, adam or adamw.", choices=OPTIMIZERS)
     momentum: float = param(0.9, "SGD momentum (the course report used 0).", low=0)
     weight_decay: float = param(0.0, "L2 weight decay.", low=0)

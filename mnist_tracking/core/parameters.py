@@ -95,6 +95,9 @@ class Parameter:
                             f"got {value!r}") from None
         if self.choices is not None and value not in self.choices:
             raise UserError(f"{self.name} must be {' or '.join(str(c) for c in self.choices)}, got {value}")
+        if isinstance(value, float) and math.isinf(value):  # "at least 0, got inf" would not say what is wrong
+            allowed = f"{self.range.text()} and finite" if self.range is not None else "a finite number"
+            raise UserError(f"{self.name} must be {allowed}, got {value}")
         if self.range is not None and not self.range.holds(value):
             note = f" ({self.note})" if self.note else ""
             raise UserError(f"{self.name} must be {self.range.text()}{note}, got {value}")

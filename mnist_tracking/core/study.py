@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 
-from mnist_tracking.core.config import SweepConfig, TrainConfig
+from mnist_tracking.core.config import MAX_EPOCHS, SweepConfig, TrainConfig
 from mnist_tracking.core.embedding import parse_methods
 from mnist_tracking.core.errors import UserError
 
@@ -42,7 +42,13 @@ def scaled(epochs: int, scale: float) -> int:
 
 
 def trainings(config: SweepConfig, study: tuple[Training, ...] = SEED_TRAININGS) -> list[Training]:
-    """The study's trainings with this sweep's data and every epoch count scaled."""
+    """The study's trainings with this sweep's data and every epoch count scaled (refused in one line when a
+    scaled count passes MAX_EPOCHS)."""
+    longest = max(t.config.epochs for t in study)
+    if scaled(longest, config.epochs_scale) > MAX_EPOCHS:
+        raise UserError(f"epochs_scale {config.epochs_scale:g} makes the longest training's {longest} epochs "
+                        f"{scaled(longest, config.epochs_scale)}, more than {MAX_EPOCHS}; give at most "
+                        f"{MAX_EPOCHS / longest:g}")
     return [
         replace(t, config=replace(
             t.config,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from mnist_tracking.core.config import (
     DATASETS,
+    MAX_EPOCHS,
     TrainConfig,
     cpus_per_trial_param,
     gpus_per_trial_param,
@@ -71,7 +72,8 @@ class TuneConfig:
     """The `tune` entry point's parameters, checked with its search space (check_tune) before Ray starts."""
 
     trials: int = param(12, "Configurations tried (Ray Tune's num_samples).", low=1)
-    max_epochs: int = param(6, "The epoch budget of one trial (ASHA's max_t; the trials' epochs).", low=1)
+    max_epochs: int = param(6, "The epoch budget of one trial (ASHA's max_t; the trials' epochs).", low=1,
+                            high=MAX_EPOCHS)
     grace_period: int = param(1, "Epochs every trial runs before ASHA may stop it.", low=1)
     reduction_factor: float = param(3.0, "ASHA keeps the top 1/reduction-factor of the trials at each rung.", low=1,
                                     low_open=True)

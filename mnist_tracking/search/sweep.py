@@ -139,7 +139,8 @@ def train_side_by_side(parent, trainings: list[Training], config: SweepConfig,
                                               f"{cluster['cpus']:g} CPUs), {config.cpus_per_trial:g} CPU(s) each")
     try:
         results, _ = run_trials(plan, echo)
-        errors = failures(results, lambda result: result.config[TRAINING_KEY]["label"])
+        # A trial that Tune stopped before it started has no config: it has no run to account for either.
+        errors = failures(results, lambda result: ((result.config or {}).get(TRAINING_KEY) or {}).get("label", ""))
         # Every training's run gets its status and reason first, whatever stopped the sweep.
         last = account(parent_id, SWEEP_LABEL_TAG, errors, stopping.received(),
                        f"resume the sweep with --resume {parent_id}", one="training")

@@ -4,11 +4,13 @@ under one parent."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable
 
 from mnist_tracking.core import stopping
 from mnist_tracking.core.config import ALIAS, REGISTER_METRIC
 from mnist_tracking.core.data import load_splits
+from mnist_tracking.core.devices import resolve_device
 from mnist_tracking.core.errors import UserError
 from mnist_tracking.registry.register import check_names
 from mnist_tracking.search.engine import (
@@ -46,6 +48,7 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
         check_names(settings.register_as, ALIAS, REGISTER_METRIC)  # a bad name fails now, not after the search
     trial = trial_config(settings, {})
     load_splits(trial.dataset, trial.data_dir, trial.val_fraction, trial.seed, trial.max_samples)  # bad data: now
+    check_devices(settings)
     old = resumable_search(settings) if settings.resume else None
     storage = prepared_storage(storage_path(settings))
 
@@ -77,6 +80,23 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
     return parent_id
 
 
+def check_devices(settings: TuneConfig) -> None:
+    """A device in the space that the local Ray cannot run (device=cuda on a machine without CUDA) is refused
+    before Ray starts. On a cluster (RAY_ADDRESS) the nodes may have it: a trial on one without fails alone."""
+    if os.environ.get("RAY_ADDRESS", "").strip():
+        return
+    space = settings.search_space
+    values = ([space.fixed["device"]] if "device" in space.fixed else
+              list(space.searched["device"].values) if "device" in space.searched else [])
+    for value in values:
+        try:
+            resolve_device(value)
+        except UserError:
+            raise UserError(f"the search space's device={value} cannot run here: this machine has no {value}, and the "
+                            "local Ray runs every trial on it; use device=cpu or auto, or a Ray cluster that has it "
+                            "(RAY_ADDRESS)") from None
+
+
 def fit_on_ray(settings: TuneConfig, parent, old, storage: str, echo: Callable[[str], None]):
     """The search's trials on Ray (the engine shared with the sweep): (results, its ASHA scheduler)."""
     parent_id = parent.info.run_id
@@ -96,7 +116,23 @@ def fit_on_ray(settings: TuneConfig, parent, old, storage: str, echo: Callable[[
 
 
 def prepared_storage(path: str) -> str:
-    """Tune's storage folder, created 0700 (restore unpickles what is there)."""
-    os.makedirs(path, mode=STORAGE_MODE, exist_ok=True)
-    os.chmod(path, STORAGE_MODE)
+    """Tune's storage folder, created 0700 when new; refused in one line when it cannot be a folder of this user's
+    alone (not a folder, not writable, another user's, or writable by others: --resume unpickles what is there).
+    An existing folder's mode is checked, never changed."""
+    try:
+        os.makedirs(path, mode=STORAGE_MODE, exist_ok=True)
+        folder = os.stat(path)
+    except OSError as exc:
+        raise UserError(f"--storage {path} cannot be Ray Tune's storage folder ({exc.strerror or type(exc).__name__}): "
+                        "give a folder this user may create") from None
+    mode = stat.S_IMODE(folder.st_mode)
+    if folder.st_uid != os.getuid():
+        raise UserError(f"--storage {path} belongs to another user: --resume unpickles Ray Tune's state from it, so it "
+                        "must be this user's own folder; give another --storage")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UserError(f"--storage {path} may be written by others (mode {mode:04o}): --resume unpickles Ray Tune's "
+                        f"state from it, so only its owner may write it; run chmod go-w {path}, or give another "
+                        "--storage")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--storage {path} is not writable by this user (mode {mode:04o}); give another --storage")
     return path

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
         (["--optimizer", "rmsprop"], "choose one of sgd, adam, adamw"),
         (["--activation", "swish"], "choose one of relu, leaky_relu"),
         (["--lr", "0"], "lr must be a number > 0"),
-        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--epochs", "0"], "epochs must be between 1 and 1000"),
         (["--val-fraction", "1.5"], "val_fraction must be between 0 and 1"),
         (["--dataset", "cifar"], "choose one of mnist, fashion-mnist, kmnist"),
     ],

@@ -60,7 +60,9 @@ def test_help_texts_are_written_for_every_parameter():
 @pytest.mark.parametrize("values, message", [
     (dict(lr=0), "lr must be a number > 0, got 0.0"),
     (dict(lr=float("nan")), "lr must be a number > 0, got nan"),
-    (dict(epochs=0), "epochs must be at least 1, got 0"),
+    (dict(epochs=0), "epochs must be between 1 and 1000, got 0"),
+    (dict(epochs=1001), "epochs must be between 1 and 1000, got 1001"),
+    (dict(weight_decay=float("inf")), "weight_decay must be at least 0 and finite, got inf"),
     (dict(batch_size=1), "batch_size must be at least 2 (BatchNorm cannot train on one image a batch), got 1"),
     (dict(val_fraction=1.0), "val_fraction must be between 0 and 1 (exclusive), got 1.0"),
     (dict(seed=-1), f"seed must be between 0 and {2**32 - 1}, got -1"),

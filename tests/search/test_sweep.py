@@ -61,6 +61,15 @@ def test_epochs_scale_scales_every_epoch_count_but_never_below_one():
     assert scaled(50, 1.0) == 50 and scaled(3, 0.01) == 1
 
 
+def test_an_epochs_scale_past_the_epoch_bound_is_refused_before_any_run(data_dir, fresh_experiment):
+    """Case 6 of issue 34: `--epochs-scale 1e9` was accepted, printed `Epoch 1/1000000000`."""
+    config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=1e9)
+    with pytest.raises(UserError, match=r"^epochs_scale 1e\+09 makes the longest training's 50 epochs 50000000000, "
+                                        r"more than 1000; give at most 20$"):
+        sweep_and_log(config, echo=lambda line: None)
+    assert MlflowClient().search_runs([fresh_experiment]) == []
+
+
 @pytest.mark.parametrize("params, expected", [
     (dict(epochs_scale=0), "epochs_scale must be a number > 0"),
     (dict(epochs_scale=float("nan")), "epochs_scale must be a number > 0"),

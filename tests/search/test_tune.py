@@ -3,6 +3,7 @@ real searches on a real local Ray over the fake data (slow)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -569,3 +570,43 @@ def test_a_search_where_no_trial_finishes_fails_in_one_line(ray_env, data_dir, t
     assert lines[0].startswith(f"Error: search {parent.info.run_id}: no trial finished: ")
     assert parent.info.status == "FAILED" and parent.data.tags["status_reason"].startswith("no trial finished: ")
     assert [r.info.status for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"] == ["FAILED"] * 3
+
+
+@pytest.mark.parametrize("space", ["device=cuda", "device=choice(cpu,cuda)"])
+def test_a_device_the_local_ray_cannot_run_is_refused_before_ray_starts(data_dir, fresh_experiment, space,
+                                                                         monkeypatch):
+    """Case 2 of issue 34: device=cuda on a CPU machine passed the checks, then every trial failed on Ray."""
+    import torch
+
+    from mnist_tracking.search.tune import tune_and_log
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda runs here")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    settings = TuneConfig(space=f"lr=loguniform(1e-3,1e-1); {space}", data_dir=str(data_dir), trials=2)
+    with pytest.raises(UserError, match=r"^the search space's device=cuda cannot run here: this machine has no cuda"):
+        tune_and_log(settings, echo=lambda line: None)
+    assert runs_of(fresh_experiment) == []  # refused before any run (and before Ray)
+
+
+def test_a_storage_that_cannot_be_tunes_folder_is_one_line_and_a_folders_mode_is_left_as_it_is(tmp_path):
+    """Case 5 of issue 34: an existing file, a path under /proc, a folder others may write."""
+    import os
+    import stat
+
+    from mnist_tracking.search.tune import prepared_storage
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for path, expected in ((a_file, "cannot be Ray Tune's storage folder (File exists)"),
+                           ("/proc/self/tune-storage", "cannot be Ray Tune's storage folder (")):
+        with pytest.raises(UserError, match=rf"^--storage {path} {re.escape(expected)}"):
+            prepared_storage(str(path))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(UserError, match=r"may be written by others \(mode 0777\): --resume unpickles"):
+        prepared_storage(str(shared))
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o777  # reported, not changed
+    fresh = tmp_path / "fresh"
+    assert prepared_storage(str(fresh)) == str(fresh) and stat.S_IMODE(fresh.stat().st_mode) == 0o700
