@@ -92,6 +92,9 @@ def user_errors(command):
 
                 stopping.check()  # a signal while the process started
                 check_tracking_server()  # every entry point: an unreachable server fails at once
+                from mnist_tracking.tracking.store import ready_store
+
+                ready_store()  # a new sqlite store is created by one command at a time
                 return command(*args, **kwargs)
             except UserError as exc:
                 message = str(exc)

@@ -192,4 +192,6 @@ def tune(**params) -> None:
     """
     from mnist_tracking.search.tune import tune_and_log
 
-    tune_and_log(TuneConfig(**params), echo=click.echo)
+    config = TuneConfig(**params)
+    config.given = given(config)
+    tune_and_log(config, echo=click.echo)

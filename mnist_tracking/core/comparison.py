@@ -119,7 +119,9 @@ def aligned_layouts(method: str, features: list[np.ndarray], labels: np.ndarray,
 
 
 def neighbourhoods(features: np.ndarray, k: int = NEIGHBORS) -> np.ndarray:
-    """(n, k) the k nearest other images of each image in the features (n, d), exact."""
+    """(n, k) the k nearest other images of each image in the features (n, d), exact; k is at most n - 1,
+    the other images there are (compare --max-points 12 shares 12 images)."""
+    k = min(k, len(features) - 1)
     indices, _ = embedding.exact_neighbors(np.asarray(features, dtype=np.float32), k + 1)
     return indices[:, 1:]  # column 0 is the image itself
 

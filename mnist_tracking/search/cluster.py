@@ -166,6 +166,9 @@ def init_in_thread(**init_kwargs) -> None:
 # --------------------------------------------------------------------------- the search's Ray
 
 
+TRACKING_URI_VAR = "MNIST_TRACKING_TRIAL_TRACKING_URI"  # every worker of the search's job gets it
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """The tracking URI with a relative local path made absolute: Ray runs each trial in its own
     folder (RAY_CHDIR_TO_TRIAL_DIR), where `sqlite:///mlflow.db` would be another database."""
@@ -195,8 +198,10 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
     address = os.environ.get("RAY_ADDRESS", "").strip()
     with local_head(cpus, gpus) if not address else nullcontext(address) as joined:
         try:
+            # The store is the job's, not the trial's: a search restored on another day (its trials' configs
+            # saved with the URI of then) logs where this command logs.
             init_in_thread(address=joined, _node_ip_address=None if address else LOOPBACK, log_to_driver=True,
-                           configure_logging=False)
+                           configure_logging=False, runtime_env={"env_vars": {TRACKING_URI_VAR: tracking_uri}})
         except Exception as exc:  # Ray raises many kinds; one line says which and what to do
             ray.shutdown()  # what it started before it failed
             where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"

@@ -18,7 +18,7 @@ from mnist_tracking.core import stopping
 from mnist_tracking.core.errors import StoreUnreachable, UserError, first_line, store_cause, store_error_line
 from mnist_tracking.search.cluster import absolute_tracking_uri, ray_session, unfit_trial
 from mnist_tracking.search.space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
-from mnist_tracking.search.trial import FAILURE_KEY, STORE_FAILED_KEY, trainable
+from mnist_tracking.search.trial import FAILURE_KEY, STORE_FAILED_KEY, STORE_FAILED_REASON, trainable
 from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run
 
@@ -147,17 +147,21 @@ def account(parent_id: str, key_tag: str, errors: dict[str, str], interrupted: s
             elif reason.startswith("interrupted") and "ran again" not in reason:
                 client.set_tag(lost.info.run_id, STATUS_REASON_TAG, f"{reason}; the search was resumed and the {one} "
                                                                      f"ran again as run {run.info.run_id}")
+            drop_local_checkpoint(lost.info.run_id)  # a later run of the trial replaced it
         run_id, status = run.info.run_id, run.info.status
         epochs = len(client.get_metric_history(run_id, "val_acc"))
         if key in stopped:
             end_run(run_id, stopped[key], "KILLED")
-            drop_local_checkpoint(run_id)  # a stopped trial leaves no local checkpoint copy behind
         elif status == "RUNNING" or (status != "FINISHED" and STATUS_REASON_TAG not in run.data.tags):
             if interrupted:
                 end_run(run_id, f"interrupted by {interrupted} after epoch {epochs}; {resume}", "KILLED")
             else:
                 end_run(run_id, errors.get(key, f"its Ray worker ended without ending the run after epoch {epochs}"))
         last[key] = client.get_run(run_id)
+        if not last[key].data.tags.get(STATUS_REASON_TAG, "").startswith(STORE_FAILED_REASON):
+            # A search (or sweep) resumed trains its unfinished trials again from the start: only a trial whose
+            # store failed keeps this machine's copy, the one place its last epochs may be (train --resume-from).
+            drop_local_checkpoint(run_id)
     return last
 
 

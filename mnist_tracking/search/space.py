@@ -86,13 +86,18 @@ def parse_space(text: str) -> SearchSpace:
     return checked_space(entries)
 
 
+MAX_SPACE_CHARS = 64 * 1024  # a space of every training parameter is under 2 KiB
+
+
 def parse_yaml(path: Path) -> SearchSpace:
     """A YAML mapping: `name: {loguniform: [1e-4, 1e-1]}`, `name: {choice: [sgd, adam]}`, `name: value` (fixed),
     or `name: "loguniform(1e-4,1e-1)"` (the compact form of one entry)."""
     import yaml
 
     try:
-        loaded = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        refuse_references(path, text)  # before anything is built from the file
+        loaded = yaml.safe_load(text)
     except OSError as exc:
         raise UserError(f"cannot read the search space file {path}: {exc.strerror}; "
                         "pass an existing .yaml file") from None
@@ -114,6 +119,21 @@ def parse_yaml(path: Path) -> SearchSpace:
         else:
             entries[str(name)] = str(value)
     return checked_space(entries)
+
+
+def refuse_references(path: Path, text: str) -> None:
+    """A UserError for a file larger than any space, or one with YAML anchors or aliases (&a, *a): a few hundred
+    bytes of nested aliases expand to gigabytes ("billion laughs"), and a space never needs them. Reads the
+    file's events only, so nothing is expanded."""
+    import yaml
+
+    if len(text) > MAX_SPACE_CHARS:
+        raise UserError(f"the search space file {path} has {len(text)} characters, more than a space needs "
+                        f"({MAX_SPACE_CHARS}); pass a file of parameter names and their values")
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise UserError(f"the search space file {path} uses YAML anchors or aliases (line "
+                            f"{event.start_mark.line + 1}); write each value out")
 
 
 def checked_space(entries: dict) -> SearchSpace:

@@ -45,7 +45,7 @@ def resumable_sweep(config: SweepConfig, planned: list[Training]) -> tuple:
     projection run, or None) and the ids of the children it left RUNNING; a one-line UserError
     when that run is not a sweep like this one, is still being run by a live process (resuming it
     would fork it, as `train --resume-from` refuses) or was resumed already (name the newest resume)."""
-    old = get_run(config.resume)
+    old = get_run(config.resume, "a sweep parent run (printed with the --resume hint)")
     name = old.info.run_name
     if old.data.tags.get(KIND_TAG) != Kind.SWEEP:
         raise UserError(f"run {old.info.run_id} ({name}) is not a sweep; "

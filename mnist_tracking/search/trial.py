@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 
 from mnist_tracking.core.errors import UserError, first_line, store_cause, store_error_line
-from mnist_tracking.search.cluster import NOT_INHERITED
+from mnist_tracking.search.cluster import NOT_INHERITED, TRACKING_URI_VAR
 
 TRIAL_TAG = "mnist_tracking.trial_id"
 NODE_TAG = "mnist_tracking.ray_node_id"
@@ -18,6 +18,7 @@ TRAINING_KEY = "training"
 FAILURE_KEY = "failure"
 STORE_FAILED_KEY = "store_failed"
 MAX_REASON = 500
+STORE_FAILED_REASON = "the tracking store failed"  # how a trial's reason starts when the store was what failed
 
 
 def run_trial(config: dict) -> None:
@@ -40,7 +41,7 @@ def run_trial(config: dict) -> None:
     context = config["context"]
     for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):
         os.environ.pop(name, None)
-    mlflow.set_tracking_uri(context["tracking_uri"])
+    mlflow.set_tracking_uri(os.environ.get(TRACKING_URI_VAR) or context["tracking_uri"])  # the driver's, now
     mlflow.set_experiment(experiment_id=context["experiment_id"])
     torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more
     trial_id = tune.get_context().get_trial_id()
@@ -64,7 +65,7 @@ def run_trial(config: dict) -> None:
         # result, never raised, so that Tune does not retry it; its run was ended FAILED with it (runs.ended), and
         # the driver records a trial that failed before it started one. Nothing here needs the store.
         store = store_cause(exc)
-        reason = (f"the tracking store failed ({type(store).__name__}: {store_error_line(store)})" if store else
+        reason = (f"{STORE_FAILED_REASON} ({type(store).__name__}: {store_error_line(store)})" if store else
                   first_line(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}")
         print(f"[{prefix}] failed: {reason}", flush=True)
         tune.report({context["metric"]: float("nan"), FAILURE_KEY: reason[:MAX_REASON],

@@ -4,6 +4,7 @@ under one parent."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ from mnist_tracking.search.settings import (
     TuneConfig,
     n_startup_trials,
     per_trial,
+    resumed_settings,
     storage_path,
     trial_config,
 )
@@ -43,13 +45,15 @@ STORAGE_MODE = 0o700  # Tune's state is unpickled on --resume: only its owner ma
 def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> str:
     """Search the space with Optuna's TPE and ASHA on Ray Tune, each trial a nested training run;
     log the trials' table, figure and parallel coordinates, compare the best and register the best
-    one on the parent run. Returns the parent run id."""
+    one on the parent run. Returns the parent run id. On --resume every setting not given is the search's own."""
+    old = resumable_search(settings) if settings.resume else None
+    if old is not None:
+        settings = resumed_settings(settings, old.data.params, old.info.run_id)
     if settings.register_as:
         check_names(settings.register_as, ALIAS, REGISTER_METRIC)  # a bad name fails now, not after the search
     trial = trial_config(settings, {})
     load_splits(trial.dataset, trial.data_dir, trial.val_fraction, trial.seed, trial.max_samples)  # bad data: now
     check_devices(settings)
-    old = resumable_search(settings) if settings.resume else None
     storage = prepared_storage(storage_path(settings))
 
     with store_failure_resumes("search", "continue the search with") as started, stopping.listening(), \
@@ -72,6 +76,8 @@ def tune_and_log(settings: TuneConfig, echo: Callable[[str], None] = print) -> s
                 stopping.check()
             phase = " after its trials ended, while its outputs were logged"
             best = log_outputs(rows, settings, parent, echo)
+        # Tune's state (a few MB a trial) is for a resume, and a search that ended has nothing left to resume.
+        shutil.rmtree(os.path.join(storage, parent_id), ignore_errors=True)
         if best is None:
             reason = "no trial finished: " + "; ".join(f"{r.trial_id} {r.state} ({r.reason})" for r in rows)[:900]
             end_active_run(reason, "FAILED")

@@ -42,10 +42,14 @@ PARALLEL_FILE = "tune/parallel_coordinates.html"
 
 def resumable_search(settings: TuneConfig):
     """The tune parent run `settings.resume`, refused in one line when it is not one."""
-    old = get_run(settings.resume)
+    old = get_run(settings.resume, "a tune parent run (the search's run, printed with the --resume hint)")
     if old.data.tags.get(KIND_TAG) != TUNE_KIND:
         raise UserError(f"run {old.info.run_id} ({old.info.run_name}) is not a tune search; pass the id of a tune "
                         "parent run to --resume")
+    if old.info.status == "FINISHED" or (old.info.status == "FAILED" and
+                                         old.data.tags.get(STATUS_REASON_TAG, "").startswith("no trial finished")):
+        raise UserError(f"search {old.info.run_id} ({old.info.run_name}) ended {old.info.status}: every trial ended, "
+                        "and there is nothing to resume; start a new search")
     return old
 
 

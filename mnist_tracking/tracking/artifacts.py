@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
+LAST_CHECKPOINT = "checkpoints/last.pt"  # what a training run resumes from (--resume-from)
+
 
 @contextmanager
 def temporary_folder() -> Iterator[Path]:

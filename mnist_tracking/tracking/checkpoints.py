@@ -15,6 +15,7 @@ import torch
 from mnist_tracking.core.errors import UserError, first_line, is_store_error
 from mnist_tracking.core.trainer import Trainer
 from mnist_tracking.tracking.artifacts import (
+    LAST_CHECKPOINT,
     download_artifact,
     has_artifact,
     log_bytes,
@@ -22,9 +23,6 @@ from mnist_tracking.tracking.artifacts import (
     torch_bytes,
 )
 from mnist_tracking.tracking.source_runs import require_training_run
-
-LAST_CHECKPOINT = "checkpoints/last.pt"
-
 
 # A copy of each training run's latest last.pt outside the store, so that a store or server that
 # stops answering mid-training loses no finished epoch: $MNIST_TRACKING_CHECKPOINT_CACHE, else

@@ -52,20 +52,28 @@ class Kind:
     TUNE = "tune"
 
 
-def get_run(run_id: str):
-    """The run with this id, or a one-line UserError naming the store (other store errors propagate)."""
+def get_run(run_id: str, wanted: str = "a training run (printed at the end of `train`, shown in `mlflow ui`)"):
+    """The run with this id, or a one-line UserError naming the store and the run that was `wanted`: for an id
+    that is no run there, or that no run could have (MLflow refuses "abc def" as INVALID_PARAMETER_VALUE). Other
+    store errors propagate."""
     from mlflow.exceptions import MlflowException
 
     run_id = run_id.strip()
     try:
         return MlflowClient().get_run(run_id)
     except MlflowException as exc:
+        if exc.error_code == "INVALID_PARAMETER_VALUE" and "run_id" in exc.message:
+            raise UserError(f"{run_id!r} is not a run id (MLflow's are 32 hexadecimal characters, such as "
+                            f"{RUN_ID_EXAMPLE}); pass the id of {wanted}") from None
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise UserError(
             f"unknown run_id {run_id!r}: no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; "
-            "pass the id of a training run (printed at the end of `train`, shown in `mlflow ui`)"
+            f"pass the id of {wanted}"
         ) from None
+
+
+RUN_ID_EXAMPLE = "0123456789abcdef0123456789abcdef"
 
 
 RUNNING_NOTE = "(running)."  # how a description written at a run's start ends until the run ends

@@ -10,12 +10,13 @@ import mlflow
 import numpy as np
 
 from mnist_tracking.core.errors import UserError, is_permission_denied
-from mnist_tracking.tracking.artifacts import has_artifact
+from mnist_tracking.tracking.artifacts import LAST_CHECKPOINT, has_artifact
 from mnist_tracking.tracking.runs import (
     COMMAND_KINDS,
     KIND_TAG,
     PARENT_RUN_TAG,
     SOURCE_RUN_TAG,
+    STATUS_REASON_TAG,
     Kind,
     ended,
     get_run,
@@ -52,8 +53,13 @@ def require_training_run(run_id: str, then: str, *, finished: bool = False, arti
         raise UserError(f"run {run_id} ({name}) is still RUNNING ({running_where(run)}); wait for its training to "
                         f"finish, then {then}")
     if finished and status != "FINISHED":
+        # A run that ended before its first epoch was logged (a diverged trial, say) has nothing to resume from.
+        reason = run.data.tags.get(STATUS_REASON_TAG, "")
+        hint = (f"resume this one with --resume-from {run_id}" if has_artifact(run_id, LAST_CHECKPOINT) else
+                "train it again (it logged no checkpoint to resume from" + (f"; it ended: {reason}" if reason else "")
+                + ")")
         raise UserError(f"run {run_id} ({name}) ended {status}, not FINISHED; only a finished training can be used "
-                        f"here: pass a finished training run, or resume this one with --resume-from {run_id}")
+                        f"here: pass a finished training run, or {hint}")
     if artifact and not has_artifact(run_id, artifact):
         raise UserError(f"run {run_id} ({name}) has no {artifact} artifact (status {status}); pass a finished "
                         "training run of mnist-tracking, which logs it")

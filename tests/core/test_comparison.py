@@ -74,6 +74,13 @@ def test_neighbourhood_change_is_one_minus_the_jaccard_overlap():
     np.testing.assert_allclose(comparison.neighbourhood_change(first, second), [0.0, 1.0, 1 - 2 / 6])
 
 
+def test_a_sample_smaller_than_k_uses_every_other_image_as_its_neighbourhood():
+    features = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
+    neighbours = comparison.neighbourhoods(features)  # k = NEIGHBORS = 15 > 11 other images
+    assert neighbours.shape == (12, 11)
+    assert all(set(row) == set(range(12)) - {i} for i, row in enumerate(neighbours.tolist()))
+
+
 def test_answers_are_fixed_broken_or_changed_from_the_earlier_run_to_the_later():
     labels = np.array([1, 1, 1, 1, 1])
     earlier = np.array([1, 2, 1, 2, 3])

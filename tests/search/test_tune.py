@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -44,6 +45,21 @@ def test_a_yaml_space_file_reads_like_the_compact_syntax(tmp_path):
                     "scheduler: plateau\n")
     assert load_space(str(path)) == load_space(
         "lr=loguniform(1e-4,1e-1); optimizer=choice(sgd,adam); momentum=uniform(0.5,0.9); scheduler=plateau")
+
+
+def test_a_space_file_built_to_expand_without_bound_is_refused_before_it_expands(tmp_path):
+    # "Billion laughs": 9 levels of 9 aliases is 9**9 strings once expanded (gigabytes); refused from its events.
+    levels = ['a0: &a0 ["lol"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    bomb = tmp_path / "space.yaml"
+    bomb.write_text("\n".join(levels + ["lr: *a9"]) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=r"uses YAML anchors or aliases \(line 1\); write each value out$"):
+        load_space(str(bomb))
+    assert time.perf_counter() - started < 1
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("lr: loguniform(1e-4,1e-1)\n" + "# padding\n" * 10_000)
+    with pytest.raises(UserError, match=r"has 100026 characters, more than a space needs"):
+        load_space(str(huge))
 
 
 @pytest.mark.parametrize("space, expected", [
@@ -297,6 +313,33 @@ def test_the_parent_logs_the_trials_the_best_its_comparison_and_registration(sea
     assert any(line.startswith("4 trials:") for line in lines)
 
 
+def test_a_resume_keeps_the_searchs_settings_and_refuses_a_different_one(tmp_path):
+    from mnist_tracking.search.settings import resumed_settings
+
+    original = TuneConfig(trials=4, max_epochs=2, space=TEST_SPACE, data_dir=str(tmp_path), max_samples=600, seed=7,
+                          compare_top=2, storage=str(tmp_path / "state"))
+    logged = {name: str(value) for name, value in original.to_params().items()}
+    parent_id = "0123456789abcdef0123456789abcdef"
+
+    resumed = resumed_settings(TuneConfig(resume=parent_id, given=frozenset({"resume"})), logged, parent_id)
+    assert (resumed.trials, resumed.max_epochs, resumed.max_samples, resumed.seed, resumed.compare_top) == (4, 2, 600,
+                                                                                                           7, 2)
+    assert resumed.search_space == original.search_space and resumed.resume == parent_id
+    assert (resumed.data_dir, resumed.storage) == (str(tmp_path), str(tmp_path / "state"))
+
+    moved = resumed_settings(TuneConfig(resume=parent_id, max_concurrent=1, data_dir="/elsewhere",
+                                        given=frozenset({"resume", "max_concurrent", "data_dir"})), logged, parent_id)
+    assert (moved.max_concurrent, moved.data_dir, moved.trials) == (1, "/elsewhere", 4)
+    same = resumed_settings(TuneConfig(resume=parent_id, trials=4, given=frozenset({"resume", "trials"})), logged,
+                            parent_id)
+    assert same.trials == 4
+    with pytest.raises(UserError, match=rf"^resuming search {parent_id} keeps its settings, but these differ: "
+                                        r"max_epochs=6 \(the search has 2\), trials=12 \(the search has 4\); leave "
+                                        r"them out \(only data_dir, storage"):
+        resumed_settings(TuneConfig(resume=parent_id, given=frozenset({"resume", "trials", "max_epochs"})), logged,
+                         parent_id)
+
+
 def tune_command(data_dir, storage, *extra):
     return [sys.executable, "-m", "mnist_tracking", "tune", "--trials", "3", "--max-epochs", "3",
             "--max-concurrent", "1", "--ray-cpus", "1", "--space", TEST_SPACE, "--startup-trials", "3",
@@ -353,9 +396,14 @@ def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(r
     assert interrupted and all(r.info.status == "KILLED" for r in interrupted)
     finished_before = {r.info.run_id for r in runs if r.info.status == "FINISHED"}
 
-    resumed = subprocess.run(tune_command(data_dir, storage, "--resume", parent_id), capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+    # The resume as printed, from another folder: the space, budget, data and storage are the search's own.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    resumed = subprocess.run([sys.executable, "-m", "mnist_tracking", "tune", "--resume", parent_id], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Tune: 3 trials of at most 3 epochs" in resumed.stdout, resumed.stdout[-2000:]
     runs = runs_of(fresh_experiment)
     assert client.get_run(parent_id).info.status == "FINISHED"
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
@@ -366,6 +414,16 @@ def test_sigterm_ends_the_search_and_its_trials_killed_and_resume_continues_it(r
         latest[run.data.tags["mnist_tracking.trial_id"]] = run
     assert len(latest) == 3 and all(r.info.status in ("FINISHED", "KILLED") for r in latest.values())
     assert finished_before <= {r.info.run_id for r in latest.values()}  # a finished trial is not trained again
+    # No trial left a local checkpoint copy (about 20 MB each): a resumed search trains its cut trials anew.
+    from mnist_tracking.tracking.checkpoints import cache_folder
+
+    assert [r.info.run_id for r in trials if (cache_folder() / r.info.run_id).exists()] == []
+    assert not (storage / parent_id).exists()  # Tune's state goes with the search's end
+    again = subprocess.run([sys.executable, "-m", "mnist_tracking", "tune", "--resume", parent_id], capture_output=True,
+                           text=True, timeout=300, env={**os.environ, "MLFLOW_EXPERIMENT_ID": fresh_experiment})
+    assert again.returncode == 1 and again.stderr.strip().splitlines()[-1] == (
+        f"Error: search {parent_id} ({parent.info.run_name}) ended FINISHED: every trial ended, and there is nothing "
+        "to resume; start a new search")
 
 
 GROUP_STOP_S = 30  # the issue's bound from signal to exit for a search
@@ -610,3 +668,72 @@ def test_a_storage_that_cannot_be_tunes_folder_is_one_line_and_a_folders_mode_is
     assert stat.S_IMODE(shared.stat().st_mode) == 0o777  # reported, not changed
     fresh = tmp_path / "fresh"
     assert prepared_storage(str(fresh)) == str(fresh) and stat.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
+STORE_DEATH_BOUND_S = 180  # the issue's bound: the bounded HTTP retries (cli.exits.BOUNDED_HTTP), then one line
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.server
+def test_a_tracking_server_that_dies_mid_search_ends_it_in_one_line_and_the_resume_completes(ray_env, data_dir,
+                                                                                            tmp_path):
+    """Case 3 of issue 34: the command once ended 138 s after the server's death with 6 Ray tracebacks, Ray
+    retried each trial against the dead server, and the resume crashed leaving trials RUNNING."""
+    import os
+    import signal
+
+    from helpers import SUBPROCESS_ENV, free_port, start_server
+    from mlflow.tracking import MlflowClient
+
+    folder, port = tmp_path / "server", free_port()
+    folder.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(folder, port)
+    env = {**os.environ, **SUBPROCESS_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": "0"}
+    client = MlflowClient(tracking_uri=uri)
+    out_file, err_file = tmp_path / "out.log", tmp_path / "err.log"
+    search = [sys.executable, "-m", "mnist_tracking", "tune", "--trials", "2", "--max-epochs", "20",
+              "--trial-scheduler", "fifo", "--max-concurrent", "1", "--ray-cpus", "1", "--space", TEST_SPACE,
+              "--startup-trials", "2", "--compare-top", "0", "--data-dir", str(data_dir), "--storage",
+              str(tmp_path / "storage")]
+    process = None
+    try:
+        with out_file.open("w") as out, err_file.open("w") as err:
+            process = subprocess.Popen(search, cwd=tmp_path, env=env, stdout=out, stderr=err, text=True)
+
+        def a_trial_epoch():
+            trials = [r for r in client.search_runs(["0"]) if r.data.tags.get("mnist_tracking.kind") == "training"]
+            return any(client.get_metric_history(r.info.run_id, "val_acc") for r in trials)
+
+        wait_for(a_trial_epoch, 900, "a trial's first epoch", process, err_file)
+        [parent] = [r for r in client.search_runs(["0"]) if r.data.tags.get("mnist_tracking.kind") == "tune"]
+        parent_id = parent.info.run_id
+        os.killpg(server.pid, signal.SIGKILL)  # the server goes away mid-search
+        server.wait(timeout=60)
+        died = time.monotonic()
+        process.wait(timeout=STORE_DEATH_BOUND_S + 120)
+        took = time.monotonic() - died
+        err = err_file.read_text()
+        assert process.returncode == 1, err[-3000:]
+        assert took < STORE_DEATH_BOUND_S, f"{took:.0f} s after the server died"
+        assert "Traceback" not in err, err[-3000:]
+        [line] = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert parent_id in line and line.endswith(f"--resume {parent_id}"), line
+        assert "retry" not in (out_file.read_text() + err).lower()  # Ray did not retry a trial against the dead store
+
+        server = start_server(folder, port)  # back, with the same store
+        resumed = subprocess.run([sys.executable, "-m", "mnist_tracking", "tune", "--resume", parent_id], cwd=tmp_path,
+                                 env=env, capture_output=True, text=True, timeout=900)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        runs = client.search_runs(["0"])
+        assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+        assert client.get_run(parent_id).info.status == "FINISHED"
+        trials = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "training"]
+        assert {r.data.tags["mnist_tracking.trial_id"] for r in trials} and all(
+            r.info.status in ("FINISHED", "FAILED", "KILLED") and (r.info.status == "FINISHED"
+                                                                   or r.data.tags.get("status_reason")) for r in trials)
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        os.killpg(server.pid, signal.SIGKILL)

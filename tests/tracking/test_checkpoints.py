@@ -6,8 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from helpers import (
@@ -15,29 +13,10 @@ from helpers import (
     TINY,
     free_port,
     one_error_line,
+    start_server,
     wait_until,
 )
 from mlflow.tracking import MlflowClient
-
-
-def start_server(folder: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1 over a sqlite store in `folder`, artifacts served; waits for /health."""
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts")],
-        cwd=folder, stdout=open(folder / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                    f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            time.sleep(1)
-        assert server.poll() is None, (folder / "server.log").read_text()[-2000:]
-    pytest.fail("mlflow server did not answer")
 
 
 @pytest.mark.slow

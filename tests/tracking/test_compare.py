@@ -88,6 +88,15 @@ def test_compare_logs_aligned_maps_views_the_table_and_pair_metrics(trained_run,
     assert any("answers fixed" in line for line in lines) and any("View the comparison" in line for line in lines)
 
 
+def test_compare_of_fewer_shared_images_than_its_neighbourhoods_finishes(trained_run, second_run, fresh_experiment):
+    # 12 images: fewer than comparison.NEIGHBORS + 1, and than k-NN accuracy's folds hold by default.
+    from mnist_tracking.tracking.comparison import compare
+    run_id = compare(CompareConfig(run_ids=f"{second_run},{trained_run}", methods="pca", max_points=12), echo=quiet)
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["max_points"] == "12"
+    assert 0 <= run.data.metrics["pair_1_2_moved_fraction"] <= 1
+
+
 def test_compare_refuses_one_run_id(trained_run):
     with pytest.raises(UserError, match=r"^run_ids needs two or more training run ids separated by commas, got 1"):
         CompareConfig(run_ids=trained_run)

@@ -65,3 +65,22 @@ def test_a_servers_refusal_of_this_user_is_told_from_other_store_errors():
     assert not is_permission_denied(MlflowException("no credentials", error_code=UNAUTHENTICATED))
     assert not is_permission_denied(http_error(401)) and not is_permission_denied(http_error(404))
     assert not is_permission_denied(requests.ConnectionError("refused"))
+
+
+def test_a_failed_training_is_sent_to_resume_only_when_it_has_a_checkpoint(fresh_experiment):
+    from mnist_tracking.core.errors import UserError
+    from mnist_tracking.tracking.source_runs import require_training_run
+
+    client = MlflowClient()
+    diverged = client.create_run(fresh_experiment, tags={KIND_TAG: "training",
+                                                         "status_reason": "diverged: loss nan at epoch 1"})
+    client.set_terminated(diverged.info.run_id, "FAILED")
+    with pytest.raises(UserError, match=r"pass a finished training run, or train it again \(it logged no checkpoint to "
+                                        r"resume from; it ended: diverged: loss nan at epoch 1\)$"):
+        require_training_run(diverged.info.run_id, "register it", finished=True)
+
+    cut = client.create_run(fresh_experiment, tags={KIND_TAG: "training"})
+    client.log_text(cut.info.run_id, "a checkpoint", "checkpoints/last.pt")
+    client.set_terminated(cut.info.run_id, "KILLED")
+    with pytest.raises(UserError, match=rf"or resume this one with --resume-from {cut.info.run_id}$"):
+        require_training_run(cut.info.run_id, "register it", finished=True)
