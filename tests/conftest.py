@@ -12,6 +12,20 @@ from fakes import FAST, REPO, write_fake_dataset
 # any test module imports Ray, which reads it once (a driver and the head it joins must agree on it).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
+# pytest-xdist's workers share the machine's cores: each worker's torch, and every process a test starts (the CLI,
+# `mlflow run`, a local Ray), gets its share of them. Two 3-epoch fits on the fake data side by side took 8 to 14 s
+# each with torch's default threads, 2 s with one thread each, on our 2 cores (benchmarks/worker_threads.py).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS_PER_WORKER = max(1, (os.cpu_count() or 1) // WORKERS)
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS_PER_WORKER)
+    try:
+        import torch
+    except ImportError:  # not installed: nothing of torch's to share
+        pass
+    else:
+        torch.set_num_threads(THREADS_PER_WORKER)
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:

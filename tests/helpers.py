@@ -86,11 +86,19 @@ def start_training(data_dir, experiment_id, *args, cwd, **popen):
     )
 
 
-def invoke(*args):
-    """The CLI in this process (for errors that come before any training)."""
+def invoke(*args, env: dict | None = None):
+    """The CLI in this process, through click's CliRunner: for what the command says and logs, where the
+    process itself (its exit after a signal, a fresh interpreter) is not what is tested."""
     from mnist_tracking.cli import main as cli
 
-    return CliRunner().invoke(cli.main, list(args))
+    return CliRunner().invoke(cli.main, list(args), env=env)
+
+
+def run_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`invoke`, answered as run_cli answers (returncode, stdout, stderr): the same checks, without the
+    seconds a fresh interpreter spends importing torch and MLflow."""
+    result = invoke(*args, env=env)
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
 def error_lines(stderr):

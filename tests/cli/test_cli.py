@@ -32,29 +32,28 @@ from mlflow.tracking import MlflowClient
         (["--dataset", "cifar"], "choose one of mnist, fashion-mnist, kmnist"),
     ],
 )
-def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, fresh_experiment, args, expected):
-    result = run_cli("train", *args, cwd=tmp_path)
-    assert result.returncode != 0
+def test_bad_input_is_one_line_and_leaves_no_run(fresh_experiment, args, expected):
+    result = invoke("train", *args)  # in this process: what is checked is the message, not the process
+    assert result.exit_code != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert runs_of(fresh_experiment) == []
 
 
-def test_train_command_logs_a_finished_run(tmp_path, data_dir, fresh_experiment):
-    result = run_cli(
-        "train", "--epochs", "1", "--batch-size", "32", "--data-dir", str(data_dir), "--optimizer", "ADAM",
-        "--lr", "0.001", cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
+def test_train_command_logs_a_finished_run(data_dir, fresh_experiment):
+    # In this process: the command's output and run are checked here; test_mlflow_run_end_to_end runs the process.
+    result = invoke("train", "--epochs", "1", "--batch-size", "32", "--data-dir", str(data_dir), "--optimizer", "ADAM",
+                    "--lr", "0.001")
+    assert result.exit_code == 0, result.stderr
     [run] = runs_of(fresh_experiment)
     assert run.info.status == "FINISHED" and run.data.params["optimizer"] == "adam"
-    assert "model\u2002|\u2002best val acc" in result.stdout  # the course report's summary table, printed
-    assert "(an epoch line ending in * set a new best" in result.stdout  # what the epoch lines' * means
-    assert f"runs/{run.info.run_id}?workflowType=machine_learning" in result.stdout
+    assert "model\u2002|\u2002best val acc" in result.output  # the course report's summary table, printed
+    assert "(an epoch line ending in * set a new best" in result.output  # what the epoch lines' * means
+    assert f"runs/{run.info.run_id}?workflowType=machine_learning" in result.output
     # the experiment's runs table, opened with this project's saved view (its columns)
     assert (f"#/experiments/{fresh_experiment}/runs?workflowType=machine_learning&viewStateShareKey=mnist-tracking"
-            in result.stdout)
+            in result.output)
 
 
 @pytest.mark.slow

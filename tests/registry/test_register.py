@@ -23,7 +23,7 @@ from helpers import (
     free_port,
     invoke,
     one_error_line,
-    run_cli,
+    run_in_process,
     runs_of,
 )
 from mlflow.tracking import MlflowClient
@@ -133,8 +133,8 @@ def test_registering_updates_an_older_registered_models_description(runs):
 
 def test_register_command_prints_the_version_and_a_ui_link(runs, tmp_path):
     name = unique_name()
-    result = run_cli("register", "--experiment", runs["experiment"], "--name", name, cwd=tmp_path,
-                     env={"MNIST_TRACKING_UI_PORT": "5123"})
+    result = run_in_process("register", "--experiment", runs["experiment"], "--name", name,
+                            env={"MNIST_TRACKING_UI_PORT": "5123"})
     assert result.returncode == 0, result.stderr
     assert f"as {name} version 1" in result.stdout and runs["good"] in result.stdout
     # the link and the hint name the same port, the one asked for
@@ -199,7 +199,7 @@ def test_bad_input_is_a_one_line_user_error(case, runs, no_model_run, fresh_expe
 def test_register_command_shows_bad_input_as_one_line(case, runs, no_model_run, fresh_experiment, tmp_path):
     kwargs, expected = bad_input(case, runs, no_model_run, fresh_experiment)
     options = [arg for key, value in kwargs.items() for arg in (f"--{key.replace('_', '-')}", value)]
-    result = run_cli("register", *options, cwd=tmp_path)
+    result = run_in_process("register", *options)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]

@@ -91,6 +91,8 @@ def overlapping(runs) -> int:
     return sum(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:])
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_experiment):
     # Half a CPU a training: all three fit on a local Ray of even one core, so they train side by side.
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE, cpus_per_trial=0.5)
@@ -140,6 +142,8 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
                                   in answers[0])
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_a_failed_training_is_recorded_on_its_child_and_a_resume_trains_only_it_again(data_dir, fresh_experiment):
     # A real failure: lr=1e6 diverges within a few batches.
     diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
@@ -193,16 +197,19 @@ def test_a_failed_training_is_recorded_on_its_child_and_a_resume_trains_only_it_
     assert text.count("| (") == 3 and "FAILED" not in text
 
 
-def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(tmp_path, fresh_experiment):
-    result = subprocess.run([sys.executable, "-m", "mnist_tracking", "sweep", "--epochs-scale", "-1"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(fresh_experiment):
+    from helpers import invoke
+
+    result = invoke("sweep", "--epochs-scale", "-1")
+    assert result.exit_code != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         "Error: epochs_scale must be a number > 0 (1 = the course report's epochs), got -1.0"
     ]
     assert MlflowClient().search_runs([fresh_experiment]) == []
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_waiting(tmp_path, data_dir,
                                                                                      fresh_experiment):
     from helpers import env_for, one_error_line
@@ -220,6 +227,7 @@ def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_wa
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
     result = subprocess.run(
         ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "sweep",
@@ -241,6 +249,9 @@ def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
     assert "View the sweep: http://127.0.0.1:5000/#/experiments/" in result.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.signals
 def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, fresh_experiment):
     from helpers import STARTUP_TIMEOUT_S, cli_command, env_for, wait_until
 
@@ -269,6 +280,8 @@ def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, 
     assert MlflowClient().get_run(live.info.run_id).info.status != "RUNNING"  # SIGTERM ended it
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_resume_refuses_what_is_not_a_like_sweep_and_names_the_newest_resume(data_dir, fresh_experiment):
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
     quiet = dict(echo=lambda line: None, study=SEED_TRAININGS[:1])
@@ -295,6 +308,8 @@ def test_resume_refuses_what_is_not_a_like_sweep_and_names_the_newest_resume(dat
 
 
 @pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.signals
 def test_sigterm_ends_the_sweep_and_the_trainings_it_cut_killed(tmp_path, data_dir, fresh_experiment):
     import signal
 

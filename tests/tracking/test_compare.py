@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from fakes import FAST, REPO
 from helpers import (
-    run_cli,
+    run_in_process,
 )
 from mlflow.tracking import MlflowClient
 
@@ -148,7 +148,7 @@ def test_compare_refuses_a_running_run_and_too_few_shared_val_images(trained_run
 
 
 def test_cli_compare_refuses_in_one_line_without_a_traceback(tmp_path, trained_run, fresh_experiment):
-    result = run_cli("compare", "--run-ids", trained_run, cwd=tmp_path)
+    result = run_in_process("compare", "--run-ids", trained_run)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("Error: run_ids needs two or more training run ids")

@@ -21,7 +21,7 @@ from helpers import (
     invoke,
     one_error_line,
     plot_data,
-    run_cli,
+    run_in_process,
 )
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
@@ -299,8 +299,8 @@ def test_without_the_images_views_and_export_have_no_thumbnails(trained_run, tmp
 
 
 def test_cli_warns_in_one_line_when_the_images_are_missing(trained_run, tmp_path, fresh_experiment):
-    result = run_cli("project", "--run-id", trained_run, "--methods", "pca", "--max-points", "20",
-                     "--data-dir", str(tmp_path / "nowhere"), cwd=tmp_path)
+    result = run_in_process("project", "--run-id", trained_run, "--methods", "pca", "--max-points", "20",
+                            "--data-dir", str(tmp_path / "nowhere"))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     [warning] = [line for line in result.stdout.splitlines() if line.startswith("Warning:")]
@@ -385,7 +385,7 @@ def test_missing_run_id_is_a_usage_error(tmp_path):
 
 
 def test_cli_logs_into_a_chosen_experiment_without_nesting(trained_run, tmp_path, fresh_experiment):
-    result = run_cli("project", "--run-id", trained_run, "--methods", "pca", "--max-points", "50", cwd=tmp_path)
+    result = run_in_process("project", "--run-id", trained_run, "--methods", "pca", "--max-points", "50")
     assert result.returncode == 0, result.stderr
     [run] = MlflowClient().search_runs([fresh_experiment])
     assert run.info.status == "FINISHED" and run.data.tags["source_run_id"] == trained_run
