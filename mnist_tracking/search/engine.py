@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -65,6 +66,9 @@ def run_trials(plan: TrialPlan, echo: Callable[[str], None]):
         if plan.restore:  # Tune brings back the scheduler it saved, with the reasons of the trials it stopped so far
             scheduler = getattr(getattr(tuner._local_tuner, "_tune_config", None), "scheduler", None)
         fit_started = time.perf_counter()
+        # Tune's newer console output prints its own box, results folder and a TensorBoard hint even at
+        # verbose=0, which users read as our advice; its classic output at verbose=0 prints nothing.
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         results = fit(tuner)
         # The search's own time (benchmarks/tune.py compares it with and without ASHA), and Ray's start.
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
@@ -304,6 +308,16 @@ class StopTune(Callback):
             self.tune_handler(signal.SIGINT, None)  # Tune's own Ctrl-C: it stops the trials and saves the search
 
 
+# What Tune says when our flag stops it (press Ctrl-C again; resume with Tuner.restore(path=...) of a folder that a
+# sweep deletes): its advice, not ours. Our one line names the command that resumes.
+TUNE_STOP_ADVICE = ("Stop signal received", "Experiment has been interrupted")
+TUNE_LOGGER = "ray.tune.tune"
+
+
+def _not_tunes_stop_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(TUNE_STOP_ADVICE)
+
+
 def fit(tuner):
     """Tune's fit() stopped by our flag (a signal before it stops the command here: nothing of Tune's to
     save); our handlers are back after it, since Tune leaves its own in place after a search that ended.
@@ -311,9 +325,12 @@ def fit(tuner):
     global _store_failure
     stopping.check()
     _store_failure = ""
+    tune_log = logging.getLogger(TUNE_LOGGER)
+    tune_log.addFilter(_not_tunes_stop_advice)
     try:
         results = tuner.fit()
     finally:
+        tune_log.removeFilter(_not_tunes_stop_advice)
         tune_listened = threading.current_thread() is threading.main_thread() and not int(
             os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
         if tune_listened and not _store_failure and stopping.is_ours(signal.getsignal(signal.SIGINT)):

@@ -41,6 +41,7 @@ def run_trial(config: dict) -> None:
     context = config["context"]
     for name in NOT_INHERITED + ("MLFLOW_EXPERIMENT_NAME",):
         os.environ.pop(name, None)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bars of MLflow's in the search's output
     mlflow.set_tracking_uri(os.environ.get(TRACKING_URI_VAR) or context["tracking_uri"])  # the driver's, now
     mlflow.set_experiment(experiment_id=context["experiment_id"])
     torch.set_num_threads(max(1, int(context["threads"])))  # the CPUs Tune gave this trial, no more

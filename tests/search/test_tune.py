@@ -615,6 +615,7 @@ def test_trials_that_diverge_before_their_first_report_fail_alone_and_the_search
                             "--trial-scheduler", "fifo")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Error:" not in result.stderr
+    assert "TensorBoard" not in result.stdout and "Downloading artifacts" not in result.stderr  # Ray's, MLflow's
     runs = runs_of(fresh_experiment)
     assert [r.info.status for r in runs if r.info.status == "RUNNING"] == []
     [parent] = [r for r in runs if r.data.tags.get("mnist_tracking.kind") == "tune"]
