@@ -94,6 +94,28 @@ def invoke(*args, env: dict | None = None):
     return CliRunner().invoke(cli.main, list(args), env=env)
 
 
+def as_mlflow_run(entry_point: str, experiment_id: str, **params) -> tuple[subprocess.CompletedProcess, str]:
+    """What `mlflow run . -e ENTRY_POINT -P name=value ...` does, in this process: MLflow's own run of the project
+    (its tags and params), the entry point's command line as MLproject makes it (MLflow's own code), run with
+    MLFLOW_RUN_ID set, then the run ended as MLflow's local runner ends one whose command exited. What only the
+    `mlflow run` process shows (a signal to it) keeps the real command (tests/tracking/test_train_run.py)."""
+    import shlex
+
+    from fakes import REPO
+    from mlflow.projects import utils
+    from mlflow.projects._project_spec import load_project
+
+    entry = load_project(str(REPO)).get_entry_point(entry_point)
+    words = shlex.split(entry.compute_command({k: str(v) for k, v in params.items()}, storage_dir=None))
+    assert words[:3] == ["python", "-m", "mnist_tracking"], words  # MLproject runs the CLI
+    run = utils._create_run(str(REPO), experiment_id, str(REPO), None, entry_point, params)
+    run_id = run.info.run_id
+    result = run_in_process(*words[3:], env={"MLFLOW_RUN_ID": run_id, "MLFLOW_EXPERIMENT_ID": experiment_id})
+    if MlflowClient().get_run(run_id).info.status == "RUNNING":
+        MlflowClient().set_terminated(run_id, "FINISHED" if result.returncode == 0 else "FAILED")
+    return result, run_id
+
+
 def run_in_process(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`invoke`, answered as run_cli answers (returncode, stdout, stderr): the same checks, without the
     seconds a fresh interpreter spends importing torch and MLflow."""

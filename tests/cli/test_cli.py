@@ -130,19 +130,16 @@ def test_unreachable_tracking_server_is_one_line_and_quick(tmp_path, data_dir):
     assert seconds < STARTUP_TIMEOUT_S / 2
 
 
-@pytest.mark.slow
-def test_mlflow_run_with_a_non_number_fails_the_run_in_one_line(tmp_path, data_dir, fresh_experiment):
-    # MLflow does not check a float parameter: our command gets `--lr abc` and must fail the run.
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment,
-         "-P", "lr=abc", "-P", f"data_dir={data_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, **SUBPROCESS_ENV},
-    )
+def test_the_main_entry_point_with_a_non_number_fails_mlflow_runs_run_in_one_line(data_dir, fresh_experiment):
+    # MLflow does not check a float parameter: our command gets `--lr abc` and must fail the run MLflow made.
+    from helpers import as_mlflow_run
+
+    result, made = as_mlflow_run("main", fresh_experiment, lr="abc", data_dir=data_dir)
     assert result.returncode != 0
     assert "Error: Invalid value for '--lr': 'abc' is not a valid float" in result.stderr
     assert "Traceback" not in result.stderr and "Usage:" not in result.stderr
     [run] = runs_of(fresh_experiment)
-    assert run.info.status == "FAILED"
+    assert run.info.run_id == made and run.info.status == "FAILED"
     assert "'abc' is not a valid float" in run.data.tags["status_reason"]
 
 

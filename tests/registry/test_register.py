@@ -206,23 +206,20 @@ def test_register_command_shows_bad_input_as_one_line(case, runs, no_model_run, 
     assert len(errors) == 1 and expected in errors[0], result.stderr
 
 
-@pytest.mark.slow
-def test_mlflow_run_register_gives_version_1_to_the_better_run(runs, tmp_path):
+def test_the_register_entry_point_gives_version_1_to_the_better_run(runs):
+    # `mlflow run . -e register`: its command line from MLproject, under the run MLflow made (helpers.as_mlflow_run).
+    from helpers import as_mlflow_run
+
     name = unique_name()
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "-e", "register",
-         "--experiment-name", runs["experiment"], "-P", f"name={name}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        # set_experiment() exports MLFLOW_EXPERIMENT_ID, which `mlflow run` reads as --experiment-id
-        env={k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"},
-    )
+    result, made = as_mlflow_run("register", runs["experiment_id"], name=name)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient()
     champion = client.get_model_version_by_alias(name, "champion")
     assert (champion.version, champion.run_id) == (1, runs["good"])
     # The run `mlflow run` wrapped the command in says what it registered.
     [wrapper] = client.search_runs([runs["experiment_id"]], f"tags.`{KIND_TAG}` = 'registration'")
-    assert wrapper.info.status == "FINISHED" and wrapper.data.tags["registered_model_name"] == name
+    assert wrapper.info.run_id == made and wrapper.info.status == "FINISHED"
+    assert wrapper.data.tags["registered_model_name"] == name
     good = client.get_run(runs["good"])  # named after the run it registered, and nested under it
     assert wrapper.info.run_name == f"register-of-{good.info.run_name}"
     assert wrapper.data.tags["mlflow.parentRunId"] == runs["good"] == wrapper.data.tags["source_run_id"]

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from fakes import REPO
 from mlflow.tracking import MlflowClient
 
 from mnist_tracking.core.config import SweepConfig
@@ -228,13 +227,12 @@ def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_wa
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_mlflow_run_sweep_end_to_end(tmp_path, data_dir, fresh_experiment):
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "sweep",
-         "-P", f"data_dir={data_dir}", "-P", "methods=pca", "-P", f"epochs_scale={TINY_SCALE}",
-         "-P", "cpus_per_trial=0.5"],  # all three side by side, passed through MLproject
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+def test_the_sweep_entry_point_logs_into_mlflow_runs_run(data_dir, fresh_experiment):
+    from helpers import as_mlflow_run
+
+    # all three side by side, passed through MLproject
+    result, _ = as_mlflow_run("sweep", fresh_experiment, data_dir=data_dir, methods="pca", epochs_scale=TINY_SCALE,
+                              cpus_per_trial=0.5)
     assert result.returncode == 0, result.stderr[-3000:]
     kinds = runs_by_kind(fresh_experiment)
     [parent] = kinds["sweep"]  # the run `mlflow run` created is the parent: no extra run

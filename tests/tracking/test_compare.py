@@ -1,11 +1,10 @@
 """The `compare` entry point: shared points, aligned layouts, what moved, the linked view, the refusals."""
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
-from fakes import FAST, REPO
+from fakes import FAST
 from helpers import (
     run_in_process,
 )
@@ -154,21 +153,17 @@ def test_cli_compare_refuses_in_one_line_without_a_traceback(tmp_path, trained_r
     assert result.stderr.startswith("Error: run_ids needs two or more training run ids")
 
 
-@pytest.mark.slow
-def test_mlflow_run_compare_end_to_end(tmp_path, trained_run, second_run, fresh_experiment):
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "compare",
-         "-P", f"run_ids={trained_run},{second_run}", "-P", "methods=pca"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+def test_the_compare_entry_point_logs_into_mlflow_runs_run_or_fails_it(trained_run, second_run, fresh_experiment):
+    # `mlflow run . -e compare`: its command line from MLproject, under the run MLflow made (helpers.as_mlflow_run).
+    from helpers import as_mlflow_run
+
+    result, made = as_mlflow_run("compare", fresh_experiment, run_ids=f"{trained_run},{second_run}", methods="pca")
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = MlflowClient().search_runs([fresh_experiment])  # the run `mlflow run` created: no other
+    assert run.info.run_id == made
     assert run.data.tags["mnist_tracking.kind"] == "comparison" and run.info.status == "FINISHED"
     assert "pair_1_2_fixed" in run.data.metrics and run.data.params["run_ids"] == f"{trained_run},{second_run}"
-    refused = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment, "-e", "compare",
-         "-P", f"run_ids={trained_run}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    refused, _ = as_mlflow_run("compare", fresh_experiment, run_ids=trained_run)
     assert refused.returncode != 0 and "Error: run_ids needs two or more" in refused.stderr
     failed = [r for r in MlflowClient().search_runs([fresh_experiment]) if r.info.status == "FAILED"]
     assert len(failed) == 1 and failed[0].data.tags["status_reason"].startswith("run_ids needs two or more")

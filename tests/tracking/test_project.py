@@ -12,7 +12,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from fakes import N_TEST, N_TRAIN, REPO, fake_digits, write_fake_dataset
+from fakes import N_TEST, N_TRAIN, fake_digits, write_fake_dataset
 from helpers import (
     PROJECTION_METRICS,
     array,
@@ -396,19 +396,17 @@ def test_cli_logs_into_a_chosen_experiment_without_nesting(trained_run, tmp_path
     }
 
 
-@pytest.mark.slow
-def test_mlflow_run_project_end_to_end(trained_run, tmp_path):
+def test_the_project_entry_point_logs_into_mlflow_runs_run(trained_run):
+    # `mlflow run . -e project`: its command line from MLproject, under the run MLflow made (helpers.as_mlflow_run).
+    from helpers import as_mlflow_run
+
     client = MlflowClient()
     experiment_id = client.get_run(trained_run).info.experiment_id
     before = {r.info.run_id for r in client.search_runs([experiment_id])}
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", experiment_id,
-         "-e", "project", "-P", f"run_id={trained_run}", "-P", "max_points=80"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    result, made = as_mlflow_run("project", experiment_id, run_id=trained_run, max_points=80)
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = [r for r in client.search_runs([experiment_id]) if r.info.run_id not in before]
-    assert run.info.status == "FINISHED"
+    assert run.info.run_id == made and run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.entryPoint"] == "project"
     assert run.data.tags["mlflow.parentRunId"] == trained_run
     assert run.info.run_name.endswith("-projection")
@@ -421,17 +419,15 @@ def test_mlflow_run_project_end_to_end(trained_run, tmp_path):
     }
 
 
-@pytest.mark.slow
-def test_mlflow_run_project_with_unknown_run_fails_its_run(tmp_path, fresh_experiment):
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment,
-         "-e", "project", "-P", "run_id=nosuchrun"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
+def test_the_project_entry_point_with_an_unknown_run_fails_mlflow_runs_run(fresh_experiment):
+    from helpers import as_mlflow_run
+
+    result, made = as_mlflow_run("project", fresh_experiment, run_id="nosuchrun")
     assert result.returncode != 0
     assert ("Error: unknown run_id 'nosuchrun': no run 'nosuchrun' in the tracking store" in result.stderr
             and "Traceback" not in result.stderr)
     [run] = MlflowClient().search_runs([fresh_experiment])
+    assert run.info.run_id == made
     assert run.info.status == "FAILED" and "nosuchrun" in run.data.tags["status_reason"]
 
 

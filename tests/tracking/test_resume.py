@@ -11,10 +11,8 @@ import sys
 import mlflow
 import pytest
 import torch
-from fakes import REPO
 from helpers import (
     EPOCH_METRICS,
-    SUBPROCESS_ENV,
     CreatesAFile,
     env_for,
     history,
@@ -77,15 +75,11 @@ def test_an_explicit_value_that_changes_the_training_is_refused_even_if_it_is_th
         one_error_line(result.stderr))
 
 
-@pytest.mark.slow
-def test_resume_under_mlflow_run_names_the_parameters_to_pass(data_dir, fresh_experiment, monkeypatch, tmp_path):
+def test_resume_under_mlflow_run_names_the_parameters_to_pass(data_dir, fresh_experiment, monkeypatch):
+    from helpers import as_mlflow_run
+
     origin = interrupted_after_epoch_1(data_dir, monkeypatch)
-    (tmp_path / "data").mkdir()  # mlflow run checks that a `path` parameter's value exists, the default `data` too
-    result = subprocess.run(
-        ["mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", fresh_experiment,
-         "-P", f"resume_from={origin}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **SUBPROCESS_ENV},
-    )
+    result, _ = as_mlflow_run("main", fresh_experiment, resume_from=origin, data_dir=data_dir)
     assert result.returncode != 0
     line = one_error_line(result.stderr)
     # MLflow logged its defaults before our code ran: the run's own values must be passed, never replaced silently

@@ -490,8 +490,8 @@ def test_a_signal_inside_generated_code_still_exits_130(tmp_path, data_dir, fres
     assert run.info.status == "KILLED"
 
 
-SIGNAL_MOMENTS = 16  # signals sent this many times into a tiny training's life, SIGNAL_STEP_S apart
-SIGNAL_STEP_S = 0.3  # from the moment its run is in the store until after it has ended (no signal sent then)
+SIGNAL_MOMENTS = 8  # signals sent this many times into a tiny training's life, SIGNAL_STEP_S apart
+SIGNAL_STEP_S = 0.6  # from the moment its run is in the store until after it has ended (no signal sent then)
 SIGNALLED_AT_ONCE = 2  # trainings signalled side by side: one thread each (OMP_NUM_THREADS=1) on our two cores
 
 
