@@ -169,6 +169,16 @@ def init_in_thread(**init_kwargs) -> None:
 TRACKING_URI_VAR = "MNIST_TRACKING_TRIAL_TRACKING_URI"  # every worker of the search's job gets it
 
 
+def job_environment(tracking_uri: str) -> dict[str, str]:
+    """What every worker of the search's Ray job is given: this command's tracking store, and its checkpoint cache
+    when it names one. A cluster that was running before the command (RAY_ADDRESS) started its workers with
+    another process's environment, and a restored trial's saved config holds the URI of its first day."""
+    from mnist_tracking.tracking.checkpoints import CACHE_VARIABLE
+
+    given = {name: os.environ[name] for name in (CACHE_VARIABLE,) if os.environ.get(name)}
+    return {TRACKING_URI_VAR: tracking_uri, **given}
+
+
 def absolute_tracking_uri(uri: str) -> str:
     """The tracking URI with a relative local path made absolute: Ray runs each trial in its own
     folder (RAY_CHDIR_TO_TRIAL_DIR), where `sqlite:///mlflow.db` would be another database."""
@@ -201,7 +211,7 @@ def ray_session(cpus: int | None, gpus: float | None, tracking_uri: str, artifac
             # The store is the job's, not the trial's: a search restored on another day (its trials' configs
             # saved with the URI of then) logs where this command logs.
             init_in_thread(address=joined, _node_ip_address=None if address else LOOPBACK, log_to_driver=True,
-                           configure_logging=False, runtime_env={"env_vars": {TRACKING_URI_VAR: tracking_uri}})
+                           configure_logging=False, runtime_env={"env_vars": job_environment(tracking_uri)})
         except Exception as exc:  # Ray raises many kinds; one line says which and what to do
             ray.shutdown()  # what it started before it failed
             where = f"join the Ray cluster at RAY_ADDRESS={address}" if address else "start a local Ray"

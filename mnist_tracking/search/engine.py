@@ -1,4 +1,4 @@
-"""The one Ray engine of `tune` and `sweep`: trials run by Ray Tune under a parent run, each accounted for."""
+"""The one Ray engine of `tune` and `sweep`: trials run by Ray Tune under a parent run (accounting.py ends each)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,11 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from mnist_tracking.core import stopping
-from mnist_tracking.core.errors import StoreUnreachable, UserError, first_line, store_cause, store_error_line
+from mnist_tracking.core.errors import StoreUnreachable, UserError, store_cause, store_error_line
 from mnist_tracking.search.cluster import absolute_tracking_uri, ray_session, unfit_trial
 from mnist_tracking.search.space import CHOICE, INT, LOGUNIFORM, UNIFORM, SearchSpace
-from mnist_tracking.search.trial import FAILURE_KEY, STORE_FAILED_KEY, STORE_FAILED_REASON, trainable
-from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
-from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_active_run, end_run
+from mnist_tracking.search.trial import FAILURE_KEY, STORE_FAILED_KEY, trainable
+from mnist_tracking.tracking.runs import end_active_run
 
 MAX_FAILURES = 1  # a trial whose Ray actor or node died is retried once (its own failures are not: see trial.run_trial)
 
@@ -115,70 +114,6 @@ def store_failure_resumes(what: str, resume: str) -> Iterator[dict]:
         raise UserError(f"the tracking store stopped answering during {what} {parent_id} ({type(store).__name__}: "
                         f"{store_error_line(store)[:300]}); once it answers again, {resume} --resume {parent_id} "
                         f"(mlflow run: -P resume={parent_id})") from None
-
-
-# --------------------------------------------------------------------------- every trial accounted for
-
-
-def trial_runs(parent_id: str, key_tag: str) -> dict[str, list]:
-    """The training runs under the parent by their `key_tag` (trial id, sweep label), oldest first (a trial
-    Ray retried, or a search resumed, has several)."""
-    experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
-    runs = MlflowClient().search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = '{Kind.TRAINING}'",
-        order_by=["attributes.start_time ASC"])
-    found: dict[str, list] = {}
-    for run in runs:
-        found.setdefault(run.data.tags.get(key_tag, ""), []).append(run)
-    return found
-
-
-def account(parent_id: str, key_tag: str, errors: dict[str, str], interrupted: str, resume: str,
-            stopped: dict[str, str] | None = None, one: str = "trial") -> dict:
-    """End every trial run under the parent that Ray lost, the scheduler stopped (`stopped`: why, by key) or a
-    signal cut (`interrupted`: its name) with a status and a reason: none stays RUNNING. `resume` says how to go
-    on after an interruption. Returns the last run of each trial, by key, as it ended."""
-    client, stopped = MlflowClient(), stopped or {}
-    last = {}
-    for key, runs in trial_runs(parent_id, key_tag).items():
-        *earlier, run = runs
-        for lost in earlier:  # a retry (or a resumed search) started a new run for the trial
-            reason = lost.data.tags.get(STATUS_REASON_TAG, "")
-            if lost.info.status == "RUNNING":
-                end_run(lost.info.run_id, f"its Ray worker or node died; "
-                                          f"the {one} was retried as run {run.info.run_id}")
-            elif reason.startswith("interrupted") and "ran again" not in reason:
-                client.set_tag(lost.info.run_id, STATUS_REASON_TAG, f"{reason}; the search was resumed and the {one} "
-                                                                     f"ran again as run {run.info.run_id}")
-            drop_local_checkpoint(lost.info.run_id)  # a later run of the trial replaced it
-        run_id, status = run.info.run_id, run.info.status
-        epochs = len(client.get_metric_history(run_id, "val_acc"))
-        if key in stopped:
-            end_run(run_id, stopped[key], "KILLED")
-        elif status == "RUNNING" or (status != "FINISHED" and STATUS_REASON_TAG not in run.data.tags):
-            if interrupted:
-                end_run(run_id, f"interrupted by {interrupted} after epoch {epochs}; {resume}", "KILLED")
-            else:
-                end_run(run_id, errors.get(key, f"its Ray worker ended without ending the run after epoch {epochs}"))
-        last[key] = client.get_run(run_id)
-        if not last[key].data.tags.get(STATUS_REASON_TAG, "").startswith(STORE_FAILED_REASON):
-            # A search (or sweep) resumed trains its unfinished trials again from the start: only a trial whose
-            # store failed keeps this machine's copy, the one place its last epochs may be (train --resume-from).
-            drop_local_checkpoint(run_id)
-    return last
-
-
-def record_lost(parent_id: str, tags: dict[str, str], name: str, reason: str, params: dict | None = None) -> str:
-    """A FAILED training run under the parent for a trial that ended before it started one, with `reason`."""
-    client = MlflowClient()
-    run = client.create_run(client.get_run(parent_id).info.experiment_id, run_name=name,
-                            tags={PARENT_RUN_TAG: parent_id, KIND_TAG: Kind.TRAINING, **tags})
-    if params:
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    end_run(run.info.run_id, reason)
-    return run.info.run_id
-
 
 
 # --------------------------------------------------------------------------- the space in Tune's terms
@@ -339,16 +274,3 @@ def fit(tuner):
     if _store_failure:
         raise StoreUnreachable(_store_failure)
     return results
-
-
-def failures(results, key_of: Callable) -> dict[str, str]:
-    """Why each trial failed, by key_of(result): Ray's error (its worker died twice, say), or the training's own
-    failure, which its trial reported as its last result."""
-    found = {}
-    for result in results:
-        metrics, key = result.metrics or {}, key_of(result)
-        if key and result.error is not None:
-            found[key] = first_line(result.error)
-        elif key and metrics.get(FAILURE_KEY):
-            found[key] = str(metrics[FAILURE_KEY])
-    return found

@@ -25,7 +25,8 @@ from mnist_tracking.core.errors import UserError, first_line
 from mnist_tracking.core.evolution import first_epoch_reaching
 from mnist_tracking.core.reports import changed_answers_table, comparison_table
 from mnist_tracking.core.study import SweepRow, Training, scale_note
-from mnist_tracking.search.engine import TrialPlan, account, failures, record_lost, run_trials, store_failure_resumes
+from mnist_tracking.search.accounting import account, failures, record_lost
+from mnist_tracking.search.engine import TrialPlan, run_trials, store_failure_resumes
 from mnist_tracking.search.sweep_runs import (
     SWEEP_LABEL_TAG,
     SWEEP_RUN_NAME,

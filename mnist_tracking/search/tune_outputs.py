@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from mnist_tracking.core.config import ALIAS, REGISTER_METRIC, CompareConfig
 from mnist_tracking.core.errors import UserError, first_line
 from mnist_tracking.search import report as tune_report
-from mnist_tracking.search.engine import account as account_trials
-from mnist_tracking.search.engine import failures, record_lost
+from mnist_tracking.search.accounting import account as account_trials
+from mnist_tracking.search.accounting import failures, record_lost
 from mnist_tracking.search.report import TrialRow
 from mnist_tracking.search.settings import TuneConfig, trial_config
 from mnist_tracking.search.trial import TRIAL_TAG
@@ -93,7 +93,7 @@ def tune_errors(results) -> dict[str, str]:
 
 
 def account(parent_id: str, results, reasons: dict[str, str], interrupted: str, settings: TuneConfig) -> list[TrialRow]:
-    """End every trial run Tune stopped, lost or interrupted with a status and a reason (engine.account: none
+    """End every trial run Tune stopped, lost or interrupted with a status and a reason (accounting.account: none
     stays RUNNING); returns one row per trial."""
     errors = tune_errors(results)
     last = account_trials(parent_id, TRIAL_TAG, errors, interrupted, f"continue the search with --resume {parent_id}",

@@ -113,6 +113,7 @@ def test_bad_parameters_are_one_line_and_leave_no_run(fresh_experiment, args, ex
     assert runs_of(fresh_experiment) == []
 
 
+@pytest.mark.server
 def test_unreachable_tracking_server_is_one_line_and_quick(tmp_path, data_dir):
     with socket_on_a_free_port() as port:  # bound, never listening: connections are refused
         started = time.monotonic()

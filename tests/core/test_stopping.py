@@ -26,6 +26,7 @@ def listening():
         yield
 
 
+@pytest.mark.signals
 def test_a_signal_is_recorded_never_raised_and_the_next_safe_point_stops(listening):
     stopping.check()  # nothing came: a safe point returns
     os.kill(os.getpid(), signal.SIGTERM)
@@ -57,6 +58,7 @@ def sigterm_after_a_select(conn, cursor, statement, *args) -> None:
 
 
 @pytest.mark.parametrize("write", ["set_tags", "log_metric"])
+@pytest.mark.signals
 def test_a_signal_inside_a_database_write_leaves_whole_rows_and_the_run_killed_at_once(listening, fresh_experiment,
                                                                                       write):
     run = mlflow.start_run()
@@ -89,6 +91,7 @@ class Cache:
     """An object with a weakref callback, as SQLAlchemy's and the standard library's registries have."""
 
 
+@pytest.mark.signals
 def test_a_sigterm_that_lands_in_a_finalizer_still_stops_the_command(listening, capsys):
     """A finalizer (a weakref callback, run by the garbage collector inside any code) drops what is raised in
     it: a sweep SIGTERMed while `import ray` collected garbage once trained on to its end and exited 0."""
@@ -152,6 +155,7 @@ class SlowStartingTuner:
         return ["results"]
 
 
+@pytest.mark.signals
 def test_a_signal_before_fit_stops_the_command_there(listening):
     from mnist_tracking.search.engine import fit
 
@@ -175,6 +179,7 @@ def test_a_signal_before_tune_listens_stops_the_search_the_way_tune_stops_it(lis
     assert all(stopping.is_ours(signal.getsignal(s)) for s in stopping.SIGNALS)  # ours are back after fit()
 
 
+@pytest.mark.signals
 def test_a_ctrl_c_that_tune_takes_itself_is_recorded_as_ours(listening):
     from mnist_tracking.search.engine import fit
 

@@ -264,6 +264,7 @@ def assert_one_line_refusal(status: int, answer: dict, reason: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_served_champion_answers_probabilities_and_refuses_bad_input_in_one_line(runs, tmp_path, monkeypatch):
     """`mlflow models serve` of the registered model, for real, with pickles refused: class
     probabilities for good images; a one-line 400 for bad pixels and for too many images."""

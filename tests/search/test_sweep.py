@@ -92,7 +92,7 @@ def overlapping(runs) -> int:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_experiment):
+def test_sweep_trains_projects_and_compares_three_nested_runs(on_ray, data_dir, fresh_experiment):
     # Half a CPU a training: all three fit on a local Ray of even one core, so they train side by side.
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE, cpus_per_trial=0.5)
     lines = []
@@ -107,7 +107,8 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
     # They ran on the trial runner of `tune`: Ray trials, tagged, and side by side.
     assert len({r.data.tags[TRIAL_TAG] for r in children}) == 3 and all(NODE_TAG in r.data.tags for r in children)
     assert overlapping(children) >= 1, [(r.info.start_time, r.info.end_time) for r in children]
-    assert any(line.startswith("3 training(s) on Ray (local, ") and "0.5 CPU(s) each" in line for line in lines), lines
+    assert any(line.startswith(f"3 training(s) on Ray ({on_ray}, ") and "0.5 CPU(s) each" in line
+               for line in lines), lines
     assert [r.info.status for r in children] == ["FINISHED"] * 3
     assert [float(r.data.params["lr"]) for r in children] == [1e-6, 1e-3, 0.01]
     assert {r.data.params["momentum"] for r in children} == {"0.0"}
@@ -143,7 +144,8 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(data_dir, fresh_ex
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_failed_training_is_recorded_on_its_child_and_a_resume_trains_only_it_again(data_dir, fresh_experiment):
+def test_a_failed_training_is_recorded_on_its_child_and_a_resume_trains_only_it_again(on_ray, data_dir,
+                                                                                     fresh_experiment):
     # A real failure: lr=1e6 diverges within a few batches.
     diverging = replace(SEED_TRAININGS[1], config=replace(SEED_TRAININGS[1].config, lr=1e6, batch_size=16))
     study = (SEED_TRAININGS[0], diverging, SEED_TRAININGS[2])
@@ -209,7 +211,7 @@ def test_cli_sweep_refuses_bad_input_in_one_line_without_a_run(fresh_experiment)
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_waiting(tmp_path, data_dir,
+def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_waiting(on_ray, tmp_path, data_dir,
                                                                                      fresh_experiment):
     from helpers import env_for, one_error_line
 
@@ -227,7 +229,7 @@ def test_cli_sweep_asking_more_cpus_than_ray_has_fails_in_one_line_instead_of_wa
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_the_sweep_entry_point_logs_into_mlflow_runs_run(data_dir, fresh_experiment):
+def test_the_sweep_entry_point_logs_into_mlflow_runs_run(on_ray, data_dir, fresh_experiment):
     from helpers import as_mlflow_run
 
     # all three side by side, passed through MLproject
@@ -239,7 +241,7 @@ def test_the_sweep_entry_point_logs_into_mlflow_runs_run(data_dir, fresh_experim
     assert parent.info.status == "FINISHED" and parent.info.run_name == "seed-study"
     assert len(kinds["training"]) == 3 and len(kinds["projection"]) == 3
     assert {r.data.tags[PARENT_RUN_TAG] for r in kinds["training"]} == {parent.info.run_id}
-    assert parent.data.params["cpus_per_trial"] == "0.5" and "3 training(s) on Ray (local, " in result.stdout
+    assert parent.data.params["cpus_per_trial"] == "0.5" and f"3 training(s) on Ray ({on_ray}, " in result.stdout
     png = MlflowClient().download_artifacts(parent.info.run_id, "comparison.png")
     from PIL import Image
 
@@ -280,7 +282,7 @@ def test_resume_refuses_a_sweep_still_run_by_a_live_process(tmp_path, data_dir, 
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_resume_refuses_what_is_not_a_like_sweep_and_names_the_newest_resume(data_dir, fresh_experiment):
+def test_resume_refuses_what_is_not_a_like_sweep_and_names_the_newest_resume(on_ray, data_dir, fresh_experiment):
     config = SweepConfig(data_dir=str(data_dir), methods="pca", epochs_scale=TINY_SCALE)
     quiet = dict(echo=lambda line: None, study=SEED_TRAININGS[:1])
     first = sweep_and_log(config, **quiet)

@@ -223,7 +223,7 @@ def ray_env():
 
 
 @pytest.fixture(scope="module")
-def search(ray_env, data_dir, tmp_path_factory):
+def search(ray_env, ray_head, data_dir, tmp_path_factory):
     """One real search (4 trials, 3 epochs, 2 at once on a local Ray of 2 CPUs), shared by the tests that read it."""
     import mlflow
 
@@ -237,7 +237,9 @@ def search(ray_env, data_dir, tmp_path_factory):
     lines = []
     settings = TuneConfig(data_dir=str(data_dir), storage=str(tmp_path_factory.mktemp("tune-storage")), **SEARCH)
     try:
-        parent_id = tune_and_log(settings, echo=lines.append)
+        with pytest.MonkeyPatch.context() as patch:  # the session's Ray (tests/search/conftest.py), for it alone
+            patch.setenv("RAY_ADDRESS", ray_head)
+            parent_id = tune_and_log(settings, echo=lines.append)
     finally:
         mlflow.set_experiment("Default")  # what conftest's fresh_experiment leaves, too
     return experiment_id, parent_id, lines
@@ -606,7 +608,7 @@ def failing_search(data_dir, tmp_path, experiment: str, space: str, *extra: str)
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_trials_that_diverge_before_their_first_report_fail_alone_and_the_search_finishes(ray_env, data_dir, tmp_path,
+def test_trials_that_diverge_before_their_first_report_fail_alone_and_the_search_finishes(on_ray, data_dir, tmp_path,
                                                                                          fresh_experiment):
     """Two of three trials diverge in their first epoch (seeded TPE draws lr 2.6e8 and 6.1e5; the third, 31, trains):
     once, the first of them crashed the whole search (`Trial returned a result which did not include the
@@ -631,7 +633,7 @@ def test_trials_that_diverge_before_their_first_report_fail_alone_and_the_search
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_search_where_no_trial_finishes_fails_in_one_line(ray_env, data_dir, tmp_path, fresh_experiment):
+def test_a_search_where_no_trial_finishes_fails_in_one_line(on_ray, data_dir, tmp_path, fresh_experiment):
     result = failing_search(data_dir, tmp_path, fresh_experiment, f"lr=loguniform(1e5,1e9); {DIVERGING}")
     assert result.returncode == 1, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
@@ -689,7 +691,7 @@ STORE_DEATH_BOUND_S = 180  # the issue's bound: the bounded HTTP retries (cli.ex
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.server
-def test_a_tracking_server_that_dies_mid_search_ends_it_in_one_line_and_the_resume_completes(ray_env, data_dir,
+def test_a_tracking_server_that_dies_mid_search_ends_it_in_one_line_and_the_resume_completes(on_ray, data_dir,
                                                                                             tmp_path):
     """Case 3 of issue 34: the command once ended 138 s after the server's death with 6 Ray tracebacks, Ray
     retried each trial against the dead server, and the resume crashed leaving trials RUNNING."""

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_a_server_that_dies_mid_training_loses_no_epoch(data_dir, tmp_path):
     folder, port = tmp_path / "server", free_port()
     folder.mkdir()

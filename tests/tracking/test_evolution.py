@@ -253,6 +253,7 @@ def test_evolution_refuses_a_run_without_snapshots_a_running_one_and_a_non_train
         assert expected in one_error_line(result.stderr), run_id
 
 
+@pytest.mark.signals
 def test_sigterm_ends_the_evolution_killed_with_what_was_interrupted(trained_run, fresh_experiment, tmp_path):
     from mnist_tracking.cli.exits import EXIT_INTERRUPTED
 

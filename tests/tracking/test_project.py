@@ -226,6 +226,7 @@ def test_tensorboard_export_matches_the_features(trained_run, projection, tmp_pa
 
 
 @pytest.mark.slow  # starts a TensorBoard server
+@pytest.mark.server
 def test_tensorboard_projector_serves_the_export(projection, tmp_path):
     folder = download(projection[0], "projections/tensorboard", tmp_path)
     port, log = free_port(), open(tmp_path / "tensorboard.log", "w")
@@ -431,6 +432,7 @@ def test_the_project_entry_point_with_an_unknown_run_fails_mlflow_runs_run(fresh
     assert run.info.status == "FAILED" and "nosuchrun" in run.data.tags["status_reason"]
 
 
+@pytest.mark.signals
 def test_sigterm_ends_the_projection_killed_with_what_was_interrupted(trained_run, fresh_experiment, tmp_path):
     from mnist_tracking.cli.exits import EXIT_INTERRUPTED
 

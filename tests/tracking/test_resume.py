@@ -116,6 +116,7 @@ def test_resuming_a_run_that_a_live_process_still_trains_is_refused(fresh_experi
 
 
 @pytest.mark.slow
+@pytest.mark.signals
 def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(data_dir, fresh_experiment, tmp_path):
     args = ("--epochs", "3", "--max-samples", "300", "--snapshot-points", "0")
     straight = start_training(data_dir, fresh_experiment, *args, cwd=tmp_path)

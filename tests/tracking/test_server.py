@@ -23,7 +23,7 @@ OLD_SCRIPT = REPO / "tests" / "legacy" / "tracking-server-2855795.sh"  # before 
 OTHER_USER = "nobody"  # a second local user, who must get nothing
 PASSWORD_IN_URI = re.compile(r"://[^/\s:@]+:[^/\s@]+@")  # user:password@ in any URI
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def have_postgres() -> bool:

@@ -346,6 +346,7 @@ def test_divergence_after_an_epoch_keeps_the_best_checkpoint(tmp_path, data_dir,
 
 
 @pytest.mark.slow
+@pytest.mark.signals
 def test_sigterm_ends_the_run_killed_with_its_completed_epochs(tmp_path, data_dir, fresh_experiment):
     process = start_training(data_dir, fresh_experiment, "--epochs", "200", "--early-stopping", "0", cwd=tmp_path)
 
@@ -367,6 +368,7 @@ def test_sigterm_ends_the_run_killed_with_its_completed_epochs(tmp_path, data_di
 
 
 @pytest.mark.slow
+@pytest.mark.signals
 def test_kills_at_random_points_leave_the_store_consistent(tmp_path, data_dir, fresh_experiment):
     """Fault injection: SIGTERM or SIGINT at seeded random moments: after 0, 1 or 2 epochs are in
     the store, plus a random delay (so also while an epoch's metrics and checkpoints are written)."""
@@ -396,6 +398,7 @@ def test_kills_at_random_points_leave_the_store_consistent(tmp_path, data_dir, f
 
 
 @pytest.mark.slow
+@pytest.mark.signals
 def test_ctrl_c_under_mlflow_run_keeps_the_epochs_and_the_reason(tmp_path, data_dir, fresh_experiment):
     # Ctrl-C in a terminal signals the whole foreground process group: `mlflow run`, which then
     # also sends SIGTERM to its child, and our command.
@@ -475,6 +478,7 @@ runpy.run_module("mnist_tracking", run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.parametrize("name", ["TERM", "INT"])
+@pytest.mark.signals
 def test_a_signal_inside_generated_code_still_exits_130(tmp_path, data_dir, fresh_experiment, name):
     # CPython 3.11 ends a `python -m` process by SIGINT (returncode -2) when a KeyboardInterrupt
     # once ended an exec() of a string, even one that was handled: the CI failure of issue 25.
@@ -496,6 +500,7 @@ SIGNALLED_AT_ONCE = 2  # trainings signalled side by side: one thread each (OMP_
 
 
 @pytest.mark.slow
+@pytest.mark.signals
 def test_a_signal_at_any_moment_exits_130_or_finishes(tmp_path, data_dir, fresh_experiment):
     """SIGTERM or SIGINT at SIGNAL_MOMENTS moments spread over a training (creating its run, its
     epochs and their checkpoints, the test set, the model, the exit): always exit status 130 with one

@@ -24,7 +24,7 @@ from browser import Browser, Q, need_browser, ui_chromium
 from fakes import FAST
 from helpers import EPOCH_METRICS, start_mlflow_server, stop_mlflow_server, wait_for_mlflow_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.server]
 
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 MODEL_NAME = "mnist-convnet"
