@@ -22,6 +22,8 @@ set -euo pipefail
 umask 077  # what this script and the servers it starts create is private to its owner
 
 command=${1:-}
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+case "$command" in start | stop | uri) ;; *) usage ;; esac  # before DIR is made: nothing for an unknown command
 dir=$(mkdir -p "${2:-.tracking-server}" && cd "${2:-.tracking-server}" && pwd)
 mlflow_port=${MLFLOW_PORT:-5000}
 pg_port=${PG_PORT:-5433}
@@ -190,5 +192,5 @@ case "$command" in
   start) start ;;
   stop) stop ;;
   uri) echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(cat "$dir/mlflow.port")" ;;
-  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) usage ;;
 esac

@@ -8,11 +8,22 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = pytest.mark.slow
-
 ARGS = ["--epochs", "2", "--batch-size", "32", "--lr", "0.05", "--device", "cpu", "--seed", "5"]
 
 
+def test_without_torchrun_a_training_is_one_process_of_rank_0(monkeypatch):
+    import torch
+
+    from mnist_tracking.core.devices import setup_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert setup_distributed(torch.device("cpu")) == (torch.device("cpu"), 0, 1)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun with one process: no process group either
+    assert setup_distributed(torch.device("cpu")) == (torch.device("cpu"), 0, 1)
+
+
+@pytest.mark.slow
 def test_two_processes_make_one_run_with_close_accuracy(tmp_path, data_dir, fresh_experiment):
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH (it comes with torch)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

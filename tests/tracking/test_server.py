@@ -23,7 +23,6 @@ OLD_SCRIPT = REPO / "tests" / "legacy" / "tracking-server-2855795.sh"  # before 
 OTHER_USER = "nobody"  # a second local user, who must get nothing
 PASSWORD_IN_URI = re.compile(r"://[^/\s:@]+:[^/\s@]+@")  # user:password@ in any URI
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 
 def have_postgres() -> bool:
@@ -125,6 +124,8 @@ def server(started_server) -> str:
     return started_server[0]
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_another_user_can_neither_read_the_database_password_nor_connect(started_server):
     _, folder, env = started_server
     assert_private(folder, env["PG_PORT"], secrets=[])
@@ -139,6 +140,8 @@ def train(uri: str, data_dir, cwd, *args) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_training_through_the_server_stores_everything(server, data_dir, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -175,6 +178,8 @@ def test_training_through_the_server_stores_everything(server, data_dir, tmp_pat
         mlflow.set_tracking_uri(previous)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_parallel_trainings_keep_every_metric(server, data_dir, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -231,6 +236,8 @@ def admins_run(auth_server, data_dir, tmp_path_factory) -> str:
     return run.info.run_id
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(auth_server, data_dir, tmp_path):
     """AUTH=1: MLflow's basic-auth app with a generated admin password (MLflow 3.17 starts it only
     with one) and its secrets private; anonymous requests get 401, an anonymous training one line."""
@@ -253,6 +260,8 @@ def test_the_basic_auth_server_refuses_anonymous_clients_and_serves_the_admin(au
     assert line.startswith("Error: tracking store error") and "401" in line, line
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_the_admin_trains_through_the_basic_auth_server_and_its_files_stay_private(auth_server, admins_run):
     """With the admin's credentials a training runs as usual; basic_auth.db, written by then, is private too."""
     from mlflow.tracking import MlflowClient
@@ -275,6 +284,8 @@ def project_as(uri: str, credentials: dict[str, str], cwd, *args: str, **env: st
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_own(auth_server, admins_run, tmp_path,
                                                                                    monkeypatch):
     """Issue 25, case 9: a user who may read the admin's training run (default_permission READ) but
@@ -329,6 +340,8 @@ def test_a_reader_of_another_users_run_projects_it_into_an_experiment_of_their_o
     assert "pca_knn_acc" not in after.data.metrics and "projection_views_from" not in after.data.tags
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_a_folder_of_the_earlier_script_is_migrated_on_its_next_start(tmp_path):
     """The script before issue 25 made `mlflow` the cluster's superuser and put its password on the
     command line: the next start moves the data to a role that owns only its database, keeps every
@@ -366,3 +379,11 @@ def test_a_folder_of_the_earlier_script_is_migrated_on_its_next_start(tmp_path):
     finally:
         stop(SCRIPT, folder, env)
         shutil.rmtree(parent, ignore_errors=True)
+
+
+def test_the_deploy_script_answers_an_unknown_command_with_its_usage(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), "restart", str(tmp_path / "server")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert "deploy/tracking-server.sh start [DIR]" in result.stdout and "AUTH=1" in result.stdout
+    assert not (tmp_path / "server").exists()  # nothing made for a command it does not know

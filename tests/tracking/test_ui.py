@@ -24,8 +24,6 @@ from browser import Browser, Q, need_browser, ui_chromium
 from fakes import FAST
 from helpers import EPOCH_METRICS, start_mlflow_server, stop_mlflow_server, wait_for_mlflow_server
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.server]
-
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 MODEL_NAME = "mnist-convnet"
 
@@ -146,6 +144,9 @@ def digest_of(run, name: str) -> str:
     return dataset.digest
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_store_holds_what_the_pages_show(ui):
     """The same run through the API: system metrics were sampled, the data is recorded, tags set."""
     run = ui["run"]
@@ -159,6 +160,9 @@ def test_the_store_holds_what_the_pages_show(ui):
     assert ui["projection"].data.tags["mlflow.parentRunId"] == run.info.run_id
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_experiment_page_lists_the_run_with_its_data_model_and_nested_projection(ui, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -213,6 +217,9 @@ def test_experiment_page_lists_the_run_with_its_data_model_and_nested_projection
     browser.shot("1-experiment")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_run_page_shows_description_params_metrics_data_tags_and_links(ui, browser):
     run, name = ui["run"], ui["run_name"]
     digest = digest_of(run, "mnist-training")
@@ -232,6 +239,9 @@ def test_run_page_shows_description_params_metrics_data_tags_and_links(ui, brows
     browser.shot("2-run")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_metric_charts_plot_every_epoch_metric(ui, browser):
     run, name = ui["run"], ui["run_name"]
     browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/model-metrics{Q}",
@@ -243,6 +253,9 @@ def test_metric_charts_plot_every_epoch_metric(ui, browser):
     browser.shot("3-metric-charts")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_system_metrics_are_charted(ui, browser):
     run, name = ui["run"], ui["run_name"]
     browser.open(f"/#/experiments/{ui['experiment_id']}/runs/{run.info.run_id}/system-metrics{Q}",
@@ -255,6 +268,9 @@ def test_system_metrics_are_charted(ui, browser):
 
 
 @pytest.mark.parametrize("artifact", ["projections/overview.png", "plots/training_curves.png"])
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_figures_render_inline_in_the_artifact_view(ui, browser, artifact):
     from selenium.webdriver.common.by import By
 
@@ -271,6 +287,9 @@ def test_figures_render_inline_in_the_artifact_view(ui, browser, artifact):
     browser.shot("5-artifact-" + artifact.replace("/", "-").removesuffix(".png"))
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_registered_model_pages_show_the_version_alias_and_source_run(ui, browser):
     from selenium.webdriver.common.by import By
 
@@ -285,6 +304,9 @@ def test_registered_model_pages_show_the_version_alias_and_source_run(ui, browse
     browser.shot("7-model-version")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_models_tab_shows_the_model_with_the_datasets_of_its_metrics(ui, browser):
     # The model's metrics are linked to the validation and testing datasets: the Models tab lists
     # them by dataset (which metrics the model carries is checked through the API in test_train_run).
@@ -295,6 +317,9 @@ def test_models_tab_shows_the_model_with_the_datasets_of_its_metrics(ui, browser
     browser.shot("8-models-tab")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_misclassified_digits_render_as_a_table_with_thumbnails(ui, browser):
     from selenium.webdriver.common.by import By
 
@@ -309,6 +334,9 @@ def test_misclassified_digits_render_as_a_table_with_thumbnails(ui, browser):
     browser.shot("9-misclassified-table")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -343,6 +371,9 @@ def test_runs_table_can_show_the_projection_score_of_training_runs(ui, browser):
     browser.shot("10-runs-table-knn")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, browser):
     # What a user does on the run's Model metrics tab: Add chart > Image grid > the image key, then
     # the step slider walks through the epochs, one logged image per step.
@@ -393,6 +424,9 @@ def test_image_grid_slides_through_the_epochs_of_the_val_confusion_matrix(ui, br
             browser.shot(f"11-image-grid-epoch-{epoch}")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_logged_model_page_lists_each_quality_metric_under_its_dataset(ui, browser):
     # The run page's "Logged models" link leads here; MLflow 3.17 shows a metric's dataset on the
     # model's page and in the Models tab (the run page's own table lists metrics without one).
@@ -409,6 +443,9 @@ def test_the_logged_model_page_lists_each_quality_metric_under_its_dataset(ui, b
     browser.shot("12-logged-model-metrics-by-dataset")
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_evolution_gif_plays_inline_and_its_html_view_plays_to_the_last_epoch(ui, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -475,6 +512,9 @@ def assistant(browser, shown: bool) -> None:
 
 
 @pytest.mark.parametrize("view", ["projection", "evolution"])
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_views_look_finished_in_the_artifact_viewer(ui, browser, view):
     """Issue 27: each HTML view inside MLflow's artifact viewer, in a window of 1280 and of 1600 px,
     with the assistant panel open and closed: view_checks.layout_problems on the frame it is given."""
@@ -522,6 +562,9 @@ def test_the_views_look_finished_in_the_artifact_viewer(ui, browser, view):
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.slow
+@pytest.mark.browser
+@pytest.mark.server
 def test_the_printed_experiment_link_opens_the_runs_table_with_this_projects_columns(ui, browser):
     """MLflow has no default columns per experiment; the saved view `train` prints a link to opens
     the runs table with the accuracy, epochs and projection score columns, chosen under "Views"."""
@@ -547,3 +590,16 @@ def test_the_printed_experiment_link_opens_the_runs_table_with_this_projects_col
                        f"not every column of the saved view in the runs table: {shown}")
     browser.wait_for(VIEW_NAME[:24])  # the view chosen in "Views" (its name cut to fit the button)
     browser.shot("16-runs-table-saved-view")
+
+
+def test_a_missing_browser_fails_under_ci_and_is_skipped_elsewhere(monkeypatch, tmp_path):
+    # What every test above starts with: a missing Chromium is a broken CI, but only a skip on a laptop.
+    import browser
+
+    monkeypatch.setattr(browser, "CHROMIUM", str(tmp_path / "no-chromium"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no browser to drive: .*no-chromium"):
+        browser.need_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        browser.need_browser()

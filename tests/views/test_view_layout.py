@@ -20,8 +20,6 @@ from mnist_tracking.views import linked as linked_view
 from mnist_tracking.views import projection as views
 from mnist_tracking.views import sprites
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
-
 # The frame MLflow 3.17's artifact viewer gives an HTML artifact (measured in headless Chromium):
 # window 1280x800: 781x425, 514x425 with the assistant panel open; window 1600x900: 1021x525, 715x525.
 VIEWER_SIZES = [(781, 425), (514, 425), (1021, 525), (715, 525)]
@@ -67,6 +65,14 @@ def pages(folder: Path) -> dict[str, tuple[Path, str]]:
     return out
 
 
+def test_the_pages_the_browser_measures_are_whole_offline_documents(tmp_path):
+    # What the browser tests below open: one self-contained file per view, its plot named, nothing fetched.
+    for name, (page, plot_id) in pages(tmp_path).items():
+        html = page.read_text()
+        assert html.startswith("<!DOCTYPE html>") and html.rstrip().endswith("</html>"), name
+        assert f'id="{plot_id}"' in html and '<script src="http' not in html, name
+
+
 @pytest.fixture(scope="module")
 def view_pages(tmp_path_factory):
     return pages(tmp_path_factory.mktemp("views"))
@@ -81,6 +87,8 @@ def driver():
 
 @pytest.mark.parametrize("width, height", SIZES)
 @pytest.mark.parametrize("name", ["projection", "evolution", "comparison"])
+@pytest.mark.slow
+@pytest.mark.browser
 def test_no_control_covers_a_title_a_label_or_the_hover_card(view_pages, driver, name, width, height):
     page, plot_id = view_pages[name]
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
