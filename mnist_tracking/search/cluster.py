@@ -169,13 +169,16 @@ def init_in_thread(**init_kwargs) -> None:
 TRACKING_URI_VAR = "MNIST_TRACKING_TRIAL_TRACKING_URI"  # every worker of the search's job gets it
 
 
-def job_environment(tracking_uri: str) -> dict[str, str]:
-    """What every worker of the search's Ray job is given: this command's tracking store, and its checkpoint cache
-    when it names one. A cluster that was running before the command (RAY_ADDRESS) started its workers with
-    another process's environment, and a restored trial's saved config holds the URI of its first day."""
-    from mnist_tracking.tracking.checkpoints import CACHE_VARIABLE
+# Variables of this command that its trials need, wherever they run: MLflow's bounded HTTP retries (the CLI
+# sets them, so that a dead server ends a search within minutes) and the checkpoint cache.
+JOB_VARIABLE_PREFIXES = ("MLFLOW_HTTP_REQUEST_", "MNIST_TRACKING_CHECKPOINT_CACHE")
 
-    given = {name: os.environ[name] for name in (CACHE_VARIABLE,) if os.environ.get(name)}
+
+def job_environment(tracking_uri: str) -> dict[str, str]:
+    """What every worker of the search's Ray job is given: this command's tracking store, its MLflow HTTP settings
+    and its checkpoint cache. A cluster that was running before the command (RAY_ADDRESS) started its workers with
+    another process's environment, and a restored trial's saved config holds the URI of its first day."""
+    given = {name: value for name, value in os.environ.items() if name.startswith(JOB_VARIABLE_PREFIXES) and value}
     return {TRACKING_URI_VAR: tracking_uri, **given}
 
 

@@ -64,6 +64,8 @@ def run_trials(plan: TrialPlan, echo: Callable[[str], None]):
         scheduler = plan.scheduler
         if plan.restore:  # Tune brings back the scheduler it saved, with the reasons of the trials it stopped so far
             scheduler = getattr(getattr(tuner._local_tuner, "_tune_config", None), "scheduler", None)
+            if hasattr(scheduler, "earlier"):
+                scheduler.earlier = EarlierEpochs(parent_id, plan.context["metric"])
         fit_started = time.perf_counter()
         # Tune's newer console output prints its own box, results folder and a TensorBoard hint even at
         # verbose=0, which users read as our advice; its classic output at verbose=0 prints nothing.
@@ -73,6 +75,25 @@ def run_trials(plan: TrialPlan, echo: Callable[[str], None]):
         mlflow.log_metrics({"fit_seconds": time.perf_counter() - fit_started,
                             "ray_start_seconds": fit_started - started})
     return results, scheduler
+
+
+class EarlierEpochs:
+    """trial id -> {epoch: its `metric`} as the trial's earlier runs under the parent logged them (the newest
+    run of an epoch wins), read from the store once, when first asked (ExplainedASHA.earlier on --resume)."""
+
+    def __init__(self, parent_id: str, metric: str):
+        self.parent_id, self.metric, self.found = parent_id, metric, None
+
+    def __call__(self, trial_id: str) -> dict[int, float]:
+        if self.found is None:
+            from mnist_tracking.search.accounting import trial_runs
+            from mnist_tracking.search.trial import TRIAL_TAG
+
+            client, self.found = MlflowClient(), {}
+            for key, runs in trial_runs(self.parent_id, TRIAL_TAG).items():
+                self.found[key] = {metric.step: metric.value for run in runs
+                                   for metric in client.get_metric_history(run.info.run_id, self.metric)}
+        return self.found.get(trial_id, {})
 
 
 def built_tuner(plan: TrialPlan, param_space: dict):
@@ -155,9 +176,14 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
             super().__init__(metric=metric, mode=mode, max_t=max_t, grace_period=grace_period,
                              reduction_factor=reduction_factor, stop_last_trials=False)
             self.reasons: dict[str, str] = {}
+            # On --resume: trial id -> {epoch: metric} its earlier runs logged (EarlierEpochs). Tune saves
+            # its rungs 10 s apart or more, so after a SIGKILL a restarted trial could be judged again at a rung
+            # its first run had passed; the store knows better.
+            self.earlier: Callable[[str], dict[int, float]] | None = None
 
         def on_trial_result(self, tune_controller, trial, result):
             result = judged(result)
+            self._remember(trial, result)
             rung = self._rung_before(trial, result)
             action = super().on_trial_result(tune_controller, trial, result)
             if action == self.STOP and rung is not None:
@@ -170,6 +196,16 @@ def explained_asha(metric: str, mode: str, max_t: int, grace_period: int, reduct
 
         def on_trial_complete(self, tune_controller, trial, result):
             super().on_trial_complete(tune_controller, trial, judged(result))
+
+        def _remember(self, trial, result) -> None:
+            """Record at each rung this result reaches what the trial's earlier run logged there, if it did."""
+            bracket = self._trial_info.get(trial.trial_id)
+            if self.earlier is None or bracket is None or self._time_attr not in result:
+                return
+            logged = self.earlier(trial.trial_id)
+            for milestone, recorded in bracket._rungs:
+                if result[self._time_attr] >= milestone and trial.trial_id not in recorded and milestone in logged:
+                    recorded[trial.trial_id] = self._metric_op * logged[milestone]
 
         def _rung_before(self, trial, result):
             """(milestone, recorded values, cutoff) of the rung this result is judged at, before it is recorded."""

@@ -186,6 +186,29 @@ def test_the_parallel_coordinates_view_is_self_contained():
     assert '<script src="http' not in html  # plotly.js inline: opens offline and in MLflow's artifact viewer
 
 
+def test_a_restored_asha_does_not_judge_a_restarted_trial_again_at_a_rung_its_earlier_run_reached():
+    """After a SIGKILL, Tune's saved rungs may predate a judgement (it saves 10 s apart or more): a trial restarted
+    on --resume was judged again at a rung its first run had passed. The store's epochs say it passed."""
+    from types import SimpleNamespace
+
+    from mnist_tracking.search.engine import explained_asha
+
+    def scheduler(earlier=None):
+        asha = explained_asha("val_acc", "max", max_t=3, grace_period=1, reduction_factor=2)
+        asha.earlier = earlier
+        for trial_id in ("good", "restarted"):
+            asha.on_trial_add(None, SimpleNamespace(trial_id=trial_id))
+        assert asha.on_trial_result(None, SimpleNamespace(trial_id="good"),
+                                    {"training_iteration": 1, "val_acc": 0.9}) == "CONTINUE"
+        return asha
+
+    restarted, epoch_1 = SimpleNamespace(trial_id="restarted"), {"training_iteration": 1, "val_acc": 0.2}
+    assert scheduler().on_trial_result(None, restarted, epoch_1) == "STOP"  # judged at rung 1, as a new trial is
+    remembering = scheduler(lambda trial_id: {1: 0.3} if trial_id == "restarted" else {})
+    assert remembering.on_trial_result(None, restarted, epoch_1) == "CONTINUE"
+    assert remembering.reasons == {}
+
+
 # --------------------------------------------------------------------------- the command, bad input
 
 
@@ -708,7 +731,7 @@ def test_a_tracking_server_that_dies_mid_search_ends_it_in_one_line_and_the_resu
     env = {**os.environ, **SUBPROCESS_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": "0"}
     client = MlflowClient(tracking_uri=uri)
     out_file, err_file = tmp_path / "out.log", tmp_path / "err.log"
-    search = [sys.executable, "-m", "mnist_tracking", "tune", "--trials", "2", "--max-epochs", "20",
+    search = [sys.executable, "-m", "mnist_tracking", "tune", "--trials", "2", "--max-epochs", "8",
               "--trial-scheduler", "fifo", "--max-concurrent", "1", "--ray-cpus", "1", "--space", TEST_SPACE,
               "--startup-trials", "2", "--compare-top", "0", "--data-dir", str(data_dir), "--storage",
               str(tmp_path / "storage")]
@@ -738,7 +761,12 @@ def test_a_tracking_server_that_dies_mid_search_ends_it_in_one_line_and_the_resu
             f"continue the search with --resume {parent_id} " in line, line
         assert "retry" not in (out_file.read_text() + err).lower()  # Ray did not retry a trial against the dead store
 
-        server = start_server(folder, port)  # back, with the same store
+        # Back on another port, with the same store: the restored trials' saved configs hold the dead URI, and
+        # must log where the resuming command logs (cluster.job_environment).
+        port = free_port()
+        server = start_server(folder, port)
+        uri = f"http://127.0.0.1:{port}"
+        env, client = {**env, "MLFLOW_TRACKING_URI": uri}, MlflowClient(tracking_uri=uri)
         resumed = subprocess.run([sys.executable, "-m", "mnist_tracking", "tune", "--resume", parent_id], cwd=tmp_path,
                                  env=env, capture_output=True, text=True, timeout=900)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
