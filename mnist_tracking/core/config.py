@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mnist_tracking.core.embedding import DIMS, MIN_POINTS, PERPLEXITY, SPLITS, parse_methods
 from mnist_tracking.core.errors import UserError
-from mnist_tracking.core.parameters import check_all, given_under_mlflow_run, param, values
+from mnist_tracking.core.parameters import check_all, param, resume_changes, values
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu", "tanh", "sigmoid")  # model.ACTIVATIONS' names
@@ -257,19 +257,13 @@ def resumed_config(config: TrainConfig, checkpoint: dict, run_id: str, finished:
     to continue.
     """
     original = {**LEGACY_VALUES, **checkpoint["params"]}
-    wanted = config.to_dict()
-    given = config.given if config.given is not None else given_under_mlflow_run(config)
-    conflicts = [
-        f"{name}={wanted[name]} (the run has {original[name]})"
-        for name in sorted(given)
-        if name not in RESUME_MAY_CHANGE and name in original and wanted[name] != original[name]
-    ]
+    conflicts, changed = resume_changes(config, original, RESUME_MAY_CHANGE)
     if conflicts:
+        listed = ", ".join(f"{name}={given} (the run has {had})" for name, given, had in conflicts)
         raise UserError(
-            f"resuming run {run_id} keeps its training parameters, but these differ: {', '.join(conflicts)}; "
+            f"resuming run {run_id} keeps its training parameters, but these differ: {listed}; "
             f"leave them out (only {', '.join(RESUME_MAY_CHANGE[:4])} may change)"
         )
-    changed = {name: wanted[name] for name in RESUME_MAY_CHANGE if name in given or name not in original}
     resumed = TrainConfig.from_dict({**original, **changed, "resume_from": config.resume_from})
     done, state = checkpoint["epoch"], checkpoint["train_state"]
     if finished and state.get("stopped_early"):

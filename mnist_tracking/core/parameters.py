@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +146,19 @@ def given_under_mlflow_run(config) -> frozenset[str]:
     default counts as given; one equal to it as not given (the one place this rule is made)."""
     return frozenset(p.name for p in parameters(type(config))
                      if not p.required and getattr(config, p.name) != p.check(p.default))
+
+
+def resume_changes(config, original: dict[str, Any], may_change: tuple[str, ...],
+                   same: dict[str, Callable[[Any, Any], bool]] | None = None) -> tuple[list[tuple], dict[str, Any]]:
+    """The one rule of a resume (a training's resume_from, a search's --resume): what `config` gives against the
+    `original` run's values. Returns (conflicts: (name, given value, original value) of each parameter the user
+    gave outside `may_change` whose value differs, by `same[name]` where given, else ==; changed: the `may_change`
+    values to use, those the user gave or the original lacks). `config.given` is what the user gave (None: what
+    differs from its default, as under `mlflow run`)."""
+    given = config.given if config.given is not None else given_under_mlflow_run(config)
+    wanted, same = values(config), same or {}
+    conflicts = [(name, wanted[name], original[name]) for name in sorted(given)
+                 if name not in may_change and name in original
+                 and not same.get(name, lambda a, b: a == b)(wanted[name], original[name])]
+    changed = {name: wanted[name] for name in may_change if name in given or name not in original}
+    return conflicts, changed

@@ -17,7 +17,7 @@ from mnist_tracking.core.config import (
     seed_param,
 )
 from mnist_tracking.core.errors import UserError
-from mnist_tracking.core.parameters import check_all, given_under_mlflow_run, param, parameters, values
+from mnist_tracking.core.parameters import check_all, param, parameters, resume_changes, values
 from mnist_tracking.search.space import load_space
 
 METRIC_MODES = {"val_acc": "max", "val_loss": "min", "snapshot_knn_acc": "max"}  # which way is better
@@ -126,21 +126,17 @@ RESUME_MAY_CHANGE = ("data_dir", "storage", "ray_cpus", "max_concurrent", "regis
 def resumed_settings(settings: TuneConfig, logged: dict[str, str], run_id: str) -> TuneConfig:
     """The settings of search `run_id` continued: its logged params, changed only where this invocation gives one
     of RESUME_MAY_CHANGE; a given parameter outside them that differs from the search's is one UserError line."""
-    given = settings.given if settings.given is not None else given_under_mlflow_run(settings)
     mine = {p.name: p for p in parameters(TuneConfig)}
     original = {name: mine[name].check(text) for name, text in logged.items() if name in mine and name != "resume"}
     original["space"] = original.get("space", "")
-    wanted = values(settings)
     same = {"space": lambda a, b: load_space(a) == load_space(b),
             "data_dir": lambda a, b: os.path.realpath(a) == os.path.realpath(b),
             "storage": lambda a, b: os.path.realpath(a or DEFAULT_STORAGE) == os.path.realpath(b or DEFAULT_STORAGE)}
-    conflicts = [f"{name}={wanted[name]} (the search has {original[name]})" for name in sorted(given)
-                 if name not in RESUME_MAY_CHANGE and name in original
-                 and not same.get(name, lambda a, b: a == b)(wanted[name], original[name])]
+    conflicts, changed = resume_changes(settings, original, RESUME_MAY_CHANGE, same)
     if conflicts:
-        raise UserError(f"resuming search {run_id} keeps its settings, but these differ: {', '.join(conflicts)}; "
+        listed = ", ".join(f"{name}={given} (the search has {had})" for name, given, had in conflicts)
+        raise UserError(f"resuming search {run_id} keeps its settings, but these differ: {listed}; "
                         f"leave them out (only {', '.join(RESUME_MAY_CHANGE)} may change)")
-    changed = {name: wanted[name] for name in RESUME_MAY_CHANGE if name in given or name not in original}
     resumed = TuneConfig(**{**original, **changed, "resume": settings.resume})
-    resumed.given = given
+    resumed.given = settings.given
     return resumed
