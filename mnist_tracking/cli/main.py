@@ -9,6 +9,7 @@ import click
 from mnist_tracking.cli.exits import BOUNDED_HTTP, OneLineErrors, user_errors
 from mnist_tracking.core.config import (
     CompareConfig,
+    EvaluateConfig,
     EvolutionConfig,
     ProjectConfig,
     RegisterConfig,
@@ -27,6 +28,7 @@ ENTRY_POINTS = {
     "register": ("register", RegisterConfig),
     "sweep": ("sweep", SweepConfig),
     "tune": ("tune", TuneConfig),
+    "evaluate": ("evaluate", EvaluateConfig),
 }
 
 
@@ -195,3 +197,24 @@ def tune(**params) -> None:
     config = TuneConfig(**params)
     config.given = given(config)
     tune_and_log(config, echo=click.echo)
+
+
+@command
+@options(EvaluateConfig)
+@user_errors
+def evaluate(**params) -> None:
+    """Evaluate a trained model: MLflow's classifier metrics, calibration, per-digit errors and label issues.
+
+    Logs into a run named <training run>-evaluation (kind evaluation), nested under the training run:
+    MLflow's evaluator metrics (accuracy_score, f1_score, ...) and ours from the probabilities (log_loss,
+    roc_auc, ece, mce, brier_score, top2_accuracy, temperature, ece_after_temperature);
+    evaluation/reliability.png, per_class.json, confusion.html (hover a cell for its images),
+    label_issues.json (cleanlab's ranked candidates, with an index into the split) and label_issues.html
+    (them on the feature map). With --folds K, K trainings on Ray (runs of kind fold) give out-of-fold
+    probabilities for the training images: the same under evaluation/train/. A model given by name gets
+    the tags mnist_tracking.eval.accuracy, .ece and .log_loss on its version.
+    """
+    from mnist_tracking.registry.evaluation import evaluate_and_log
+    from mnist_tracking.search.folds import out_of_fold
+
+    evaluate_and_log(EvaluateConfig(**params), echo=click.echo, out_of_fold=out_of_fold)

@@ -204,6 +204,39 @@ class RegisterConfig:
         check_all(self)
 
 
+MAX_ISSUES = 1000  # label issues shown: each row of the table is an image file in the run
+MAX_FOLDS = 20
+
+
+@dataclass
+class EvaluateConfig:
+    """The `evaluate` entry point, checked before the store is touched."""
+
+    model: str = param(help="A training run id, runs:/<id>/model, models:/<name>@<alias> or models:/<name>/<version>.")
+    split: str = param("test", "test or val: the split to evaluate (the temperature is fitted on val).",
+                       choices=SPLITS)
+    issues: int = param(50, "How many label issues to show, most suspicious first.", low=1, high=MAX_ISSUES)
+    folds: int = param(0, "K >= 2: rank the training images too, from K-fold out-of-fold probabilities (K trainings "
+                          "on Ray); 0 = off.", low=0, high=MAX_FOLDS, note="0 = off")
+    data_dir: str = param("data", "Folder with <DATASET>/raw/*-ubyte: the images to evaluate on.",
+                          mlproject_type="path")
+    dataset: str = param("mnist", "mnist, fashion-mnist or kmnist: the model's training dataset.",
+                         choices=tuple(DATASETS))
+    seed: int = seed_param("Seed of the assignment of training images to folds, and of the PCA.")
+
+    def __post_init__(self) -> None:
+        check_all(self)
+        if not self.model:
+            raise UserError("model is required: pass a training run id, runs:/<id>/model or models:/<name>@<alias> "
+                            "(-P model=... / --model ...)")
+        if self.folds == 1:  # a range with a hole: 0 (off), or enough folds to hold each one out
+            raise UserError("folds must be 0 (off) or at least 2 (each fold is predicted by a network trained on "
+                            "the others), got 1")
+
+    def to_params(self) -> dict:
+        return values(self)
+
+
 @dataclass
 class SweepConfig:
     """The `sweep` entry point, checked before any work starts."""

@@ -36,6 +36,26 @@ class Split:
         return Split(self.images.to(device), self.labels.to(device), self.indices.to(device))
 
 
+@dataclass(frozen=True)
+class Fold:
+    """One fold of a K-fold cross-validation over the training file (`evaluate --folds K`): its images are held
+    out, and the training's own train and val splits are carved from the other K - 1 folds, as `main` carves them
+    from the whole file."""
+
+    number: int  # 0 .. folds - 1
+    folds: int
+    seed: int  # of the stratified assignment of images to folds (the training keeps its own seed)
+
+    def positions(self, labels: torch.Tensor) -> torch.Tensor:
+        """(n_heldout,) sorted positions of this fold among labels (n,): stratified, so every fold holds each
+        digit in the file's proportion."""
+        from sklearn.model_selection import StratifiedKFold
+
+        folds = StratifiedKFold(n_splits=self.folds, shuffle=True, random_state=self.seed)
+        _, heldout = list(folds.split(np.zeros(len(labels)), labels.numpy()))[self.number]
+        return torch.from_numpy(np.sort(heldout)).long()
+
+
 @dataclass
 class Splits:
     train: Split
@@ -44,13 +64,14 @@ class Splits:
     mean: float  # pixel mean and std of the training split, for the model's standardisation
     std: float
     source: str  # where the files were read from
+    heldout: Split | None = None  # a fold's held-out images (Fold), predicted after its training
 
     def to(self, device: torch.device) -> Splits:
         """All three splits on `device`; on the CPU this is the same object (no copy)."""
         if device.type == "cpu":
             return self
         return Splits(self.train.to(device), self.val.to(device), self.test.to(device), self.mean, self.std,
-                      self.source)
+                      self.source, self.heldout.to(device) if self.heldout is not None else None)
 
 
 def raw_folder(dataset: str, data_dir: str | Path) -> Path:
@@ -122,13 +143,22 @@ def load_splits(
     val_fraction: float,
     seed: int,
     max_samples: int = 0,
+    fold: Fold | None = None,
 ) -> Splits:
-    """Read train and test files; split train into train/val with a seeded permutation."""
+    """Read train and test files; split train into train/val with a seeded permutation (with a `fold`: what is
+    left of train once the fold is held out)."""
     train_images, train_labels = _read(dataset, data_dir, train=True)
     test_images, test_labels = _read(dataset, data_dir, train=False)
     n = len(train_labels) if max_samples <= 0 else min(max_samples, len(train_labels))
+    pool, heldout = torch.arange(n), None
+    if fold is not None:
+        heldout = fold.positions(train_labels[:n])
+        kept = torch.ones(n, dtype=torch.bool)
+        kept[heldout] = False
+        pool = pool[kept]
+        n = len(pool)
 
-    permutation = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    permutation = pool[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
     n_val = int(round(n * val_fraction))
     if n_val < 1 or n - n_val < MIN_BATCH_SIZE:  # BatchNorm cannot train on fewer images than a batch of two
         raise UserError(
@@ -147,6 +177,7 @@ def load_splits(
         mean=train.images.mean().item(),
         std=train.images.std().item(),
         source=str(raw_folder(dataset, data_dir).resolve()),
+        heldout=_split(train_images, train_labels, heldout) if heldout is not None else None,
     )
 
 

@@ -96,13 +96,14 @@ def misclassified_table(images: np.ndarray, labels: np.ndarray, predictions: np.
 
 
 def read_coordinates_csv(text: str) -> dict[str, np.ndarray]:
-    """coords (n, 2|3), labels, predictions (n,) from the text `coordinates_csv` wrote."""
+    """coords (n, 2|3), labels, predictions, indices (n,) from the text `coordinates_csv` wrote."""
     table = np.genfromtxt(io.StringIO(text), delimiter=",", names=True)
     axes = [a for a in ("x", "y", "z") if a in table.dtype.names]
     return {
         "coords": np.column_stack([table[a] for a in axes]),
         "labels": table["label"].astype(np.int64),
         "predictions": table["prediction"].astype(np.int64),
+        "indices": table["index"].astype(np.int64),
     }
 
 

@@ -13,13 +13,13 @@ from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
 from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, STATUS_REASON_TAG, Kind, end_run
 
 
-def trial_runs(parent_id: str, key_tag: str) -> dict[str, list]:
-    """The training runs under the parent by their `key_tag` (trial id, sweep label), oldest first (a trial
-    Ray retried, or a search resumed, has several)."""
+def trial_runs(parent_id: str, key_tag: str, kind: str = Kind.TRAINING) -> dict[str, list]:
+    """The training runs (of `kind`: training, or an evaluation's fold) under the parent by their `key_tag` (trial
+    id, sweep label, fold), oldest first (a trial Ray retried, or a search resumed, has several)."""
     experiment_id = MlflowClient().get_run(parent_id).info.experiment_id
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = '{Kind.TRAINING}'",
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_id}' and tags.`{KIND_TAG}` = '{kind}'",
         order_by=["attributes.start_time ASC"])
     found: dict[str, list] = {}
     for run in runs:
@@ -28,13 +28,13 @@ def trial_runs(parent_id: str, key_tag: str) -> dict[str, list]:
 
 
 def account(parent_id: str, key_tag: str, errors: dict[str, str], interrupted: str, resume: str,
-            stopped: dict[str, str] | None = None, one: str = "trial") -> dict:
+            stopped: dict[str, str] | None = None, one: str = "trial", kind: str = Kind.TRAINING) -> dict:
     """End every trial run under the parent that Ray lost, the scheduler stopped (`stopped`: why, by key) or a
     signal cut (`interrupted`: its name) with a status and a reason: none stays RUNNING. `resume` says how to go
     on after an interruption. Returns the last run of each trial, by key, as it ended."""
     client, stopped = MlflowClient(), stopped or {}
     last = {}
-    for key, runs in trial_runs(parent_id, key_tag).items():
+    for key, runs in trial_runs(parent_id, key_tag, kind).items():
         *earlier, run = runs
         for lost in earlier:  # a retry (or a resumed search) started a new run for the trial
             reason = lost.data.tags.get(STATUS_REASON_TAG, "")

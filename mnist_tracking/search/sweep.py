@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -25,8 +22,8 @@ from mnist_tracking.core.errors import UserError, first_line
 from mnist_tracking.core.evolution import first_epoch_reaching
 from mnist_tracking.core.reports import changed_answers_table, comparison_table
 from mnist_tracking.core.study import SweepRow, Training, scale_note
-from mnist_tracking.search.accounting import account, failures, record_lost
-from mnist_tracking.search.engine import TrialPlan, run_trials, store_failure_resumes
+from mnist_tracking.search.accounting import record_lost
+from mnist_tracking.search.engine import store_failure_resumes
 from mnist_tracking.search.sweep_runs import (
     SWEEP_LABEL_TAG,
     SWEEP_RUN_NAME,
@@ -34,7 +31,7 @@ from mnist_tracking.search.sweep_runs import (
     resumable_sweep,
     take_over,
 )
-from mnist_tracking.search.trial import TRAINING_KEY
+from mnist_tracking.search.trainings import Resources, Trained, train_side_by_side
 from mnist_tracking.tracking.comparison import Compared, n_points, pair_metrics, prepared
 from mnist_tracking.tracking.comparison import log_comparison as log_comparison_outputs
 from mnist_tracking.tracking.evolution import evolve_and_log
@@ -45,7 +42,6 @@ from mnist_tracking.tracking.runs import (
     NOTE_TAG,
     PARENT_RUN_TAG,
     PROCESS_TAG,
-    STATUS_REASON_TAG,
     Kind,
     end_active_run,
     ended,
@@ -94,7 +90,7 @@ def sweep_and_log(
             if old is not None:
                 take_over(old, stale, parent_id, echo)
             fresh = [training for training in planned if training.label not in earlier]
-            trained = train_side_by_side(parent, fresh, config, echo) if fresh else {}
+            trained = train_trainings(parent, fresh, config, echo) if fresh else {}
             rows = []
             for number, training in enumerate(planned, 1):
                 echo(f"\n=== {number}/{len(planned)}: {training.label}")
@@ -112,50 +108,14 @@ def sweep_and_log(
 # --------------------------------------------------------------------------- the trainings on Ray
 
 
-@dataclass(frozen=True)
-class Trained:
-    """How one training of the sweep ended on Ray."""
-
-    run_id: str  # "" when it never started a run
-    status: str  # FINISHED, FAILED or KILLED
-    reason: str  # the run's status_reason ("" when FINISHED)
-
-
-def train_side_by_side(parent, trainings: list[Training], config: SweepConfig,
-                       echo: Callable[[str], None] = print) -> dict[str, Trained]:
-    """Train each training as a Tune trial nested under the sweep's parent run, on the engine `tune` uses (each
-    keeps its own early stopping; no scheduler stops any), as many at once as the resources allow. Returns how
-    each ended, by label: no run is left RUNNING. A stop (Ctrl-C, SIGTERM) ends the trainings it cut KILLED with
-    a reason and raises stopping.Stopped."""
-    from ray import tune
-
-    parent_id = parent.info.run_id
+def train_trainings(parent, trainings: list[Training], config: SweepConfig,
+                    echo: Callable[[str], None] = print) -> dict[str, Trained]:
+    """The sweep's trainings side by side on Ray (trainings.train_side_by_side), by label."""
     grid = [{"label": t.label, "tags": {SWEEP_LABEL_TAG: t.label},
              "params": {**t.config.to_dict(), "data_dir": os.path.abspath(t.config.data_dir)}} for t in trainings]
-    storage = tempfile.mkdtemp(prefix="mnist-tracking-sweep-")  # Tune's state: a sweep resumes its own way
-    plan = TrialPlan(parent, {TRAINING_KEY: tune.grid_search(grid)},
-                     {"fixed": {}, "per_trial": {}, "metric": "val_acc"},
-                     config.cpus_per_trial, config.gpus_per_trial, config.max_concurrent, storage, one="training",
-                     announce=lambda cluster: f"{len(trainings)} training(s) on Ray ({cluster['address']}, "
-                                              f"{cluster['cpus']:g} CPUs), {config.cpus_per_trial:g} CPU(s) each")
-    try:
-        results, _ = run_trials(plan, echo)
-        # A trial that Tune stopped before it started has no config: it has no run to account for either.
-        errors = failures(results, lambda result: ((result.config or {}).get(TRAINING_KEY) or {}).get("label", ""))
-        # Every training's run gets its status and reason first, whatever stopped the sweep.
-        last = account(parent_id, SWEEP_LABEL_TAG, errors, stopping.received(),
-                       f"resume the sweep with --resume {parent_id}", one="training")
-    finally:
-        shutil.rmtree(storage, ignore_errors=True)
-    if stopping.received():
-        raise stopping.Stopped(f"by {stopping.received()} during its trainings")
-    trained = {}
-    for training in trainings:
-        run = last.get(training.label)
-        trained[training.label] = (Trained(run.info.run_id, run.info.status, run.data.tags.get(STATUS_REASON_TAG, ""))
-                                   if run is not None else Trained("", "FAILED", errors.get(
-                                       training.label, "its Ray trial ended before the training started a run")))
-    return trained
+    resources = Resources(config.cpus_per_trial, config.gpus_per_trial, config.max_concurrent)
+    return train_side_by_side(parent, grid, SWEEP_LABEL_TAG, resources,
+                              f"resume the sweep with --resume {parent.info.run_id}", echo)
 
 
 # --------------------------------------------------------------------------- children

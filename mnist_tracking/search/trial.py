@@ -36,6 +36,7 @@ def run_trial(config: dict) -> None:
     from ray import tune
 
     from mnist_tracking.core.config import TrainConfig
+    from mnist_tracking.core.data import Fold
     from mnist_tracking.tracking.train import train_and_log
 
     context = config["context"]
@@ -52,9 +53,10 @@ def run_trial(config: dict) -> None:
     reporter = EpochReporter(context["metric"])
     tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id(), **training.get("tags", {})}
     prefix = training.get("label", trial_id)
+    fold = Fold(*training["fold"]) if training.get("fold") else None  # an evaluation's fold: (number, folds, seed)
     try:
         train_and_log(TrainConfig(**params), echo=lambda line: print(f"[{prefix}] {line}", flush=True),
-                      progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags)
+                      progress=False, on_epoch=reporter, parent_run_id=context["parent_run_id"], tags=tags, fold=fold)
     except SystemExit:  # Tune stopped this trial (the scheduler, an interruption): its run was ended KILLED
         from mnist_tracking.tracking.checkpoints import drop_local_checkpoint
 

@@ -113,6 +113,25 @@ def read_checkpoint(path: str, run_id: str, artifact: str) -> dict:
     return checkpoint
 
 
+BEST_CHECKPOINT = "checkpoints/best.pt"
+BEST_KEYS = ("state_dict", "params")
+
+
+def best_weights(run_id: str) -> dict:
+    """A training run's checkpoints/best.pt (state_dict, epoch, val_acc, val_loss, params), loaded without
+    unpickling on the CPU; UserError if it is not one of ours."""
+    with temporary_folder() as tmp:
+        path = download_artifact(run_id, BEST_CHECKPOINT, tmp)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise UserError(f"refusing to load {BEST_CHECKPOINT} of run {run_id}: it is not a plain tensor "
+                            f"checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in BEST_KEYS):
+        raise UserError(f"{BEST_CHECKPOINT} of run {run_id} is not a checkpoint of mnist-tracking; train it again")
+    return checkpoint
+
+
 def keep_last_checkpoint(trainer: Trainer) -> bytes:
     """The epoch's last.pt, written to this machine's cache before anything of the epoch goes to
     the store: a store that stops answering, or a kill -9 between the epoch's metrics and its

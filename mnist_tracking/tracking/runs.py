@@ -50,6 +50,9 @@ class Kind:
     REGISTRATION = "registration"
     COMPARISON = "comparison"
     TUNE = "tune"
+    EVALUATION = "evaluation"
+    FOLD = "fold"  # one training of an evaluation's K-fold cross-validation: not a training to register or compare
+    REPORT = "report"
 
 
 def get_run(run_id: str, wanted: str = "a training run (printed at the end of `train`, shown in `mlflow ui`)"):
@@ -199,9 +202,10 @@ def end_mlflow_run_command_run(reason: str, status: str = "FAILED", command: str
 
 COMMAND_KINDS = {"train": Kind.TRAINING, "project": Kind.PROJECTION, "evolution": Kind.EVOLUTION,
                  "compare": Kind.COMPARISON, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP,
-                 "tune": Kind.TUNE}
+                 "tune": Kind.TUNE, "evaluate": Kind.EVALUATION}
 
-REFERRING_PARAMS = ("run_id", "resume_from", "resume")  # the parameters that name another run
+REFERRING_PARAMS = ("run_id", "resume_from", "resume", "model")  # the parameters that name another run
+RUNS_URI_PREFIX = "runs:/"  # `evaluate -P model=runs:/<id>/model` names its run so
 
 
 def attempted_run_tags(command: str, params: dict, experiment_id: str) -> dict[str, str]:
@@ -209,6 +213,8 @@ def attempted_run_tags(command: str, params: dict, experiment_id: str) -> dict[s
     ahead, or `register`'s, named after the run it refers to and nested under it."""
     tags = {KIND_TAG: COMMAND_KINDS.get(command, command)}
     referred = next((str(params[p]).strip() for p in REFERRING_PARAMS if str(params.get(p) or "").strip()), "")
+    if referred.startswith(RUNS_URI_PREFIX):
+        referred = referred[len(RUNS_URI_PREFIX):].split("/")[0]
     if not referred and params.get("run_ids"):
         referred = str(params["run_ids"]).split(",")[0].strip()
     other = None

@@ -10,7 +10,7 @@ import mlflow
 
 from mnist_tracking.core import snapshots, stopping
 from mnist_tracking.core.config import TrainConfig
-from mnist_tracking.core.data import load_splits
+from mnist_tracking.core.data import Fold, load_splits
 from mnist_tracking.core.devices import (
     resolve_device,
     resolve_precision,
@@ -35,20 +35,22 @@ SYSTEM_METRICS_INTERVAL_S = 5
 
 def train_and_log(config: TrainConfig, echo: Callable[[str], None] = print, progress: bool = True,
                   on_epoch: Callable[[EpochResult, Trainer], None] | None = None, *, parent_run_id: str | None = None,
-                  tags: dict[str, str] | None = None) -> str:
+                  tags: dict[str, str] | None = None, fold: Fold | None = None) -> str:
     """Train as configured inside an MLflow run (nested under the active one, if any), logging params,
     epochs, checkpoints, features, plots and the model. Returns the run id.
 
     A resume (`resume_from`) keeps every parameter the user did not give (`config.given`).
     on_epoch: called after each epoch is in the store, e.g. to report it to a search engine.
     parent_run_id: nest the run under this one when it is not this thread's active run (a `tune`
-    trial, in a Ray worker); tags: set on the run when it starts (a trial's id and node)."""
+    trial, in a Ray worker); tags: set on the run when it starts (a trial's id and node); fold: train without
+    this fold of the training file and log its predictions (a run of kind fold, for `evaluate --folds`)."""
     resume = None
     if config.resume_from:  # everything about the resumed run is checked before any work starts
         resume, config = checked_resume(config)
     device, rank, world_size = setup_distributed(resolve_device(config.device))
     precision = resolve_precision(config.precision, device)
-    splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed, config.max_samples)
+    splits = load_splits(config.dataset, config.data_dir, config.val_fraction, config.seed, config.max_samples,
+                         fold)
     trainer = Trainer(config, splits, device, precision)
     if resume is not None:
         trainer.load_checkpoint(resume)  # weights, optimizer, scheduler, early stopping, epoch, RNG

@@ -42,6 +42,8 @@ MODEL_STEP = -1
 
 MISCLASSIFIED_TABLE = "tables/misclassified_test.json"
 
+HELDOUT_FEATURES = "features/heldout.npz"  # a fold run's held-out images: features, probabilities, indices
+
 
 # Each row's image costs two files (a PNG and a WebP): a barely trained network gets thousands of
 # test digits wrong, so the table keeps the most confident mistakes only.
@@ -55,7 +57,7 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
     mark_experiment(run.info.experiment_id)
     mlflow.set_tags({
         "mlflow.runName": name,  # under `mlflow run` the run it made has a random name
-        KIND_TAG: Kind.TRAINING,
+        KIND_TAG: Kind.TRAINING if splits.heldout is None else Kind.FOLD,  # a fold is no training to register
         PROCESS_TAG: this_process(),
         "dataset": config.dataset,
         "optimizer": config.optimizer,
@@ -157,6 +159,9 @@ def log_training_results(trainer: Trainer, run, datasets: dict, echo: Callable[[
     log_arrays(feature_arrays(splits.test, test), "features/test.npz")
     log_arrays(feature_arrays(splits.val, val), "features/val.npz")
     log_misclassified(splits.test, test)
+    if splits.heldout is not None:  # a fold's out-of-fold predictions, what `evaluate --folds` reads back
+        heldout = evaluate(best, on_device.heldout, trainer.device, trainer.precision, with_features=True)
+        log_arrays(feature_arrays(splits.heldout, heldout), HELDOUT_FEATURES)
 
     summary = {
         "model": MODEL_NAME,
