@@ -22,7 +22,8 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 
 # Our metrics from the probabilities (MLflow's evaluator has none of them for precomputed predictions).
 CALIBRATION_METRICS = ("log_loss", "roc_auc", "ece", "mce", "brier_score", "top2_accuracy", "temperature",
-                       "ece_after_temperature")
+                       "ece_after_temperature", "mce_after_temperature", "brier_score_after_temperature",
+                       "log_loss_after_temperature")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,8 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, temperature: float) -> dict[str, float]:
     """Our metrics of probabilities (N, 10) against labels (N,), by CALIBRATION_METRICS' names: the temperature
     is fitted elsewhere (on the val split) and applied here."""
-    before = reliability(probabilities, labels)
+    before, scaled = reliability(probabilities, labels), with_temperature(probabilities, temperature)
+    after = reliability(scaled, labels)
     return {
         "log_loss": log_loss(probabilities, labels),
         "roc_auc": roc_auc(probabilities, labels),
@@ -135,5 +137,8 @@ def calibration_metrics(probabilities: np.ndarray, labels: np.ndarray, temperatu
         "brier_score": brier_score(probabilities, labels),
         "top2_accuracy": top_k_accuracy(probabilities, labels),
         "temperature": temperature,
-        "ece_after_temperature": reliability(with_temperature(probabilities, temperature), labels).ece,
+        "ece_after_temperature": after.ece,
+        "mce_after_temperature": after.mce,
+        "brier_score_after_temperature": brier_score(scaled, labels),
+        "log_loss_after_temperature": log_loss(scaled, labels),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -142,6 +143,7 @@ def evaluate_and_log(config: EvaluateConfig, echo: Callable[[str], None] = print
     """Evaluate a trained model on a split into an evaluation run nested under its training run; with --folds,
     `out_of_fold(config, training run, temperature, echo)` ranks the training images too (the search layer's
     K-fold trainings). Returns the evaluation run's id."""
+    started = time.perf_counter()
     target = resolved_model(config.model)
     source, model = target.run, target.logged_model
     if checked_model_output(model, source) != PROBABILITIES:
@@ -168,8 +170,11 @@ def evaluate_and_log(config: EvaluateConfig, echo: Callable[[str], None] = print
         log_split(evaluated, feature_map(source, evaluated, features, config.seed), FOLDER,
                   f"{source.info.run_name} on {config.split}")
         echo(summary_line(evaluated, metrics))
+        # The command's own work on the split (benchmarks/evaluate.py), before and without the folds' trainings.
+        mlflow.log_metric("evaluation_seconds", time.perf_counter() - started)
         if config.folds and out_of_fold is not None:
             out_of_fold(config, source, temperature, echo)
+            mlflow.log_metric("folds_seconds", time.perf_counter() - started)
         if target.name:
             tag_version(target, evaluated)
     echo(f"View the evaluation: {ui_url(run.info.experiment_id, run.info.run_id)}  (evaluation/confusion.html: "

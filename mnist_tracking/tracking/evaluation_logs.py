@@ -19,7 +19,8 @@ from mnist_tracking.views.sprites import sprite_png
 
 FOLDER = "evaluation"  # the evaluated split's artifacts; the training images' (--folds) under evaluation/train
 TRAIN_FOLDER = f"{FOLDER}/train"
-LOWER_IS_BETTER = ("log_loss", "ece", "mce", "brier_score", "ece_after_temperature")
+LOWER_IS_BETTER = ("log_loss", "ece", "mce", "brier_score", "ece_after_temperature", "mce_after_temperature",
+                   "brier_score_after_temperature", "log_loss_after_temperature")
 
 
 def log_mlflow_evaluation(split: SplitEvaluation, dataset_name: str, source: str, model_id: str | None) -> dict:
