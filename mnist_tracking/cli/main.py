@@ -13,6 +13,7 @@ from mnist_tracking.core.config import (
     EvolutionConfig,
     ProjectConfig,
     RegisterConfig,
+    ReportConfig,
     SweepConfig,
     TrainConfig,
 )
@@ -29,6 +30,7 @@ ENTRY_POINTS = {
     "sweep": ("sweep", SweepConfig),
     "tune": ("tune", TuneConfig),
     "evaluate": ("evaluate", EvaluateConfig),
+    "report": ("report", ReportConfig),
 }
 
 
@@ -218,3 +220,22 @@ def evaluate(**params) -> None:
     from mnist_tracking.search.folds import out_of_fold
 
     evaluate_and_log(EvaluateConfig(**params), echo=click.echo, out_of_fold=out_of_fold)
+
+
+@command
+@options(ReportConfig)
+@user_errors
+def report(**params) -> None:
+    """The study as one self-contained HTML page, rebuilt from its runs: opens offline and prints on A4.
+
+    For a sweep or a list of trainings, in the course report's order: the model's layers, then each
+    training's printed line, epochs, curves, schedule, summary table, PCA and t-SNE, evolution and
+    evaluation, the aligned comparison and (a sweep) the course report's numbers beside ours. For a
+    tune parent: its settings, trials, parallel coordinates, best trial and the comparison of the best.
+    Logged as report/report.html on a run of kind report nested under the parent; --output also
+    writes it to a file (whole or not at all). Pieces never logged are named with the command that
+    makes them.
+    """
+    from mnist_tracking.tracking.report import report as report_steps
+
+    report_steps(ReportConfig(**params), echo=click.echo)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from mnist_tracking.core.embedding import DIMS, MIN_POINTS, PERPLEXITY, SPLITS, parse_methods
 from mnist_tracking.core.errors import UserError
-from mnist_tracking.core.parameters import check_all, param, resume_changes, values
+from mnist_tracking.core.parameters import check_all, param, values
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "selu", "tanh", "sigmoid")  # model.ACTIVATIONS' names
@@ -238,6 +238,25 @@ class EvaluateConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The `report` entry point, checked before the store is touched."""
+
+    run_id: str = param(help="A sweep or tune parent, a training run, or a comma list of training runs.")
+    output: str = param("", "Also write the HTML file here (written whole or not at all).")
+    title: str = param("", "The page's title; empty = made from the runs.")
+    run_id_list: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_all(self)
+        self.run_id_list = tuple(dict.fromkeys(r.strip() for r in self.run_id.split(",") if r.strip()))
+        _require_run_id(self.run_id_list[0] if self.run_id_list else "")
+        self.run_id = ",".join(self.run_id_list)
+
+    def to_params(self) -> dict:
+        return values(self)
+
+
+@dataclass
 class SweepConfig:
     """The `sweep` entry point, checked before any work starts."""
 
@@ -266,51 +285,3 @@ class SweepConfig:
 def _require_run_id(run_id: str) -> None:
     if not run_id:
         raise UserError("run_id is required: pass the id of a training run (-P run_id=... / --run-id ...)")
-
-
-# Parameters added after runs were logged without them: the value that reproduces how such a
-# run trained (before `early_stopping_monitor`, early stopping watched the val accuracy; before
-# `snapshot_points`, no snapshots were taken).
-LEGACY_VALUES = {"early_stopping_monitor": "val_acc", "snapshot_points": 0}
-
-# What a resumed run may change: how far to train and where. Everything else (lr, optimizer,
-# batch size, seed, data split, ...) is the resumed run's, so its training continues unchanged.
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "device", "precision", "register_as", "resume_from")
-
-
-def resumed_config(config: TrainConfig, checkpoint: dict, run_id: str, finished: bool = False) -> TrainConfig:
-    """The resumed run's parameters (from its checkpoint), changed only where this invocation gives
-    one of `RESUME_MAY_CHANGE`.
-
-    `config.given`: the parameters the user set (None where that is not known: then a value other
-    than the default counts as given, as under `mlflow run`). A given parameter outside `RESUME_MAY_CHANGE`
-    whose value differs from the run's is an error, since it would not continue the same training. A run
-    whose epochs are all done (or that stopped early) and that did not finish (it failed or was stopped
-    while its results were being logged) is resumed to log those results; a `finished` one has nothing
-    to continue.
-    """
-    original = {**LEGACY_VALUES, **checkpoint["params"]}
-    conflicts, changed = resume_changes(config, original, RESUME_MAY_CHANGE)
-    if conflicts:
-        listed = ", ".join(f"{name}={given} (the run has {had})" for name, given, had in conflicts)
-        raise UserError(
-            f"resuming run {run_id} keeps its training parameters, but these differ: {listed}; "
-            f"leave them out (only {', '.join(RESUME_MAY_CHANGE[:4])} may change)"
-        )
-    resumed = TrainConfig.from_dict({**original, **changed, "resume_from": config.resume_from})
-    done, state = checkpoint["epoch"], checkpoint["train_state"]
-    if finished and state.get("stopped_early"):
-        raise UserError(
-            f"run {run_id} stopped early after epoch {done} (no improvement in {original['early_stopping_monitor']} "
-            f"in {original['early_stopping']} epochs) and finished; there is nothing to continue: "
-            "train a new run instead"
-        )
-    if finished and resumed.epochs <= done:
-        raise UserError(
-            f"run {run_id} has already trained {done} epochs; pass epochs greater than {done} "
-            f"(now {resumed.epochs}) to continue it"
-        )
-    if resumed.epochs < done:
-        raise UserError(f"run {run_id} has already trained {done} epochs; epochs {resumed.epochs} would end before "
-                        f"them: leave epochs out, or pass at least {done}")
-    return resumed

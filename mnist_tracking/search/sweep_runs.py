@@ -14,6 +14,7 @@ from mnist_tracking.tracking.runs import (
     KIND_TAG,
     PARENT_RUN_TAG,
     RESUMED_FROM_TAG,
+    SWEEP_LABEL_TAG,
     Kind,
     end_run,
     get_run,
@@ -22,9 +23,6 @@ from mnist_tracking.tracking.runs import (
 )
 
 SWEEP_RUN_NAME = "seed-study"
-
-
-SWEEP_LABEL_TAG = "sweep_label"
 
 
 RESUMED_AS_TAG = "resumed_as"  # on a resumed sweep: the id of the sweep that continues it

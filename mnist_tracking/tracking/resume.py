@@ -6,8 +6,9 @@ import os
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from mnist_tracking.core.config import TrainConfig, resumed_config
+from mnist_tracking.core.config import TrainConfig
 from mnist_tracking.core.errors import UserError
+from mnist_tracking.core.resuming import resumed_config
 from mnist_tracking.core.trainer import Trainer
 from mnist_tracking.core.training import EPOCH_METRICS
 from mnist_tracking.tracking.artifacts import log_torch

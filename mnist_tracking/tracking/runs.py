@@ -28,6 +28,8 @@ STATUS_REASON_TAG = "status_reason"
 
 SOURCE_RUN_TAG = "source_run_id"  # on a projection or registration: the training run it is about
 
+SWEEP_LABEL_TAG = "sweep_label"  # on a sweep's training: which of the study's trainings it is
+
 RESUMED_FROM_TAG = "resumed_from"  # on a resumed run: the id of the run it continues
 
 RESUMED_AT_TAG = "resumed_from_epoch"  # ... and the last epoch that run had completed
@@ -202,7 +204,7 @@ def end_mlflow_run_command_run(reason: str, status: str = "FAILED", command: str
 
 COMMAND_KINDS = {"train": Kind.TRAINING, "project": Kind.PROJECTION, "evolution": Kind.EVOLUTION,
                  "compare": Kind.COMPARISON, "register": Kind.REGISTRATION, "sweep": Kind.SWEEP,
-                 "tune": Kind.TUNE, "evaluate": Kind.EVALUATION}
+                 "tune": Kind.TUNE, "evaluate": Kind.EVALUATION, "report": Kind.REPORT}
 
 REFERRING_PARAMS = ("run_id", "resume_from", "resume", "model")  # the parameters that name another run
 RUNS_URI_PREFIX = "runs:/"  # `evaluate -P model=runs:/<id>/model` names its run so

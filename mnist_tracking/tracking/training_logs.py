@@ -34,6 +34,12 @@ from mnist_tracking.views import plots
 
 DATASET_INSERT_TRIES = 3  # concurrent trainings race to insert the same dataset row
 
+# The code a training ran: MLflow sets mlflow.source.git.commit only from sys.argv[0], so the `mnist-tracking`
+# script and Ray's trials have none. The commit of this package's checkout ("-dirty" with changes), else its
+# installed version.
+CODE_VERSION_TAG = "mnist_tracking.code_version"
+GIT_TIMEOUT_S = 5
+
 
 # MLflow copies every run metric logged at the model's step onto the model, system metrics
 # included (they count their samples from step 0): at a step no metric uses, none is copied, and
@@ -63,6 +69,7 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
         "optimizer": config.optimizer,
         "activation": config.activation,
         NOTE_TAG: f"Training {MODEL_NAME} on {config.dataset}: {config.run_name()} (running).",
+        CODE_VERSION_TAG: code_version(),
     })
     log_new_params({**config.to_dict(), **derived_params(trainer), "world_size": world_size})
     datasets = log_datasets(config, splits)
@@ -72,6 +79,28 @@ def log_training_start(run, name: str, trainer: Trainer, world_size: int, echo: 
     )
     echo("(an epoch line ending in * set a new best: its weights are checkpoints/best.pt)")
     return datasets
+
+
+def code_version() -> str:
+    """The git commit of the package's checkout (with "-dirty" when it has uncommitted changes), else the
+    installed mnist-tracking version."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    folder = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=GIT_TIMEOUT_S)
+        if commit.returncode == 0:
+            changed = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, timeout=GIT_TIMEOUT_S).stdout.strip()
+            return commit.stdout.strip() + ("-dirty" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"mnist-tracking {version('mnist-tracking')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def derived_params(trainer: Trainer) -> dict:

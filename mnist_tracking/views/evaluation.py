@@ -163,6 +163,22 @@ def confusion_html(labels: np.ndarray, predictions: np.ndarray, probabilities: n
                                  px=THUMB_SIDE * THUMB_SCALE)
 
 
+ISSUE_GRID_COLUMNS = 10
+
+
+def issue_grid(images: list, captions: list[str], title: str, columns: int = ISSUE_GRID_COLUMNS) -> Figure:
+    """Images (28 x 28, PIL or arrays) in a grid, each with its caption (index, given label -> the model's)."""
+    lines = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(columns * 1.2, lines * 1.5 + 0.3), dpi=DPI // 2, layout="constrained")
+    fig.suptitle(title, fontsize=9)
+    for k, ax in enumerate(np.atleast_1d(fig.subplots(lines, columns)).ravel()):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(np.asarray(images[k]), cmap="gray_r")
+            ax.set_title(captions[k], fontsize=7)
+    return fig
+
+
 # --------------------------------------------------------------------------- the label issues on the feature map
 
 

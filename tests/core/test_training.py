@@ -4,10 +4,11 @@ import pytest
 import torch
 from fakes import FAST
 
-from mnist_tracking.core.config import TrainConfig, resumed_config
+from mnist_tracking.core.config import TrainConfig
 from mnist_tracking.core.data import load_splits
 from mnist_tracking.core.devices import resolve_device, resolve_precision
 from mnist_tracking.core.errors import UserError
+from mnist_tracking.core.resuming import resumed_config
 from mnist_tracking.core.trainer import Trainer, TrainState, record_epoch
 from mnist_tracking.core.training import Diverged, evaluate
 

@@ -124,7 +124,7 @@ def test_a_model_given_by_name_is_evaluated_and_its_version_tagged(trained_run, 
 def test_bad_input_is_one_line_and_leaves_no_run_running(model, extra, expected, trained_run, data_dir,
                                                          fresh_experiment):
     params = {"model": model.format(run=trained_run), "data_dir": str(data_dir)}
-    params.update(zip(extra[::2], extra[1::2]))
+    params.update(zip(extra[::2], extra[1::2], strict=True))
     params = {k.lstrip("-").replace("-", "_"): v for k, v in params.items()}
     result, run_id = as_mlflow_run("evaluate", fresh_experiment, **params)
     assert result.returncode != 0

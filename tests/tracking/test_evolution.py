@@ -16,8 +16,9 @@ from benchmarks.evolution import (
     independent_layouts,  # what alignment is measured against
 )
 from mnist_tracking.core import evolution
-from mnist_tracking.core.config import EvolutionConfig, TrainConfig, resumed_config
+from mnist_tracking.core.config import EvolutionConfig, TrainConfig
 from mnist_tracking.core.errors import UserError
+from mnist_tracking.core.resuming import resumed_config
 from mnist_tracking.tracking.runs import KIND_TAG
 from mnist_tracking.views import evolution as evolution_view
 from mnist_tracking.views import projection as views
