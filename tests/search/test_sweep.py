@@ -5,9 +5,12 @@ import sys
 import time
 from dataclasses import replace
 
+import mlflow
 import numpy as np
 import pytest
+from helpers import run_in_process
 from mlflow.tracking import MlflowClient
+from report_checks import check_numbers
 
 from mnist_tracking.core.config import SweepConfig
 from mnist_tracking.core.errors import UserError
@@ -140,6 +143,17 @@ def test_sweep_trains_projects_and_compares_three_nested_runs(on_ray, data_dir, 
     answers = [line for line in text.splitlines() if line.startswith(f"| 1 → 3: {SEED_TRAININGS[0].label} → ")]
     assert len(answers) == 1 and (f"| {int(metrics['pair_1_3_fixed'])} | {int(metrics['pair_1_3_broken'])} |"
                                   in answers[0])
+
+    # `report` rebuilds the study from these runs: the course report's numbers beside ours, each checked.
+    result = run_in_process("report", "--run-id", parent_id)
+    assert result.returncode == 0, result.stderr
+    report_id = result.stdout.split("/runs/")[-1].split("?")[0]
+    assert MlflowClient().get_run(report_id).data.tags["mlflow.parentRunId"] == parent_id
+    page = mlflow.artifacts.load_text(f"runs:/{report_id}/report/report.html")
+    assert "The study: the course report&#x27;s numbers beside ours" in page
+    assert all(training.seed_reported in page for training in SEED_TRAININGS)
+    assert page.count("Training model ConvNet with learning rate") == 3 and "comparison.png" in page
+    assert check_numbers(page) > 50
 
 
 @pytest.mark.slow

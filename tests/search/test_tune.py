@@ -341,6 +341,29 @@ def test_the_parent_logs_the_trials_the_best_its_comparison_and_registration(sea
     assert any(line.startswith("4 trials:") for line in lines)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_report_of_a_search_shows_its_settings_trials_best_and_comparison(search, monkeypatch):
+    import mlflow
+    from helpers import run_in_process
+    from mlflow.tracking import MlflowClient
+    from report_checks import Page, check_numbers
+
+    _, parent_id, _ = search
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # no experiment chosen: the parent's holds the report
+    result = run_in_process("report", "--run-id", parent_id)
+    assert result.returncode == 0, result.stderr
+    report = MlflowClient().get_run(result.stdout.split("/runs/")[-1].split("?")[0])
+    assert report.data.tags["mnist_tracking.kind"] == "report"
+    assert report.data.tags["mlflow.parentRunId"] == parent_id
+    page = mlflow.artifacts.load_text(f"runs:/{report.info.run_id}/report/report.html")
+    order = ["The search", "The trials", "Parallel coordinates of the trials", "The best trial",
+             "Training model ConvNet with learning rate 0.05", "The best trials on one aligned map", "Provenance"]
+    assert [page.index(text) for text in order] == sorted(page.index(text) for text in order)
+    assert check_numbers(page) > 20 and Page(page).scripts == 0
+    assert page.count("data-source=\"trials\"") >= 4 * 2  # every trial's best metric and epochs
+
+
 def test_a_resume_keeps_the_searchs_settings_and_refuses_a_different_one(tmp_path):
     from mnist_tracking.search.settings import resumed_settings
 
