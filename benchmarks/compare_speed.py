@@ -24,14 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from machine import cpu_model  # noqa: E402 (benchmarks/, beside this script)
+
 TARGET_RATIO = 1.2
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def timed(args: list[str]) -> tuple[float, str]:

@@ -24,17 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from machine import cpu_model  # noqa: E402 (benchmarks/, beside this script)
+
 WHOLE_TARGET_S, OWN_TARGET_S = 60, 30
 NUMBERS = ("accuracy_score", "ece", "mce", "brier_score", "log_loss")
 AFTER = {"accuracy_score": "accuracy_score", "ece": "ece_after_temperature", "mce": "mce_after_temperature",
          "brier_score": "brier_score_after_temperature", "log_loss": "log_loss_after_temperature"}
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def timed(args: list[str]) -> tuple[float, str]:

@@ -24,16 +24,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+from machine import cpu_model  # noqa: E402 (benchmarks/, beside this script)
+
 MAX_BYTES, MAX_SECONDS = 5_000_000, 15
 CHROMIUM = "/usr/bin/chromium"
 PAGE_DPI = 70
 
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def main() -> None:
