@@ -24,7 +24,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
-from machine import cpu_model  # noqa: E402 (benchmarks/, beside this script)
+sys.path.insert(0, str(HERE))
+from machine import cpu_model  # noqa: E402 (benchmarks/machine.py, beside this script)
 
 WHOLE_TARGET_S, OWN_TARGET_S = 60, 30
 NUMBERS = ("accuracy_score", "ece", "mce", "brier_score", "log_loss")
