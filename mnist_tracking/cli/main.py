@@ -217,9 +217,12 @@ def evaluate(**params) -> None:
     the tags mnist_tracking.eval.accuracy, .ece and .log_loss on its version.
     """
     from mnist_tracking.registry.evaluation import evaluate_and_log
-    from mnist_tracking.search.folds import out_of_fold
 
-    evaluate_and_log(EvaluateConfig(**params), echo=click.echo, out_of_fold=out_of_fold)
+    config = EvaluateConfig(**params)
+    out_of_fold = None
+    if config.folds:  # Ray is imported only for the folds' trainings
+        from mnist_tracking.search.folds import out_of_fold
+    evaluate_and_log(config, echo=click.echo, out_of_fold=out_of_fold)
 
 
 @command
