@@ -7,6 +7,11 @@ import base64
 import html
 from dataclasses import dataclass, field
 
+# A logged PNG is drawn at most this wide on the page, in 256 colours: about 190 dpi across A4's text width, and
+# a quarter of the bytes of matplotlib's 150-dpi RGBA figures (the full sweep's page stays under 5 MB).
+MAX_IMAGE_PX = 1400
+PAGE_COLOURS = 256
+
 # How people read the numbers: accuracies as percentages with two decimals, losses with four.
 PERCENT, LOSS, INTEGER, PLAIN = "percent", "loss", "integer", "plain"
 
@@ -141,9 +146,26 @@ def block(item: Block) -> str:
             for row in item.rows)
         caption = f"<caption>{html.escape(item.caption)}</caption>" if item.caption else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
-    data = base64.b64encode(item.image).decode("ascii")
+    image = for_page(item.image) if item.mime == "image/png" else item.image  # a GIF keeps its frames
+    data = base64.b64encode(image).decode("ascii")
     return (f'<figure{" class=wide" if item.wide else ""}><img src="data:{item.mime};base64,{data}" '
             f'alt="{html.escape(item.caption)}"><figcaption>{html.escape(item.caption)}</figcaption></figure>')
+
+
+def for_page(png: bytes) -> bytes:
+    """A PNG at most MAX_IMAGE_PX wide in PAGE_COLOURS colours, or the original when that is not smaller."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.open(io.BytesIO(png))
+    if picture.width > MAX_IMAGE_PX:
+        picture = picture.resize((MAX_IMAGE_PX, round(picture.height * MAX_IMAGE_PX / picture.width)),
+                                 Image.Resampling.LANCZOS)
+    smaller = io.BytesIO()
+    picture.convert("RGB").quantize(colors=PAGE_COLOURS, method=Image.Quantize.FASTOCTREE).save(
+        smaller, format="PNG", optimize=True)
+    return smaller.getvalue() if smaller.tell() < len(png) else png
 
 
 def page(title: str, subtitle: str, sections: list[Section]) -> str:
