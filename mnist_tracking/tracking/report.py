@@ -23,7 +23,15 @@ from mnist_tracking.tracking.comparison import COMPARED_RUNS_TAG
 from mnist_tracking.tracking.links import ui_hint, ui_url
 from mnist_tracking.tracking.report_search import tune_sections
 from mnist_tracking.tracking.report_trainings import artifact_bytes, server_link, training_sections
-from mnist_tracking.tracking.runs import KIND_TAG, PARENT_RUN_TAG, SOURCE_RUN_TAG, SWEEP_LABEL_TAG, Kind, get_run
+from mnist_tracking.tracking.runs import (
+    KIND_TAG,
+    PARENT_RUN_TAG,
+    SOURCE_RUN_TAG,
+    SWEEP_LABEL_TAG,
+    Kind,
+    get_run,
+    log_new_params,
+)
 from mnist_tracking.tracking.source_runs import analysis_run
 from mnist_tracking.tracking.training_logs import CODE_VERSION_TAG
 from mnist_tracking.views.report import LOSS, PERCENT, Figure, Number, Paragraph, Section, Table, page
@@ -211,7 +219,7 @@ def report(config: ReportConfig, echo: Callable[[str], None] = print) -> str:
     source = parent or trainings[0]
     with analysis_run(Kind.REPORT, source, f"{source.info.run_name}-report", {SOURCE_RUN_TAG: source.info.run_id},
                       nested_under_source=parent is not None or len(trainings) == 1) as run:
-        mlflow.log_params({**config.to_params(), "runs_read": len(read)})
+        log_new_params({**config.to_params(), "runs_read": len(read)})  # `mlflow run` logged its own
         mlflow.log_text(html, REPORT_FILE)
         mlflow.log_metrics({"report_bytes": len(html.encode()), "report_seconds": time.perf_counter() - started})
         if output is not None:

@@ -114,6 +114,14 @@ def test_a_model_given_by_name_is_evaluated_and_its_version_tagged(trained_run, 
     assert by_version.returncode == 0, by_version.stderr
 
 
+def test_the_evaluate_entry_point_runs_under_mlflow_run(trained_run, data_dir, fresh_experiment):
+    result, run_id = as_mlflow_run("evaluate", fresh_experiment, model=trained_run, data_dir=str(data_dir))
+    assert result.returncode == 0, result.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[KIND_TAG] == "evaluation"
+    assert {"accuracy_score", "ece", "temperature"} <= set(run.data.metrics)
+
+
 @pytest.mark.parametrize("model, extra, expected", [
     ("0123456789abcdef0123456789abcdef", (), "unknown run_id"),
     ("models:/no-such-model@champion", (), "no registered model version models:/no-such-model@champion"),

@@ -85,6 +85,15 @@ def test_a_single_trainings_report_is_nested_under_it(trained_run):
     assert "<title>One run</title>" in page and check_numbers(page) > 10
 
 
+def test_the_report_entry_point_runs_under_mlflow_run(trained_run, fresh_experiment, tmp_path):
+    output = tmp_path / "page.html"
+    result, run_id = as_mlflow_run("report", fresh_experiment, run_id=trained_run, output=str(output))
+    assert result.returncode == 0, result.stderr
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[KIND_TAG] == "report"
+    assert mlflow.artifacts.load_text(f"runs:/{run_id}/report/report.html") == output.read_text()
+
+
 @pytest.mark.parametrize("run_ids, output, expected", [
     ("0123456789abcdef0123456789abcdef", "", "unknown run_id"),
     ("{projection}", "", "is a projection run; a report is made of"),
