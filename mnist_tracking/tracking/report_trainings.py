@@ -87,7 +87,8 @@ def schedule_story(run, rows: dict[int, dict[str, Number]], summary: dict) -> Pa
         parts += [" Early stopping ended it after epoch ", ran, f" ({params.get('early_stopping')} epochs without "
                   "progress in ", params.get("early_stopping_monitor", "val_acc"), "); its best epoch was ", best, "."]
     else:
-        parts += [" It ran all its ", ran, " epochs; its best epoch was ", best, "."]
+        parts += [" It ran all its ", ran, " epoch" if summary["epochs_run"] == 1 else " epochs",
+                  "; its best epoch was ", best, "."]
     return Paragraph(tuple(parts))
 
 

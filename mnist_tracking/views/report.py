@@ -95,12 +95,13 @@ h3 { font-size: 12.5pt; margin: 16px 0 6px; }
 p { margin: 6px 0; } p.note { background: #fff7e0; border-left: 3px solid #e0a800; padding: 4px 8px; }
 p.seed { font-family: ui-monospace, monospace; font-size: 10pt; background: #f4f4f4; padding: 4px 8px; }
 code { font-family: ui-monospace, monospace; font-size: 9.5pt; background: #f4f4f4; padding: 0 3px; }
-table { border-collapse: collapse; margin: 8px 0; font-size: 9.5pt; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
-td.n { text-align: right; font-variant-numeric: tabular-nums; } th { background: #f0f0f0; }
+table { border-collapse: collapse; margin: 8px 0; font-size: 9pt; max-width: 100%%; }
+th, td { border: 1px solid #ccc; padding: 2px 5px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+td.n { text-align: right; font-variant-numeric: tabular-nums }
+td.n { white-space: nowrap; overflow-wrap: normal; } th { background: #f0f0f0; }
 caption { caption-side: top; text-align: left; font-size: 9.5pt; color: #444; padding-bottom: 2px; }
 figure { margin: 10px 0; } figure img { max-width: 100%%; max-height: 115mm; }
-figure.wide img { max-height: 170mm; } figcaption { font-size: 9.5pt; color: #444; }
+figure.wide img { max-height: 235mm; } figcaption { font-size: 9.5pt; color: #444; }
 a { color: #1f4fa0; } .meta { color: #444; font-size: 9.5pt; }
 figure, table, p.note, p.seed { break-inside: avoid; page-break-inside: avoid; }
 h2, h3 { break-after: avoid; page-break-after: avoid; }
