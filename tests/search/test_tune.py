@@ -301,7 +301,10 @@ def test_asha_stops_weak_trials_killed_with_why_and_full_budget_trials_log_every
     stopped = [r for r in trials if r.info.status == "KILLED"]
     assert stopped, [(r.data.params["lr"], r.info.status) for r in trials]
     for run in stopped:
-        assert run.data.tags["status_reason"].startswith("stopped by ASHA after epoch 1 of 3: its val_acc")
+        # At rung 1 mostly; at rung 3 when the order in which Ray ran the trials put a weak one there last (seen
+        # once in a whole-suite run: "stopped by ASHA after epoch 3 of 3: its val_acc 0.1125 was below ...").
+        assert re.match(r"stopped by ASHA after epoch [13] of 3: its val_acc \S+ was below the rung's cutoff",
+                        run.data.tags["status_reason"]), run.data.tags["status_reason"]
         assert "test_acc" not in run.data.metrics and "no test evaluation" in run.data.tags["mlflow.note.content"]
         assert not local_checkpoint(run.info.run_id).parent.exists()  # no checkpoint copy left behind
     finished = [r for r in trials if r.info.status == "FINISHED"]
