@@ -117,8 +117,8 @@ def evaluation_data(target: EvaluatedModel, config: EvaluateConfig):
 
 
 def feature_map(run, evaluated: SplitEvaluation, features: np.ndarray, seed: int) -> FeatureMap:
-    """The newest finished projection of this split of the run (t-SNE, else UMAP, else PCA), else PCA of the
-    run's logged features."""
+    """The newest finished projection of this split of the run (t-SNE, else UMAP, else PCA) when it holds every
+    shown issue, else PCA of the run's logged features (a sample with every issue)."""
     projections = MlflowClient().search_runs(
         [run.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
         filter_string=(f"tags.`{SOURCE_RUN_TAG}` = '{run.info.run_id}' and tags.`{KIND_TAG}` = '{Kind.PROJECTION}' "
@@ -131,6 +131,8 @@ def feature_map(run, evaluated: SplitEvaluation, features: np.ndarray, seed: int
                     f"runs:/{projection.info.run_id}/projections/{method}.csv"))
                 rows = np.array([row_of.get(int(i), -1) for i in points["indices"]], dtype=np.int64)
                 keep = rows >= 0
+                if not np.isin(evaluated.issues.positions, rows[keep]).all():
+                    break  # a subsample without some of the issues: PCA of the features shows them all
                 return FeatureMap(points["coords"][keep, :2], rows[keep], METHOD_TITLES[method],
                                   f"projection run {projection.info.run_id}")
     rows = map_rows(evaluated.labels, evaluated.issues.positions, seed)

@@ -82,6 +82,17 @@ def test_label_issues_are_ranked_with_an_index_into_the_split_and_drawn_on_the_m
     assert "label issues (7)" in page and "candidates to review, not verdicts" in page
 
 
+def test_a_projection_without_every_issue_gives_way_to_pca_of_the_features(trained_run, data_dir):
+    from mnist_tracking.core.config import ProjectConfig
+    from mnist_tracking.tracking.projection import project_and_log
+
+    project_and_log(ProjectConfig(run_id=trained_run, methods="pca", max_points=20), echo=lambda line: None)
+    result = run_in_process("evaluate", "--model", trained_run, "--data-dir", str(data_dir), "--issues", "30")
+    assert result.returncode == 0, result.stderr
+    page = mlflow.artifacts.load_text(f"runs:/{evaluation_of(result.stdout)}/evaluation/label_issues.html")
+    assert "label issues (30)" in page and "PCA of the run&#x27;s logged features" in page
+
+
 def test_the_confusion_view_holds_every_cell_and_its_images(evaluated):
     training_id, run_id, _ = evaluated
     page = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/confusion.html")
